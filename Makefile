@@ -1,0 +1,37 @@
+# The pipeline, one target a stage: models → train → model_store → handlers → serve.
+#   make serve   set up .venv, train what is missing, package every model, start TorchServe (README step 1)
+#   make test    set up .venv and run every test (README step 2; .ci/run calls exactly this)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup train package serve stop status test bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	@command -v java >/dev/null || { echo "TorchServe needs Java 17: install it first (Debian: apt-get install -y openjdk-17-jre-headless)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+train: setup
+	$(PY) -m train all --missing
+
+package: train
+	$(PY) -m serve.package
+
+serve: package
+	$(PY) -m serve start
+
+stop:
+	$(PY) -m serve stop
+
+status:
+	$(PY) -m serve status
+
+# pytest exits 5 when it collects no tests; with a -k or -m filter that can be legitimate.
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest: no tests selected" || exit $$rc; }
+
+clean:
+	rm -rf weights model_store/*.mar build logs

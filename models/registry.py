@@ -1,0 +1,167 @@
+"""The one registry of model specs: training, packaging and serving all read it.
+
+A :class:`ModelSpec` says how to build a network, what one input sample looks like, which task it
+solves, how it is trained by default and how it is served. Add your own model by writing its module
+(one ``nn.Module`` class per file) and one ``ModelSpec`` entry in ``REGISTRY`` below.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+
+from models.deep_net import DeepNet
+from models.feedforward_net import FeedForwardNet
+from models.linear_regression import LinearRegression
+from models.mlp import MLP
+from models.mnist_net import MNISTNet
+from models.regression_net import Net
+from models.smoothstep_net import SmoothStepNet
+
+Task = Literal["classification", "regression", "binary"]
+
+# MNIST pixel statistics after scaling to [0, 1], measured on the 60,000 training images
+# (data/mnist/README.md); training and serving normalise with exactly these numbers.
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Default training hyperparameters; every field can be overridden on the ``python -m train`` CLI."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the pipeline needs to know about one served network.
+
+    Attributes:
+        name: public name, used in file names (``weights/<name>.pt``, ``model_store/<name>.mar``) and URLs.
+        model_class: the ``nn.Module`` subclass; ``build()`` calls it with ``init_kwargs``.
+        input_shape: shape of ONE sample as the model consumes it, e.g. ``(784,)`` or ``(10,)``.
+        task: ``classification`` (logits over classes), ``regression`` (real values) or ``binary``
+            (a probability from a Sigmoid output).
+        dataset: the training data set; see ``train/data.py``.
+        normalize: ``(mean, std)`` applied to inputs before the model, or ``None``.
+        image_size: for image models, the ``(height, width)`` a picture is decoded to.
+        num_classes: output classes for classification.
+        train: default training hyperparameters.
+        version: model version written into the archive and served at ``/predictions/<name>/<version>``.
+        batch_size / max_batch_delay_ms: TorchServe dynamic batching for this model.
+    """
+
+    name: str
+    model_class: type[nn.Module]
+    input_shape: tuple[int, ...]
+    task: Task
+    dataset: str
+    init_kwargs: dict = field(default_factory=dict)
+    normalize: tuple[float, float] | None = None
+    image_size: tuple[int, int] | None = None
+    num_classes: int | None = None
+    train: TrainConfig = TrainConfig()
+    version: str = "1.0"
+    batch_size: int = 8
+    max_batch_delay_ms: int = 5
+
+    @property
+    def input_width(self) -> int:
+        """Number of values in one flattened sample (784 for the MNIST nets)."""
+        width = 1
+        for dim in self.input_shape:
+            width *= dim
+        return width
+
+    @property
+    def is_image_model(self) -> bool:
+        return self.image_size is not None
+
+    @property
+    def model_file(self) -> str:
+        """Path of the module defining ``model_class``, relative to the repository root."""
+        return self.model_class.__module__.replace(".", "/") + ".py"
+
+    def build(self) -> nn.Module:
+        """A freshly initialised network of this spec (call ``load_state_dict`` for trained weights)."""
+        return self.model_class(**self.init_kwargs)
+
+    def with_train(self, **overrides) -> "ModelSpec":
+        """A copy whose training defaults are replaced by the given non-None ``overrides``."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
+
+
+_MNIST = dict(
+    input_shape=(784,),
+    task="classification",
+    dataset="mnist",
+    normalize=(MNIST_MEAN, MNIST_STD),
+    image_size=(28, 28),
+    num_classes=10,
+)
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("mnistnet", MNISTNet, **_MNIST),
+        ModelSpec("deepnet", DeepNet, **_MNIST),
+        ModelSpec(
+            "feedforwardnet",
+            FeedForwardNet,
+            init_kwargs=dict(input_size=784, hidden_size=128, output_size=10),
+            **_MNIST,
+        ),
+        ModelSpec(
+            "linearregression",
+            LinearRegression,
+            init_kwargs=dict(input_dim=1, output_dim=1),
+            input_shape=(1,),
+            task="regression",
+            dataset="linear",
+            train=TrainConfig(epochs=10, batch_size=32, lr=1e-2),
+        ),
+        ModelSpec(
+            "mlp",
+            MLP,
+            init_kwargs=dict(input_dim=2, hidden_dim=10, output_dim=1),
+            input_shape=(2,),
+            task="binary",
+            dataset="moons",
+            train=TrainConfig(epochs=10, batch_size=32, lr=1e-2),
+        ),
+        ModelSpec(
+            "regressionnet",
+            Net,
+            input_shape=(10,),
+            task="regression",
+            dataset="regression10",
+            train=TrainConfig(epochs=10, batch_size=32, lr=1e-2),
+        ),
+        ModelSpec(
+            "smoothstepnet",
+            SmoothStepNet,
+            init_kwargs=dict(input_dim=2, hidden_dim=32, output_dim=1),
+            input_shape=(2,),
+            task="regression",
+            dataset="smoothstep",
+            train=TrainConfig(epochs=10, batch_size=32, lr=1e-2),
+        ),
+    ]
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec registered as ``name``; raises ``KeyError`` naming the known models otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise KeyError(f"unknown model {name!r}; known models: {known}") from None
