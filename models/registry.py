@@ -89,6 +89,12 @@ class ModelSpec:
         """Path of the module defining ``model_class``, relative to the repository root."""
         return self.model_class.__module__.replace(".", "/") + ".py"
 
+    @property
+    def handler(self) -> str:
+        """TorchServe handler file serving this model, relative to the repository root: image models
+        use ``handlers/image_classifier.py``, every other model ``handlers/tabular.py``."""
+        return "handlers/image_classifier.py" if self.is_image_model else "handlers/tabular.py"
+
     def build(self) -> nn.Module:
         """A freshly initialised network of this spec (call ``load_state_dict`` for trained weights)."""
         return self.model_class(**self.init_kwargs)
