@@ -34,9 +34,11 @@ class TrainConfig:
 
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    lr: float = 1e-3  # Adam's base learning rate
+    weight_decay: float = 0.0  # Adam's L2 penalty
     seed: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: per-step decay from lr towards 0
+    augment_shift: int = 0  # image models: random shift of each training image by up to ± this many pixels
 
 
 @dataclass(frozen=True)
