@@ -1,0 +1,430 @@
+"""Decode and validate one inference request's input; shared by every handler (no TorchServe import).
+
+TorchServe hands a handler one dict per request. The payload is the multipart field ``data`` if the
+request was a form upload, else ``body``; its Python type depends on the request's Content-Type:
+``application/json`` arrives already parsed (dict, list, number, str or None), ``text/*`` as ``str``,
+anything else (and JSON that failed to parse) as ``bytes``/``bytearray``.
+
+Accepted inputs (``decode_payload``):
+
+* Image models (``spec.image_size`` set, e.g. mnistnet): ``{"data": X}`` or a bare JSON array X, where X is
+  one 28x28 image, one flat 784-vector, or a list of N of either (also ``[N, 1, 28, 28]``). Values are
+  pixel intensities in [0, 1] (white digit on black, as in MNIST). Or a PNG/JPEG file as the raw body or
+  as multipart field ``data``: decoded to grayscale, transparent pixels composited on black, padded to a
+  square with black and resized to 28x28 with a Lanczos filter. Images are NOT auto-inverted.
+* Tabular models (input width W): ``{"data": rows}`` or bare ``rows``, with one row of W numbers or a list
+  of N rows. For W == 1 a flat list of N numbers means N rows and a bare number means one row.
+* Open Inference Protocol (KServe v2) bodies ``{"inputs": [{"name", "shape", "datatype", "data"}]}`` for
+  either kind of model; see :func:`decode_v2`.
+
+Every accepted input becomes a float32 array of shape ``(N, *spec.input_shape)``, normalised exactly as
+training does (``(x - mean) / std`` in float32 when ``spec.normalize`` is set). Anything else raises
+:class:`InputError` with a message naming what was wrong.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+MAX_SAMPLES = 1024  # samples per request; more → 413 (split the request)
+MAX_IMAGE_SIDE = 4096  # an uploaded image may declare at most 4096 x 4096 pixels (checked before decoding)
+PIXEL_TOLERANCE = 0.01  # intensities in [-0.01, 1.01] are accepted and clipped to [0, 1]
+MAX_DEPTH = 5  # nested list depth; the deepest valid input, [N][1][28][28], has depth 4
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+# Open Inference Protocol datatypes we accept, with the integer range each one allows (None: float).
+V2_DATATYPES: dict[str, tuple[int, int] | None] = {
+    "FP16": None,
+    "FP32": None,
+    "FP64": None,
+    **{f"UINT{b}": (0, 2**b - 1) for b in (8, 16, 32, 64)},
+    **{f"INT{b}": (-(2 ** (b - 1)), 2 ** (b - 1) - 1) for b in (8, 16, 32, 64)},
+}
+
+
+class InputError(ValueError):
+    """A request input the service refuses; ``status`` is the HTTP code (400 default, 413 oversize)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+# --------------------------------------------------------------------------------------------- entry
+
+
+def request_payload(request: Any) -> Any:
+    """The payload of one TorchServe request dict: field ``data`` if present (multipart), else ``body``."""
+    if not isinstance(request, dict):
+        raise InputError(f"malformed request: expected a dict of fields, got {type(request).__name__}")
+    for key in ("data", "body"):
+        if key in request:
+            return request[key]
+    fields = ", ".join(sorted(map(str, request))) or "none"
+    raise InputError(
+        f"request has no body and no form field 'data' (got fields: {fields}); send JSON with "
+        "'Content-Type: application/json', a PNG/JPEG body, or a multipart field named 'data'"
+    )
+
+
+def decode_payload(payload: Any, spec) -> tuple[np.ndarray, bool, dict | None]:
+    """Decode one request payload for ``spec`` (a ``models.registry.ModelSpec``).
+
+    Returns ``(samples, is_list, v2_request)``: ``samples`` is float32 ``(N, *spec.input_shape)``;
+    ``is_list`` is False when the client sent a single sample (one image, a PNG, one row, a bare number)
+    and True when it sent a list of samples; ``v2_request`` is the request dict for an Open Inference
+    Protocol body (then ``is_list`` is True) and None otherwise. Raises :class:`InputError`.
+    """
+    body = parse_payload(payload)
+    if is_v2_request(body):
+        return decode_v2(body, spec), True, body
+    samples, is_list = decode_native(body, spec)
+    return samples, is_list, None
+
+
+def is_v2_request(body: Any) -> bool:
+    """True when ``body`` is an Open Inference Protocol (KServe v2) request: a dict with key ``inputs``."""
+    return isinstance(body, dict) and "inputs" in body
+
+
+def parse_payload(payload: Any) -> Any:
+    """Turn raw bytes/str into a JSON value; PNG/JPEG bytes are returned as ``bytes``; parsed JSON passes.
+
+    Raises InputError for an empty body, undecodable text or malformed JSON.
+    """
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        raw = bytes(payload)
+        if raw.startswith(PNG_MAGIC) or raw.startswith(JPEG_MAGIC):
+            return raw
+        if not raw.strip():
+            raise InputError("empty request body; send JSON like {\"data\": [...]} or a PNG/JPEG image")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise InputError("request body is neither UTF-8 JSON nor a PNG/JPEG image") from None
+        return _parse_json(text)
+    if isinstance(payload, str):
+        if not payload.strip():
+            raise InputError("empty request body; send JSON like {\"data\": [...]} or a PNG/JPEG image")
+        return _parse_json(payload)
+    return payload
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InputError("malformed JSON: nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError, or an integer literal with too many digits
+        raise InputError(f"malformed JSON: {err}") from None
+
+
+# ------------------------------------------------------------------------------------ native requests
+
+
+def decode_native(body: Any, spec) -> tuple[np.ndarray, bool]:
+    """Decode a non-v2 body (JSON value or image bytes); returns ``(samples, is_list)``, see module doc."""
+    if isinstance(body, bytes):
+        if not spec.is_image_model:
+            raise InputError(f"model {spec.name!r} takes rows of numbers as JSON, not an image")
+        pixels = decode_image_bytes(body, spec.image_size)
+        return _finish(pixels.reshape(1, -1), spec), False
+    if isinstance(body, dict):
+        if "data" not in body:
+            keys = ", ".join(repr(k) for k in sorted(map(str, body))) or "none"
+            raise InputError(
+                "expected key 'data' (or 'inputs' for an Open Inference Protocol v2 request); "
+                f"got keys: {keys}"
+            )
+        body = body["data"]
+    values = numeric_array(body, "data")
+    if spec.is_image_model:
+        samples, is_list = _image_rows(values, spec.image_size)
+    else:
+        samples, is_list = _tabular_rows(values, spec.input_width)
+    _check_count(len(samples))
+    return _finish(samples, spec), is_list
+
+
+def _image_rows(values: np.ndarray, image_size: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    h, w = image_size
+    width, shape = h * w, values.shape
+    if shape in ((h, w), (width,)):
+        return values.reshape(1, width), False
+    if shape[1:] in ((width,), (h, w), (1, h, w)):
+        return values.reshape(shape[0], width), True
+    raise InputError(
+        f"expected one {h}x{w} image, a flat {width}-vector, or a list of N of either; got {_describe(shape)}"
+    )
+
+
+def _tabular_rows(values: np.ndarray, width: int) -> tuple[np.ndarray, bool]:
+    shape = values.shape
+    if shape == (width,):
+        return values.reshape(1, width), False
+    if len(shape) == 2 and shape[1] == width:
+        return values, True
+    if width == 1 and len(shape) <= 1:  # a bare number is one row, a flat list is N rows
+        return values.reshape(-1, 1), len(shape) == 1
+    raise InputError(f"expected rows of {width} value(s) (one row or a list of rows); got {_describe(shape)}")
+
+
+# ------------------------------------------------------------------------------- Open Inference (v2)
+
+
+def decode_v2(body: dict, spec) -> np.ndarray:
+    """Decode an Open Inference Protocol request ``{"inputs": [{"name", "shape", "datatype", "data"}]}``.
+
+    Exactly one input tensor is expected (``name`` is free). ``datatype`` is one of FP16/FP32/FP64,
+    INT8..INT64 or UINT8..UINT64; integer datatypes need integral values within their range. ``shape``
+    must be ``[N, 784]``, ``[N, 28, 28]`` or ``[N, 1, 28, 28]`` for image models and ``[N, W]`` (or
+    ``[N]`` when W == 1) for tabular models, with 1 <= N <= MAX_SAMPLES; ``data`` is the row-major flat
+    list of prod(shape) values, or a nested list of exactly that shape. For image models UINT8 data is
+    read as 0..255 pixel bytes and divided by 255; every other datatype carries intensities in [0, 1].
+    """
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        got = f"{len(inputs)} inputs" if isinstance(inputs, list) else _type_name(inputs)
+        raise InputError(f"'inputs' must be a list holding exactly one input tensor; got {got}")
+    tensor = inputs[0]
+    if not isinstance(tensor, dict):
+        raise InputError(f"inputs[0] must be an object with shape, datatype and data; got {_type_name(tensor)}")
+    missing = [k for k in ("shape", "datatype", "data") if k not in tensor]
+    if missing:
+        raise InputError(f"inputs[0] is missing {', '.join(repr(k) for k in missing)}")
+
+    datatype = tensor["datatype"]
+    if datatype not in V2_DATATYPES:
+        raise InputError(
+            f"inputs[0].datatype must be one of {', '.join(V2_DATATYPES)}; got {_short(datatype)}"
+        )
+    shape = _v2_shape(tensor["shape"], spec)
+    values = numeric_array(tensor["data"], "inputs[0].data")
+    if values.ndim > 1 and values.shape != shape:
+        raise InputError(
+            f"inputs[0].data is nested with shape {_fmt_shape(values.shape)} but shape says {_fmt_shape(shape)}"
+        )
+    if values.size != math.prod(shape):
+        raise InputError(
+            f"inputs[0].shape {_fmt_shape(shape)} holds {math.prod(shape)} values but data has {values.size}"
+        )
+    values = _check_integers(values.reshape(shape[0], -1), datatype)
+    if spec.is_image_model and datatype == "UINT8":
+        values = values / 255.0
+    return _finish(values, spec)
+
+
+def _v2_shape(shape: Any, spec) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not shape or not all(_is_int(d) and d >= 0 for d in shape):
+        raise InputError(f"inputs[0].shape must be a list of non-negative integers; got {_short(shape)}")
+    shape = tuple(shape)
+    if spec.is_image_model:
+        h, w = spec.image_size
+        allowed = [(h * w,), (h, w), (1, h, w)]
+        expected = f"[N, {h * w}], [N, {h}, {w}] or [N, 1, {h}, {w}]"
+    else:
+        allowed = [(spec.input_width,)] + ([()] if spec.input_width == 1 else [])
+        expected = f"[N, {spec.input_width}]" + (" or [N]" if spec.input_width == 1 else "")
+    if shape[1:] not in allowed:
+        raise InputError(f"inputs[0].shape must be {expected} for model {spec.name!r}; got {_fmt_shape(shape)}")
+    if shape[0] == 0:
+        raise InputError("inputs[0].shape has N = 0 samples; send at least one")
+    _check_count(shape[0])
+    return shape
+
+
+def _check_integers(values: np.ndarray, datatype: str) -> np.ndarray:
+    bounds = V2_DATATYPES[datatype]
+    if bounds is None:
+        return values
+    if not np.all(values == np.floor(values)):
+        raise InputError(f"datatype {datatype} needs integer values; inputs[0].data has fractions")
+    lo, hi = bounds
+    if values.min() < lo or values.max() > hi:
+        raise InputError(
+            f"datatype {datatype} allows values in [{lo}, {hi}]; got values in [{values.min():g}, {values.max():g}]"
+        )
+    return values
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def decode_image_bytes(data: bytes, size: tuple[int, int] = (28, 28)) -> np.ndarray:
+    """Decode PNG/JPEG bytes to a float64 ``size`` (height, width) array of intensities in [0, 1].
+
+    Grayscale conversion with transparency composited on black; non-square images are padded to a
+    square with black (keeps the aspect ratio) and resized with Lanczos. Images wider or taller than
+    MAX_IMAGE_SIDE are refused with 413 from their header, before any pixel is decoded; truncated or
+    corrupt files raise InputError (400).
+    """
+    try:
+        image = Image.open(io.BytesIO(data), formats=["PNG", "JPEG"])
+    except Image.DecompressionBombError as err:
+        raise InputError(f"image refused as a decompression bomb: {err}", status=413) from None
+    except Image.UnidentifiedImageError:
+        raise InputError("body starts like a PNG/JPEG file but is not a readable image") from None
+    except Exception as err:  # Pillow signals unreadable headers with many exception types
+        raise InputError(f"could not read the image: {err}") from None
+    width, height = image.size
+    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
+        raise InputError(
+            f"image is {width}x{height} pixels; at most {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} is accepted",
+            status=413,
+        )
+    try:
+        image.load()
+        gray = _grayscale(image)
+    except Image.DecompressionBombError as err:
+        raise InputError(f"image refused as a decompression bomb: {err}", status=413) from None
+    except Exception as err:  # truncated data, bad CRC, broken chunks, ...
+        raise InputError(f"could not decode the {image.format} image (truncated or corrupt?): {err}") from None
+    return _fit(gray, size)
+
+
+def _grayscale(image: Image.Image) -> np.ndarray:
+    """Intensities in [0, 1]; 16-bit images are scaled by 65535 (Pillow's own L conversion would clip)."""
+    if image.mode.startswith("I"):
+        return np.clip(np.asarray(image, dtype=np.float64) / 65535.0, 0.0, 1.0)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+
+
+def _fit(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pad to a square with black, then resize to ``size`` (height, width) with Lanczos."""
+    if gray.shape == tuple(size):
+        return gray
+    h, w = gray.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    square = np.zeros((side, side), dtype=np.float32)
+    square[top : top + h, left : left + w] = gray
+    resized = Image.fromarray(square, mode="F").resize((size[1], size[0]), Image.Resampling.LANCZOS)
+    return np.clip(np.asarray(resized, dtype=np.float64), 0.0, 1.0)  # Lanczos overshoots slightly
+
+
+# ------------------------------------------------------------------------------------ numeric arrays
+
+
+def numeric_array(value: Any, where: str = "data") -> np.ndarray:
+    """A float64 array from a JSON number or rectangular nested list of numbers.
+
+    Refuses (InputError naming the position) strings, booleans, nulls, objects, empty or ragged lists,
+    nesting deeper than MAX_DEPTH, NaN, +-inf and numbers too large for float64.
+    """
+    _nested_shape(value, where, 0)
+    try:
+        array = np.array(value, dtype=np.float64)
+    except OverflowError:
+        raise InputError(f"{where} holds an integer too large for a float") from None
+    if not np.all(np.isfinite(array)):
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        at = where + "".join(f"[{i}]" for i in index)
+        raise InputError(f"{at} is {array[index]}; NaN and infinite values are not allowed")
+    return array
+
+
+def _nested_shape(value: Any, where: str, depth: int) -> tuple[int, ...]:
+    """Shape of a rectangular nested list of numbers; raises InputError at the first offending spot."""
+    if not isinstance(value, list):
+        _check_number(value, where)
+        return ()
+    if depth >= MAX_DEPTH:
+        raise InputError(f"{where} is nested too deeply (more than {MAX_DEPTH} levels of lists)")
+    if not value:
+        raise InputError(f"{where} is an empty list")
+    if not isinstance(value[0], list):  # fast path: a flat list of numbers
+        for i, item in enumerate(value):
+            if isinstance(item, list):
+                raise InputError(f"{where} is ragged: {where}[{i}] is a list but {where}[0] is a number")
+            _check_number(item, f"{where}[{i}]")
+        return (len(value),)
+    first = _nested_shape(value[0], f"{where}[0]", depth + 1)
+    for i in range(1, len(value)):
+        item = value[i]
+        if not isinstance(item, list):
+            _check_number(item, f"{where}[{i}]")
+            raise InputError(f"{where} is ragged: {where}[{i}] is a number but {where}[0] is a list")
+        shape = _nested_shape(item, f"{where}[{i}]", depth + 1)
+        if shape != first:
+            raise InputError(
+                f"{where} is ragged: {where}[{i}] has shape {_fmt_shape(shape)} "
+                f"but {where}[0] has shape {_fmt_shape(first)}"
+            )
+    return (len(value),) + first
+
+
+def _check_number(value: Any, where: str) -> None:
+    if not (_is_int(value) or isinstance(value, float)):
+        got = "null" if value is None else f"{_type_name(value)} {_short(value)}"
+        raise InputError(f"{where} must be a number; got {got}")
+
+
+# ---------------------------------------------------------------------------------------- finishing
+
+
+def _finish(samples: np.ndarray, spec) -> np.ndarray:
+    """Range-check image intensities, normalise like training, cast to float32 ``(N, *input_shape)``."""
+    if spec.is_image_model:
+        samples = _check_intensities(samples)
+    with np.errstate(over="ignore"):  # overflow to inf is reported just below
+        x = samples.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise InputError("data holds a value outside the float32 range (about +-3.4e38)")
+    if spec.normalize is not None:
+        mean, std = spec.normalize
+        x = (x - np.float32(mean)) / np.float32(std)
+    return x.reshape((len(x),) + tuple(spec.input_shape))
+
+
+def _check_intensities(pixels: np.ndarray) -> np.ndarray:
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if lo < -PIXEL_TOLERANCE or hi > 1 + PIXEL_TOLERANCE:
+        hint = ""
+        if hi > 1 + PIXEL_TOLERANCE and hi <= 255 and lo >= -PIXEL_TOLERANCE:
+            hint = " (these look like 0-255 pixel values: divide by 255)"
+        raise InputError(f"pixel values must be intensities in [0, 1]; got values in [{lo:g}, {hi:g}]{hint}")
+    return np.clip(pixels, 0.0, 1.0)
+
+
+def _check_count(n: int) -> None:
+    if n > MAX_SAMPLES:
+        raise InputError(f"too many samples: {n} > {MAX_SAMPLES} per request; split the request", status=413)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type_name(value: Any) -> str:
+    names = {type(None): "null", bool: "boolean", str: "string", dict: "object", list: "list"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value) if isinstance(value, (str, list, dict, bool, type(None))) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(shape: tuple[int, ...]) -> str:
+    if len(shape) == 0:
+        return "a single number"
+    if len(shape) == 1:
+        return f"one row of {shape[0]} values"
+    if len(shape) == 2:
+        return f"{shape[0]} row{'s' if shape[0] != 1 else ''} of {shape[1]} values"
+    return f"an array of shape {_fmt_shape(shape)}"
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
