@@ -1,0 +1,232 @@
+"""ServingHandler: the TorchServe handler lifecycle shared by every served model.
+
+TorchServe creates one handler object per worker process, calls ``initialize(context)`` once, then
+``handle(data, context)`` with a batch of up to ``batchSize`` requests (one dict per request). This
+class loads the network named in the archive, decodes every request on its own (handlers/decoding.py),
+runs ONE forward pass over the samples of all valid requests, and answers each request in order:
+
+* a valid request gets its model response (native JSON, or an Open Inference Protocol v2 response
+  when the request body was v2);
+* an invalid one gets ``context.set_response_status(status, message, idx)`` and the JSON body
+  ``{"error": "<what was wrong>", "code": 400}`` (413 when too large) without failing the others;
+* an unexpected internal error answers that request with 500 and is logged with its traceback.
+
+No exception escapes ``handle`` for a bad input (TorchServe would answer 503 to the whole batch).
+Subclasses implement ``postprocess`` (model output → named arrays, which become the v2 outputs) and
+may override ``to_native`` (named arrays → native JSON response).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from handlers.decoding import InputError, decode_payload, request_payload
+from models.registry import get_spec
+
+logger = logging.getLogger(__name__)
+
+THREADS_ENV = "HANDLER_NUM_THREADS"
+DEFAULT_THREADS = 1
+SETUP_CONFIG = "setup_config.json"
+
+_V2_DATATYPES = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
+
+
+def select_device(gpu_id: int | None, cuda_available: bool) -> torch.device:
+    """``cuda:<gpu_id>`` when CUDA is available and TorchServe assigned a GPU, else ``cpu``.
+
+    TorchServe passes ``gpu_id`` None when it runs the worker without a GPU (no GPU found, or
+    ``number_of_gpu=0``), so a machine with CUDA can still be told to serve on CPU.
+    """
+    if cuda_available and gpu_id is not None:
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")
+
+
+def thread_count(handler_config: dict | None = None, environ: dict | None = None) -> int:
+    """Intra-op threads per worker: env ``HANDLER_NUM_THREADS``, else ``num_threads`` in the
+    model-config YAML's ``handler:`` section, else 1.
+
+    Why 1: every TorchServe worker is its own process and torch defaults to one thread per core in
+    each of them, so several workers oversubscribe the CPU; and for nets this small (<= 0.6 M
+    weights) a batch of 8 takes 0.07 ms (mnistnet) to 0.2 ms (deepnet) on one thread, too little work
+    to split: with 2 threads on our 2-core machine it took milliseconds. One thread per worker, and
+    more workers, is the faster way to use more cores.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(THREADS_ENV) or (handler_config or {}).get("num_threads") or DEFAULT_THREADS
+    try:
+        threads = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{THREADS_ENV}/num_threads must be a positive integer; got {value!r}") from None
+    if threads < 1:
+        raise ValueError(f"{THREADS_ENV}/num_threads must be a positive integer; got {threads}")
+    return threads
+
+
+def resolve_model_name(manifest: dict, model_dir: str, handler_config: dict | None = None) -> str:
+    """Registry name of the network to serve, first found of: ``model_name`` in the model-config
+    YAML's ``handler:`` section, ``model_name`` in the archive's ``setup_config.json`` extra file,
+    the manifest's ``modelName`` (what ``torch-model-archiver --model-name`` wrote).
+    """
+    if (handler_config or {}).get("model_name"):
+        return str(handler_config["model_name"])
+    setup_path = os.path.join(model_dir or "", SETUP_CONFIG)
+    if os.path.isfile(setup_path):
+        with open(setup_path) as f:
+            name = json.load(f).get("model_name")
+        if name:
+            return str(name)
+    name = (manifest or {}).get("model", {}).get("modelName")
+    if not name:
+        raise RuntimeError("cannot tell which model to serve: the archive names none (manifest modelName)")
+    return name
+
+
+class ServingHandler:
+    """Base handler; subclasses set ``tasks`` (the ModelSpec tasks they serve) and implement ``postprocess``."""
+
+    tasks: tuple[str, ...] = ()
+
+    def __init__(self):
+        self.spec = None
+        self.model = None
+        self.device = torch.device("cpu")
+        self.model_name = None
+        self.model_version = None
+        self.initialized = False
+
+    # ----------------------------------------------------------------------------------- lifecycle
+
+    def initialize(self, context) -> None:
+        """Build the registry's network for this archive and load its weights (``serializedFile``).
+
+        Weights are a state_dict loaded with ``torch.load(weights_only=True)`` straight onto the
+        device chosen by :func:`select_device`; the model is put in eval mode (dropout off).
+        """
+        properties = context.system_properties
+        manifest = context.manifest or {}
+        handler_config = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
+        model_dir = properties.get("model_dir") or ""
+
+        torch.set_num_threads(thread_count(handler_config))
+        self.device = select_device(properties.get("gpu_id"), torch.cuda.is_available())
+        self.spec = get_spec(resolve_model_name(manifest, model_dir, handler_config))
+        if self.tasks and self.spec.task not in self.tasks:
+            raise RuntimeError(
+                f"{type(self).__name__} serves {'/'.join(self.tasks)} models; "
+                f"{self.spec.name!r} is a {self.spec.task} model"
+            )
+        self.model = self._load_model(manifest, model_dir)
+        model_info = manifest.get("model", {})
+        self.model_name = model_info.get("modelName", self.spec.name)
+        self.model_version = model_info.get("modelVersion", self.spec.version)
+        self.initialized = True
+        logger.info(
+            "serving %s (%s) on %s with %d thread(s)",
+            self.model_name, self.spec.model_class.__name__, self.device, torch.get_num_threads(),
+        )
+
+    def _load_model(self, manifest: dict, model_dir: str) -> torch.nn.Module:
+        serialized = manifest.get("model", {}).get("serializedFile")
+        if not serialized:
+            raise RuntimeError(f"the archive for {self.spec.name!r} has no serialized weights (serializedFile)")
+        path = os.path.join(model_dir, serialized)
+        state_dict = torch.load(path, map_location=self.device, weights_only=True)
+        model = self.spec.build()
+        model.load_state_dict(state_dict)
+        return model.to(self.device).eval()
+
+    # -------------------------------------------------------------------------------------- serving
+
+    def handle(self, data: list, context) -> list:
+        """Answer a batch of requests: one response per request, in order (see module docstring)."""
+        responses: list[Any] = [None] * len(data)
+        pending = []  # (index, samples, is_list, v2 request or None) of every valid request
+        for idx, request in enumerate(data):
+            try:
+                samples, is_list, v2 = decode_payload(request_payload(request), self.spec)
+                pending.append((idx, samples, is_list, v2))
+            except InputError as err:
+                responses[idx] = self._error(context, idx, err.status, err.message)
+            except Exception:
+                logger.exception("decoding request %d failed unexpectedly", idx)
+                responses[idx] = self._error(context, idx, 500, "internal error while reading the request")
+        if pending:
+            self._predict(pending, responses, context)
+        return responses
+
+    def _predict(self, pending: list, responses: list, context) -> None:
+        """One forward pass over all valid requests' samples, then each request's response."""
+        try:
+            outputs = self.forward(np.concatenate([samples for _, samples, _, _ in pending]))
+        except Exception as err:
+            logger.exception("forward pass failed for a batch of %d request(s)", len(pending))
+            for idx, *_ in pending:
+                responses[idx] = self._error(context, idx, 500, f"inference failed: {type(err).__name__}")
+            return
+        start = 0
+        for idx, samples, is_list, v2 in pending:
+            part, start = outputs[start : start + len(samples)], start + len(samples)
+            try:
+                named = self.postprocess(part)
+                responses[idx] = self.to_v2(named, v2, context, idx) if v2 is not None else self.to_native(named, is_list)
+                _set_content_type(context, idx)
+            except Exception as err:
+                logger.exception("postprocessing request %d failed", idx)
+                responses[idx] = self._error(context, idx, 500, f"postprocessing failed: {type(err).__name__}")
+
+    def forward(self, samples: np.ndarray) -> torch.Tensor:
+        """The model's output for float32 ``samples`` (N, *input_shape), on the CPU."""
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(samples).to(self.device)).cpu()
+
+    def postprocess(self, output: torch.Tensor) -> dict[str, np.ndarray]:
+        """Named output arrays for ONE request's rows of model output (first axis = its N samples).
+
+        The names and arrays become the v2 ``outputs``; :meth:`to_native` turns them into JSON.
+        """
+        raise NotImplementedError
+
+    def to_native(self, outputs: dict[str, np.ndarray], is_list: bool) -> Any:
+        """Native JSON response; default ``{name: values as nested lists}`` for every output."""
+        return {name: array.tolist() for name, array in outputs.items()}
+
+    def to_v2(self, outputs: dict[str, np.ndarray], request: dict, context, idx: int) -> dict:
+        """Open Inference Protocol response; ``id`` echoes the request's ``id``, else TorchServe's request id."""
+        request_id = request.get("id")
+        if request_id is None:
+            request_id = context.get_request_id(idx)
+        return {
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "id": request_id,
+            "outputs": [
+                {
+                    "name": name,
+                    "shape": list(array.shape),
+                    "datatype": _V2_DATATYPES[str(array.dtype)],
+                    "data": array.ravel().tolist(),
+                }
+                for name, array in outputs.items()
+            ],
+        }
+
+    @staticmethod
+    def _error(context, idx: int, status: int, message: str) -> dict:
+        """Mark request ``idx`` failed with ``status`` and return its JSON error body."""
+        # The message doubles as the HTTP reason phrase: keep it one printable ASCII line.
+        phrase = " ".join(message.encode("ascii", "replace").decode().split())[:200]
+        context.set_response_status(status, phrase, idx)
+        _set_content_type(context, idx)
+        return {"error": message, "code": status}
+
+
+def _set_content_type(context, idx: int) -> None:
+    if getattr(context, "request_processor", None):
+        context.set_response_content_type(idx, "application/json")
