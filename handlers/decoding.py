@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import reprlib
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,8 @@ MAX_DEPTH = 5  # nested list depth; the deepest valid input, [N][1][28][28], has
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
+# Other image formats, recognised only to say clearly that they are not accepted.
+OTHER_IMAGE_MAGIC = {b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 
 # Open Inference Protocol datatypes we accept, with the integer range each one allows (None: float).
 V2_DATATYPES: dict[str, tuple[int, int] | None] = {
@@ -106,6 +109,9 @@ def parse_payload(payload: Any) -> Any:
             return raw
         if not raw.strip():
             raise InputError("empty request body; send JSON like {\"data\": [...]} or a PNG/JPEG image")
+        other = _other_image_format(raw)
+        if other:
+            raise InputError(f"only PNG and JPEG images are accepted; the body looks like a {other} image")
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
@@ -118,9 +124,15 @@ def parse_payload(payload: Any) -> Any:
     return payload
 
 
+def _other_image_format(raw: bytes) -> str | None:
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in OTHER_IMAGE_MAGIC.items() if raw.startswith(magic)), None)
+
+
 def _parse_json(text: str) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text.removeprefix("\ufeff"))  # a byte-order mark is harmless, json refuses it
     except RecursionError:
         raise InputError("malformed JSON: nested too deeply") from None
     except ValueError as err:  # JSONDecodeError, or an integer literal with too many digits
@@ -145,6 +157,8 @@ def decode_native(body: Any, spec) -> tuple[np.ndarray, bool]:
                 f"got keys: {keys}"
             )
         body = body["data"]
+    if not isinstance(body, (list, int, float)) or isinstance(body, bool):
+        raise InputError(f"'data' must be an array of numbers; got {_what(body)}")
     values = numeric_array(body, "data")
     if spec.is_image_model:
         samples, is_list = _image_rows(values, spec.image_size)
@@ -366,8 +380,7 @@ def _nested_shape(value: Any, where: str, depth: int) -> tuple[int, ...]:
 
 def _check_number(value: Any, where: str) -> None:
     if not (_is_int(value) or isinstance(value, float)):
-        got = "null" if value is None else f"{_type_name(value)} {_short(value)}"
-        raise InputError(f"{where} must be a number; got {got}")
+        raise InputError(f"{where} must be a number; got {_what(value)}")
 
 
 # ---------------------------------------------------------------------------------------- finishing
@@ -406,13 +419,26 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _what(value: Any) -> str:
+    """``null``, or the JSON type name and a short rendering, e.g. ``string "abc"``."""
+    return "null" if value is None else f"{_type_name(value)} {_short(value)}"
+
+
 def _type_name(value: Any) -> str:
     names = {type(None): "null", bool: "boolean", str: "string", dict: "object", list: "list"}
     return names.get(type(value), type(value).__name__)
 
 
 def _short(value: Any, limit: int = 40) -> str:
-    text = json.dumps(value) if isinstance(value, (str, list, dict, bool, type(None))) else repr(value)
+    """JSON-like rendering cut to ``limit`` characters; a dict shows its keys only (it may be huge)."""
+    if isinstance(value, dict):
+        text = "{" + ", ".join(json.dumps(str(k)) for k in list(value)[:5]) + (", ...}" if len(value) > 5 else "}")
+    elif isinstance(value, list):
+        text = reprlib.repr(value)  # bounded: shows at most 6 items per level
+    elif isinstance(value, (str, bool)) or value is None:
+        text = json.dumps(value)
+    else:
+        text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
