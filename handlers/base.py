@@ -175,7 +175,10 @@ class ServingHandler:
             part, start = outputs[start : start + len(samples)], start + len(samples)
             try:
                 named = self.postprocess(part)
-                responses[idx] = self.to_v2(named, v2, context, idx) if v2 is not None else self.to_native(named, is_list)
+                if v2 is not None:
+                    responses[idx] = self.to_v2(named, v2, context, idx)
+                else:
+                    responses[idx] = self.to_native(named, is_list)
                 _set_content_type(context, idx)
             except Exception as err:
                 logger.exception("postprocessing request %d failed", idx)

@@ -262,10 +262,9 @@ def _check_integers(values: np.ndarray, datatype: str) -> np.ndarray:
     if not np.all(values == np.floor(values)):
         raise InputError(f"datatype {datatype} needs integer values; inputs[0].data has fractions")
     lo, hi = bounds
-    if values.min() < lo or values.max() > hi:
-        raise InputError(
-            f"datatype {datatype} allows values in [{lo}, {hi}]; got values in [{values.min():g}, {values.max():g}]"
-        )
+    low, high = values.min(), values.max()
+    if low < lo or high > hi:
+        raise InputError(f"datatype {datatype} allows values in [{lo}, {hi}]; got values in [{low:g}, {high:g}]")
     return values
 
 

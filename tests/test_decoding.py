@@ -270,8 +270,8 @@ def test_request_payload_picks_the_form_field_then_the_body():
 # ------------------------------------------------------------------------------ KServe v2
 
 
-def v2(shape, data, datatype="FP32", **extra) -> dict:
-    return {"id": "req-1", "inputs": [{"name": "input-0", "shape": shape, "datatype": datatype, "data": data, **extra}]}
+def v2(shape, data, datatype="FP32") -> dict:
+    return {"id": "req-1", "inputs": [{"name": "input-0", "shape": shape, "datatype": datatype, "data": data}]}
 
 
 def test_is_v2_request():

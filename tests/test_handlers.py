@@ -360,8 +360,8 @@ def _parse_predict_response(message: bytes) -> list[dict]:
 
     integer(), blob()  # batch code and message
     answers = []
-    while (length := integer()) != -1:
-        offset -= 4
+    while integer() != -1:
+        offset -= 4  # not the end marker: step back, it was the request id's length
         answer = {"id": blob().decode(), "content_type": blob().decode(), "status": integer(),
                   "phrase": blob().decode()}
         answer["headers"] = {blob().decode(): blob().decode() for _ in range(integer())}
