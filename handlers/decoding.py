@@ -71,10 +71,13 @@ def request_payload(request: Any) -> Any:
     for key in ("data", "body"):
         if key in request:
             return request[key]
-    fields = ", ".join(sorted(map(str, request))) or "none"
+    fields = ", ".join(_short(str(name), 30) for name in sorted(map(str, request))[:5]) or "none"
+    # Most often a raw body sent as application/x-www-form-urlencoded, which TorchServe parses as a form.
     raise InputError(
-        f"request has no body and no form field 'data' (got fields: {fields}); send JSON with "
-        "'Content-Type: application/json', a PNG/JPEG body, or a multipart field named 'data'"
+        f"no request body and no form field 'data' reached the model (form fields: {fields}); a body sent "
+        "as application/x-www-form-urlencoded (curl -d's default) is parsed as a form by TorchServe: send "
+        "JSON with 'Content-Type: application/json', an image with 'Content-Type: image/png' or "
+        "'image/jpeg', or a multipart form field named 'data'"
     )
 
 
