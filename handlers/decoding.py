@@ -359,7 +359,9 @@ def _nested_shape(value: Any, where: str, depth: int) -> tuple[int, ...]:
         raise InputError(f"{where} is nested too deeply (more than {MAX_DEPTH} levels of lists)")
     if not value:
         raise InputError(f"{where} is an empty list")
-    if not isinstance(value[0], list):  # fast path: a flat list of numbers
+    if not isinstance(value[0], list):  # a flat list of numbers
+        if set(map(type, value)) <= _NUMBER_TYPES:  # fast path (bool is its own type, not int)
+            return (len(value),)
         for i, item in enumerate(value):
             if isinstance(item, list):
                 raise InputError(f"{where} is ragged: {where}[{i}] is a list but {where}[0] is a number")
@@ -378,6 +380,9 @@ def _nested_shape(value: Any, where: str, depth: int) -> tuple[int, ...]:
                 f"but {where}[0] has shape {_fmt_shape(first)}"
             )
     return (len(value),) + first
+
+
+_NUMBER_TYPES = {int, float}
 
 
 def _check_number(value: Any, where: str) -> None:
