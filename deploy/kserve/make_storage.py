@@ -1,0 +1,164 @@
+"""Lay out this repository's archives the way KServe's TorchServe runtime reads them.
+
+KServe downloads an InferenceService's ``storageUri`` to ``/mnt/models`` and expects::
+
+    <storageUri>/config/config.properties
+    <storageUri>/model-store/<name>.mar        (one per served model)
+
+The KServe-flavoured ``config.properties`` is generated, never hand-edited, from the two sources of
+truth: the repository's ``config.properties`` (limits, queue sizes, JVM flags, metrics, model API off
+are carried over) and ``models/registry.py`` via ``serve/package.py`` (one ``model_snapshot`` entry
+per model: version, workers, timeout). KServe-specific settings replace the rest (see KSERVE_SETTINGS).
+The committed copy in ``deploy/kserve/config/config.properties`` is checked against the generator by
+``tests/test_deploy.py``.
+
+Usage (from the repository root, after ``make package``)::
+
+    .venv/bin/python deploy/kserve/make_storage.py OUT_DIR          # OUT_DIR/config + OUT_DIR/model-store
+    .venv/bin/python deploy/kserve/make_storage.py --write-config   # refresh the committed config
+    aws s3 cp --recursive OUT_DIR s3://BUCKET/torchserve-mnist      # or gsutil / a PVC copy
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # run as a script: make `models` and `serve` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from models.registry import REGISTRY, get_spec  # noqa: E402
+from serve.package import model_config  # noqa: E402
+
+COMMITTED_CONFIG = REPO_ROOT / "deploy" / "kserve" / "config" / "config.properties"
+ROOT_CONFIG = REPO_ROOT / "config.properties"
+KSERVE_MODEL_STORE = "/mnt/models/model-store"
+
+# Keys of the repository config that do not apply under KServe (addresses, paths, auth); every other
+# key is carried over unchanged.
+DROPPED_KEYS = {
+    "inference_address", "management_address", "metrics_address",
+    "grpc_inference_address", "grpc_inference_port", "grpc_management_address", "grpc_management_port",
+    "model_store", "load_models", "allowed_urls", "models", "model_snapshot",
+    "disable_token_authorization", "token_expiration_min", "enable_envvars_config",
+}
+
+# What KServe's TorchServe runtime needs. Its wrapper (kserve_wrapper, port 8080 in the same pod)
+# forwards to TorchServe on 127.0.0.1:8085 (REST) / :7070 (gRPC for protocolVersion grpc-v2), and
+# checks readiness on the management address, all WITHOUT a token: KServe's ingress (Istio/Knative
+# or your gateway) is where authentication belongs, so TorchServe's own token auth is off here.
+# enable_envvars_config lets the runtime pick the request envelope (TS_SERVICE_ENVELOPE=kserve or
+# kservev2, from protocolVersion). Metrics listen on all interfaces so Prometheus can scrape :8082.
+KSERVE_SETTINGS = {
+    "inference_address": "http://127.0.0.1:8085",
+    "management_address": "http://127.0.0.1:8085",
+    "metrics_address": "http://0.0.0.0:8082",
+    "grpc_inference_port": "7070",
+    "grpc_management_port": "7071",
+    "enable_envvars_config": "true",
+    "disable_token_authorization": "true",
+    "model_store": KSERVE_MODEL_STORE,
+}
+
+# TorchServe's KServe envelopes decode only the FIRST request of a batch (request_envelope/kserve.py
+# and kservev2.py), so dynamic batching would break concurrent requests: one request per batch here.
+KSERVE_BATCH_SIZE = 1
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """``key=value`` pairs of a Java properties file in file order (comments and blank lines skipped)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the KServe config is generated from it")
+    props: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        if "=" not in line:
+            raise ValueError(f"{path}:{number}: expected key=value, got {raw!r}")
+        key, value = line.split("=", 1)
+        props[key.strip()] = value.strip()
+    return props
+
+
+def model_snapshot(names: list[str]) -> dict:
+    """TorchServe's ``model_snapshot`` JSON registering ``names`` at start (what KServe's wrapper reads)."""
+    models = {}
+    for name in names:
+        spec = get_spec(name)
+        settings = {**model_config(spec), "batchSize": KSERVE_BATCH_SIZE}
+        models[name] = {spec.version: {"defaultVersion": True, "marName": f"{name}.mar", **settings}}
+    return {"name": "startup.cfg", "modelCount": len(models), "models": models}
+
+
+def kserve_config(names: list[str] | None = None, root_config: Path = ROOT_CONFIG) -> str:
+    """The KServe ``config.properties`` text for ``names`` (default: every registered model)."""
+    names = list(REGISTRY) if names is None else names
+    carried = {k: v for k, v in read_properties(root_config).items() if k not in DROPPED_KEYS}
+    lines = [
+        "# GENERATED by deploy/kserve/make_storage.py from config.properties and models/registry.py;",
+        "# do not edit: regenerate with `.venv/bin/python deploy/kserve/make_storage.py --write-config`.",
+        "# KServe layout: <storageUri>/config/config.properties + <storageUri>/model-store/<name>.mar",
+        "",
+        "# --- KServe runtime settings ---",
+        *(f"{k}={v}" for k, v in KSERVE_SETTINGS.items()),
+        "",
+        "# --- Carried over from the repository's config.properties ---",
+        *(f"{k}={v}" for k, v in carried.items()),
+        "",
+        f"# --- Models (batchSize {KSERVE_BATCH_SIZE}: TorchServe's KServe envelopes decode one request per batch) ---",
+        "model_snapshot=" + json.dumps(model_snapshot(names), separators=(",", ":")),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_storage(out: Path, store: Path, names: list[str] | None = None) -> list[Path]:
+    """Write ``out/config/config.properties`` and copy ``store/<name>.mar`` to ``out/model-store``.
+
+    Raises FileNotFoundError naming every missing archive (build them with ``make package``).
+    """
+    names = list(REGISTRY) if names is None else names
+    archives = [store / f"{name}.mar" for name in names]
+    missing = [str(a) for a in archives if not a.is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing archives (run `make package` first): {', '.join(missing)}")
+    (out / "config").mkdir(parents=True, exist_ok=True)
+    (out / "model-store").mkdir(parents=True, exist_ok=True)
+    (out / "config" / "config.properties").write_text(kserve_config(names))
+    copied = []
+    for archive in archives:
+        copied.append(Path(shutil.copy2(archive, out / "model-store" / archive.name)))
+    return copied
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build KServe's TorchServe storage layout.")
+    parser.add_argument("out", nargs="?", type=Path, help="output directory (config/ + model-store/)")
+    parser.add_argument("--store", type=Path, default=REPO_ROOT / "model_store",
+                        help="where the .mar archives are (default: model_store/)")
+    parser.add_argument("--models", default="all", help="comma-separated model names (default: all)")
+    parser.add_argument("--write-config", action="store_true",
+                        help=f"rewrite the committed {COMMITTED_CONFIG.relative_to(REPO_ROOT)}")
+    args = parser.parse_args(argv)
+    if args.out is None and not args.write_config:
+        parser.error("give an output directory, or --write-config")
+    try:
+        names = None if args.models == "all" else [get_spec(n.strip()).name for n in args.models.split(",")]
+        if args.write_config:
+            COMMITTED_CONFIG.write_text(kserve_config(names))
+            print(f"wrote {COMMITTED_CONFIG}")
+        if args.out is not None:
+            for path in build_storage(args.out, args.store, names):
+                print(f"copied {path}")
+            print(f"wrote {args.out / 'config' / 'config.properties'}; upload {args.out}/ as the storageUri")
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
