@@ -1,0 +1,152 @@
+"""``python -m serve start|stop|status``: run TorchServe with every packaged model.
+
+    python -m serve start [--config config.properties] [--models all|a,b] [--foreground] [--timeout 300]
+    python -m serve stop
+    python -m serve status
+
+TorchServe runs in ``.serve/`` (``key_file.json``, its TMPDIR ``.serve/tmp``) and logs to ``logs/``
+(``torchserve.out``, ``ts_log.log``, ``model_log.log``). ``start`` returns once every model's workers
+are READY and prints the URLs, the keys and a curl command to try.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from serve import REPO_ROOT
+from serve.server import DEFAULT_CONFIG, Server, ServerError
+
+EXAMPLE_PNG = REPO_ROOT / "examples" / "digit_7.png"
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the current directory when it is below it (shorter to copy-paste)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def usage_text(server: Server, descriptions: dict[str, dict]) -> str:
+    """What to tell the user once the server is ready: URLs, keys and a curl example."""
+    keys = server.keys()
+    workers = sum(len(d.get("workers", [])) for d in descriptions.values())
+    model = "mnistnet" if "mnistnet" in server.models else server.models[0]
+    inference_key = keys.get("inference", "<inference key>")
+    lines = [
+        f"TorchServe is ready: {len(descriptions)} models, {workers} workers READY.",
+        f"  inference   {server.inference_url}/predictions/<model>[/<version>]   models: {', '.join(server.models)}",
+        f"  management  {server.management_url}/models[/<model>]",
+        f"  metrics     {server.metrics_url}   (Prometheus, no key needed)",
+        f"Keys ({_relative(server.key_file)}, valid for token_expiration_min, deleted on stop):",
+        f"  inference key   {inference_key}   → Authorization: Bearer header for port {server.ports.inference}",
+        f"  management key  {keys.get('management', '?')}   → for port {server.ports.management} (describe, list)",
+        f"  API key         {keys.get('api', '?')}   → only rotates the two above: "
+        f"POST {server.management_url}/token?type=inference",
+        "Try it:",
+    ]
+    auth = f'-H "Authorization: Bearer {inference_key}"'
+    if model == "mnistnet" and EXAMPLE_PNG.is_file():
+        png = _relative(EXAMPLE_PNG)
+        lines.append(f"  curl -X POST {server.inference_url}/predictions/{model} {auth} "
+                     f"-H \"Content-Type: image/png\" --data-binary @{shlex.quote(png)}")
+        lines.append(f"  python -m client predict {model} --png {shlex.quote(png)}    (finds the key itself)")
+    else:
+        from models.registry import get_spec
+
+        sample = json.dumps({"data": [0.5] * get_spec(model).input_width})
+        lines.append(f"  curl -X POST {server.inference_url}/predictions/{model} {auth} "
+                     f"-H \"Content-Type: application/json\" -d {shlex.quote(sample)}")
+    lines.append(f"Stop it with: python -m serve stop    Logs: {_relative(server.log_dir)}/")
+    return "\n".join(lines)
+
+
+def parse_model_list(text: str) -> list[str]:
+    from serve.package import parse_model_names
+
+    return parse_model_names(text)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    server = Server(config=args.config, models=parse_model_list(args.models))
+    print(f"Starting TorchServe ({len(server.models)} models from {_relative(server.model_store)}); "
+          f"output goes to {_relative(server.output_file)}", flush=True)
+    server.start(foreground=args.foreground)
+    try:
+        descriptions = server.wait_ready(timeout=args.timeout)
+    except BaseException:
+        print("TorchServe did not become ready; stopping it.", file=sys.stderr)
+        server.stop()
+        raise
+    print(usage_text(server, descriptions), flush=True)
+    if args.foreground:
+        try:
+            return server.wait() or 0
+        except KeyboardInterrupt:
+            print("\nStopping TorchServe...", flush=True)
+            server.stop()
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    server = Server(config=args.config, models=[])
+    if server.stop():
+        print("TorchServe stopped.")
+    else:
+        print(f"TorchServe is not running (no live server for TMPDIR {_relative(server.tmpdir)}).")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit code 0 when running with every model READY, 1 when some are not, 3 when not running."""
+    server = Server(config=args.config)
+    pid = server.pid()
+    if pid is None:
+        print("TorchServe is not running.")
+        return 3
+    print(f"TorchServe is running (pid {pid}); inference {server.inference_url}, management {server.management_url}")
+    all_ready = True
+    for name in server.models:
+        try:
+            description = server.describe(name)
+        except Exception as exc:  # a model that failed to load is simply absent
+            print(f"  {name:16s} not available ({exc})")
+            all_ready = False
+            continue
+        workers = ", ".join(f"{w['status']} pid {w.get('pid')}" for w in description.get("workers", [])) or "no workers"
+        ready = server.workers_ready(description)
+        all_ready &= ready
+        print(f"  {name:16s} v{description.get('modelVersion')}  batch {description.get('batchSize')}  {workers}")
+    return 0 if all_ready else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m serve", description="Run TorchServe with the packaged models.")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config.properties (default: repo root's)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("start", help="start TorchServe and wait until every model is READY")
+    start.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config.properties")
+    start.add_argument("--models", default="all", help="comma-separated model names (default: all)")
+    start.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the server")
+    start.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for READY (default: 300)")
+    for name, text in (("stop", "stop TorchServe and wait for it to exit"), ("status", "show workers per model")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config.properties")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    handlers = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status}
+    try:
+        return handlers[args.command](args)
+    except (ServerError, KeyError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

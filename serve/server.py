@@ -1,0 +1,498 @@
+"""Start, watch and stop one TorchServe instance: the code behind ``python -m serve``, the e2e tests and bench/.
+
+A :class:`Server` owns everything one TorchServe needs to be independent of any other on the machine:
+
+* its ports (:class:`Ports`: inference, management, metrics, gRPC x2 and the first worker port),
+* its ``TMPDIR`` (TorchServe keeps its pid file, worker sockets and unpacked archives there, and
+  ``torchserve --stop`` finds the server through it),
+* its working directory (where TorchServe writes ``key_file.json``, and our effective config),
+* its log directory (``torchserve.out`` gets the launcher's stdout/stderr; log4j writes ``ts_log.log``,
+  ``model_log.log`` there).
+
+``Server.start()`` launches ``torchserve --start`` with its output redirected to a file (never a pipe:
+the Java child would keep a pipe open forever), ``wait_ready()`` polls the management API until every
+model's workers are READY (``/ping`` says Healthy long before that), ``stop()`` runs
+``torchserve --stop`` with the same ``TMPDIR`` and waits until the frontend and its workers are gone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import requests
+from tqdm import tqdm
+
+from serve import REPO_ROOT
+
+DEFAULT_CONFIG = REPO_ROOT / "config.properties"
+DEFAULT_WORKDIR = REPO_ROOT / ".serve"
+DEFAULT_LOG_DIR = REPO_ROOT / "logs"
+DEFAULT_LOG_CONFIG = REPO_ROOT / "serve" / "log4j2.xml"
+KEY_FILE = "key_file.json"
+PID_FILE = ".model_server.pid"  # written by torchserve's launcher into $TMPDIR
+JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
+# Unix socket paths are limited to 107 bytes; TorchServe puts $TMPDIR/.ts.sock.<port> there.
+MAX_SOCKET_PATH = 107
+
+JAVA_HELP = (
+    "TorchServe needs Java 17 (a JRE is enough) on PATH or in JAVA_HOME. Install it with\n"
+    "  Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless\n"
+    "  Fedora/RHEL:   sudo dnf install -y java-17-openjdk-headless\n"
+    "  macOS:         brew install openjdk@17\n"
+    "then check `java -version`."
+)
+
+
+class ServerError(RuntimeError):
+    """TorchServe could not be started, did not become ready, or could not be stopped; says why."""
+
+
+# ------------------------------------------------------------------------------------ configuration
+
+def load_properties(path: Path) -> dict[str, str]:
+    """``key=value`` pairs of a Java properties file (``#``/``!`` comments and blank lines skipped)."""
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line[0] in "#!" or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        props[key.strip()] = value.strip()
+    return props
+
+
+def _port_of(address: str) -> int:
+    """The port of an address such as ``http://127.0.0.1:8080``."""
+    match = re.search(r":(\d+)/?$", address)
+    if not match:
+        raise ServerError(f"cannot read a port from address {address!r}")
+    return int(match.group(1))
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True if nothing listens on ``host:port`` (we can bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The TCP ports one TorchServe listens on; defaults are TorchServe's own."""
+
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+    # First backend worker "port": it names the worker's unix socket ($TMPDIR/.ts.sock.<port>), and
+    # each further worker (or restarted worker) counts up from it.
+    worker: int = 9000
+
+    @classmethod
+    def from_properties(cls, props: dict[str, str]) -> "Ports":
+        """The ports a config.properties asks for (TorchServe defaults for missing keys)."""
+        default = cls()
+        return cls(
+            inference=_port_of(props["inference_address"]) if "inference_address" in props else default.inference,
+            management=_port_of(props["management_address"]) if "management_address" in props else default.management,
+            metrics=_port_of(props["metrics_address"]) if "metrics_address" in props else default.metrics,
+            grpc_inference=int(props.get("grpc_inference_port", default.grpc_inference)),
+            grpc_management=int(props.get("grpc_management_port", default.grpc_management)),
+            worker=int(props.get("initial_worker_port", default.worker)),
+        )
+
+    @classmethod
+    def free(cls) -> "Ports":
+        """Five ports the OS reports free right now, and a free block of 32 for the workers."""
+        sockets = []
+        try:
+            for _ in range(5):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.bind(("127.0.0.1", 0))
+                sockets.append(sock)
+            numbers = [sock.getsockname()[1] for sock in sockets]
+        finally:
+            for sock in sockets:
+                sock.close()
+        while True:
+            base = random.randrange(20000, 30000)
+            if base not in numbers and all(port_is_free(p) for p in range(base, base + 32)):
+                break
+        return cls(*numbers, worker=base)
+
+    def listening(self) -> dict[str, int]:
+        """Name → port of every port TorchServe binds (the worker port names sockets only)."""
+        ports = asdict(self)
+        ports.pop("worker")
+        return ports
+
+
+def effective_config(base: dict[str, str], ports: Ports, model_store: Path) -> dict[str, str]:
+    """``base`` with the addresses replaced by ``ports`` and the model store made absolute."""
+    props = dict(base)
+    props.update(
+        inference_address=f"http://127.0.0.1:{ports.inference}",
+        management_address=f"http://127.0.0.1:{ports.management}",
+        metrics_address=f"http://127.0.0.1:{ports.metrics}",
+        grpc_inference_port=str(ports.grpc_inference),
+        grpc_management_port=str(ports.grpc_management),
+        initial_worker_port=str(ports.worker),
+        model_store=str(model_store),
+        # Java regex, doubled backslashes for the properties format: only archives of this store.
+        allowed_urls="file://" + re.escape(str(model_store)).replace("\\", "\\\\") + "/[^/]+\\\\.mar",
+    )
+    return props
+
+
+def write_properties(props: dict[str, str], path: Path, header: str) -> None:
+    lines = [f"# {line}" for line in header.splitlines()]
+    lines += [f"{key}={value}" for key, value in props.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def java_executable() -> str:
+    """Path of the ``java`` TorchServe will run (``$JAVA_HOME/bin/java`` first); ``ServerError`` if none."""
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home:
+        java = Path(java_home) / "bin" / "java"
+        if java.is_file():
+            return str(java)
+        raise ServerError(f"JAVA_HOME={java_home} has no bin/java.\n{JAVA_HELP}")
+    java = shutil.which("java")
+    if not java:
+        raise ServerError(f"java was not found on PATH.\n{JAVA_HELP}")
+    return java
+
+
+def read_keys(workdir: Path) -> dict[str, str]:
+    """The token-auth keys TorchServe wrote to ``<workdir>/key_file.json``.
+
+    Returns ``{"inference": ..., "management": ..., "api": ...}``: the inference key for the inference
+    API, the management key for the management API, and the API key that only rotates the other two
+    (``POST /token?type=inference|management`` on the management port). Empty if the file is absent.
+    """
+    path = Path(workdir) / KEY_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    keys = {name: raw.get(name, {}).get("key") for name in ("inference", "management")}
+    keys["api"] = raw.get("API", {}).get("key")
+    return {name: key for name, key in keys.items() if key}
+
+
+def _torchserve_command() -> list[str]:
+    """The venv's ``torchserve`` launcher (its module if the console script is missing)."""
+    script = Path(sys.executable).parent / "torchserve"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ts.model_server"]
+
+
+# ------------------------------------------------------------------------------------------ server
+
+class Server:
+    """One TorchServe instance with private ports, ``TMPDIR``, working directory and logs.
+
+    Args:
+        config: base config.properties (default: the repository's); its addresses are replaced by ``ports``.
+        ports: ports to listen on (default: the ones ``config`` names).
+        tmpdir: TorchServe's ``TMPDIR`` (default: ``<workdir>/tmp``). ``stop()`` needs the same one.
+        workdir: where TorchServe runs and writes ``key_file.json`` (default: ``.serve/``).
+        model_store: directory of ``<name>.mar`` archives (default: ``model_store`` of ``config``,
+            relative to the config file).
+        models: model names to load (default: every registered model).
+        log_dir: where ``torchserve.out`` and the log4j files go (default: ``logs/``).
+        log_config: log4j2 XML (default: ``serve/log4j2.xml``, WARN to size-capped files).
+        env: extra environment for the frontend and its workers (``OMP_NUM_THREADS`` defaults to 1).
+    """
+
+    def __init__(
+        self,
+        config: Path = DEFAULT_CONFIG,
+        ports: Ports | None = None,
+        tmpdir: Path | None = None,
+        workdir: Path = DEFAULT_WORKDIR,
+        model_store: Path | None = None,
+        models: list[str] | None = None,
+        log_dir: Path = DEFAULT_LOG_DIR,
+        log_config: Path = DEFAULT_LOG_CONFIG,
+        env: dict[str, str] | None = None,
+    ):
+        self.config = Path(config).resolve()
+        if not self.config.is_file():
+            raise ServerError(f"config file {self.config} does not exist")
+        self.base_props = load_properties(self.config)
+        self.ports = ports or Ports.from_properties(self.base_props)
+        self.workdir = Path(workdir).resolve()
+        self.tmpdir = Path(tmpdir).resolve() if tmpdir else self.workdir / "tmp"
+        store = model_store or self.config.parent / self.base_props.get("model_store", "model_store")
+        self.model_store = Path(store).resolve()
+        if models is None:
+            from models.registry import REGISTRY
+
+            models = list(REGISTRY)
+        self.models = list(models)
+        self.log_dir = Path(log_dir).resolve()
+        self.log_config = Path(log_config).resolve()
+        self.extra_env = dict(env or {})
+        self._launcher: subprocess.Popen | None = None
+
+    # ------------------------------------------------------------------------------ addresses/keys
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.inference}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.management}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / KEY_FILE
+
+    @property
+    def output_file(self) -> Path:
+        """The launcher's and JVM's stdout/stderr."""
+        return self.log_dir / "torchserve.out"
+
+    def keys(self) -> dict[str, str]:
+        """The current token-auth keys (see :func:`read_keys`)."""
+        return read_keys(self.workdir)
+
+    # ---------------------------------------------------------------------------------- process
+
+    def pid(self) -> int | None:
+        """Pid of this server's Java frontend if it is running (from ``$TMPDIR/.model_server.pid``)."""
+        try:
+            pid = int((self.tmpdir / PID_FILE).read_text().strip())
+            process = psutil.Process(pid)
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE and (
+                JAVA_MAIN_CLASS in process.cmdline()
+            ):
+                return pid
+        except (FileNotFoundError, ValueError, psutil.Error):
+            pass
+        return None
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # Each worker is a process; one torch thread each keeps 7 workers from fighting over 2 cores.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("MKL_NUM_THREADS", "1")
+        env.update(self.extra_env)
+        env.update(
+            TMPDIR=str(self.tmpdir),  # pid file (launcher) and tempfile use in the workers
+            TEMP=str(self.tmpdir),  # the launcher turns it into -Djava.io.tmpdir: sockets, unpacked .mar
+            LOG_LOCATION=str(self.log_dir),
+            METRICS_LOCATION=str(self.log_dir),
+        )
+        return env
+
+    def _check_can_start(self) -> None:
+        java_executable()
+        missing = [name for name in self.models if not (self.model_store / f"{name}.mar").is_file()]
+        if missing:
+            raise ServerError(
+                f"no archive for {', '.join(missing)} in {self.model_store}; build them with "
+                f"`python -m serve.package --models {','.join(missing)}` (or `make package`)"
+            )
+        if self.is_running():
+            raise ServerError(
+                f"a TorchServe with TMPDIR {self.tmpdir} is already running (pid {self.pid()}); "
+                "stop it first (`python -m serve stop`)"
+            )
+        busy = [f"{port} ({name})" for name, port in self.ports.listening().items() if not port_is_free(port)]
+        if busy:
+            raise ServerError(f"port(s) already in use: {', '.join(busy)}; stop what listens there or pick other ports")
+        socket_path = self.tmpdir / f".ts.sock.{self.ports.worker + 999}"
+        if len(str(socket_path)) > MAX_SOCKET_PATH:
+            raise ServerError(f"TMPDIR {self.tmpdir} is too long for unix socket paths; use a shorter one")
+
+    def start(self, foreground: bool = False) -> None:
+        """Launch TorchServe in the background (returns once the frontend process exists).
+
+        With ``foreground=True`` the launcher stays attached (``torchserve --foreground``) and
+        :meth:`wait` blocks until it exits. Raises ``ServerError`` (Java missing, archive missing,
+        already running, port busy, launcher failed) with the reason.
+        """
+        self._check_can_start()
+        for directory in (self.workdir, self.tmpdir, self.log_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.key_file.unlink(missing_ok=True)  # a stale key file would hand out dead keys
+        ts_config = self.workdir / "ts-config.properties"
+        write_properties(
+            effective_config(self.base_props, self.ports, self.model_store),
+            ts_config,
+            f"Generated by serve/server.py from {self.config}; edit that file instead.",
+        )
+        cmd = _torchserve_command() + [
+            "--start",
+            "--ts-config", str(ts_config),
+            "--model-store", str(self.model_store),
+            "--models", *[f"{name}={name}.mar" for name in self.models],
+            "--ncs",  # no config snapshots: the served set is what config + archives say, nothing else
+            "--log-config", str(self.log_config),
+        ]
+        if foreground:
+            cmd.append("--foreground")
+        with open(self.output_file, "ab") as out:
+            out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+            out.flush()
+            # Own session: a Ctrl-C meant for our CLI must not reach the server's process group.
+            self._launcher = subprocess.Popen(
+                cmd, cwd=self.workdir, env=self._environment(), stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        if not foreground:
+            try:
+                code = self._launcher.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                raise ServerError(f"torchserve --start did not return within 60 s; see {self.output_file}") from None
+            if code != 0:
+                raise ServerError(f"torchserve --start failed (exit code {code}):\n{self.output_tail()}")
+        deadline = time.monotonic() + 30
+        while not self.is_running():
+            if time.monotonic() > deadline or (self._launcher.poll() not in (None, 0)):
+                raise ServerError(f"the TorchServe frontend did not start:\n{self.output_tail()}")
+            time.sleep(0.2)
+
+    def wait(self) -> int | None:
+        """Block until a foreground launcher exits; returns its exit code (None if not started here)."""
+        return self._launcher.wait() if self._launcher else None
+
+    def output_tail(self, lines: int = 30) -> str:
+        """The last lines of ``torchserve.out`` and ``ts_log.log``, for error messages."""
+        parts = []
+        for path in (self.output_file, self.log_dir / "ts_log.log", self.log_dir / "model_log.log"):
+            if path.is_file():
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {path} (last {len(text)} lines)\n" + "\n".join(text))
+        return "\n".join(parts) or "(no TorchServe output)"
+
+    # ---------------------------------------------------------------------------------- readiness
+
+    def describe(self, model: str, timeout: float = 5.0) -> dict:
+        """The management API's description of ``model`` (its default version), with the management key."""
+        headers = {}
+        key = self.keys().get("management")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        response = requests.get(f"{self.management_url}/models/{model}", headers=headers, timeout=timeout)
+        response.raise_for_status()
+        return response.json()[0]
+
+    @staticmethod
+    def workers_ready(description: dict) -> bool:
+        """True if the model has at least ``minWorkers`` workers and every one is READY."""
+        workers = description.get("workers", [])
+        return len(workers) >= max(1, description.get("minWorkers", 1)) and all(
+            w.get("status") == "READY" for w in workers
+        )
+
+    def wait_ready(self, timeout: float = 300.0, progress: bool = True) -> dict[str, dict]:
+        """Poll ``describe`` until every model's workers are READY; returns name → description.
+
+        Raises ``ServerError`` if the frontend dies or ``timeout`` seconds (default 300) pass, naming
+        the models that are not ready and quoting the logs.
+        """
+        deadline = time.monotonic() + timeout
+        ready: dict[str, dict] = {}
+        last_status: dict[str, str] = {}
+        bar = tqdm(total=len(self.models), desc="models ready", unit="model", disable=not progress, file=sys.stdout)
+        try:
+            while len(ready) < len(self.models):
+                if not self.is_running():
+                    raise ServerError(f"TorchServe exited while starting:\n{self.output_tail()}")
+                for name in self.models:
+                    if name in ready:
+                        continue
+                    try:
+                        description = self.describe(name)
+                    except (requests.RequestException, ValueError, IndexError) as exc:
+                        last_status[name] = f"not answering ({type(exc).__name__})"
+                        continue
+                    statuses = [w.get("status") for w in description.get("workers", [])]
+                    last_status[name] = ",".join(statuses) or "no workers"
+                    if self.workers_ready(description):
+                        ready[name] = description
+                        bar.update(1)
+                        bar.set_postfix_str(name)
+                if len(ready) < len(self.models):
+                    if time.monotonic() > deadline:
+                        waiting = ", ".join(f"{n} [{last_status.get(n, '?')}]" for n in self.models if n not in ready)
+                        raise ServerError(
+                            f"models not ready after {timeout:.0f} s: {waiting}\n{self.output_tail()}"
+                        )
+                    time.sleep(0.5)
+        finally:
+            bar.close()
+        return ready
+
+    # --------------------------------------------------------------------------------------- stop
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Stop this server (``torchserve --stop`` with its ``TMPDIR``) and wait for the frontend and
+        its workers to exit, killing leftovers after ``timeout`` seconds. Returns False if it was not running.
+        """
+        pid = self.pid()
+        if pid is None:
+            self.key_file.unlink(missing_ok=True)
+            return False
+        try:
+            frontend = psutil.Process(pid)
+            processes = [frontend, *frontend.children(recursive=True)]
+        except psutil.Error:
+            processes = []
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_file, "ab") as out:
+            subprocess.run(
+                _torchserve_command() + ["--stop"], cwd=self.workdir, env=self._environment(),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=60,
+            )
+        _, alive = psutil.wait_procs(processes, timeout=timeout)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        if self._launcher is not None:
+            try:
+                self._launcher.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._launcher.kill()
+        self.key_file.unlink(missing_ok=True)
+        return True
+
+    def __enter__(self) -> "Server":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
