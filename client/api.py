@@ -1,0 +1,267 @@
+"""A small requests-based client for the TorchServe service.
+
+    from client.api import TorchServeClient
+    client = TorchServeClient()                       # http://127.0.0.1:8080 and :8081, key found itself
+    client.predict("mnistnet", Path("examples/digit_7.png").read_bytes())
+    client.predict("mnistnet", np.zeros((3, 28, 28)))  # → list of 3 {"predicted_class", "probabilities"}
+    client.predict("regressionnet", [[0.1] * 10])      # → {"predictions": [...]}
+    client.predict_v2("mnistnet", np.zeros((2, 784), np.float32))
+
+Keys (TorchServe token auth): the inference key is the first found of the ``token`` argument, the
+``TS_INFERENCE_KEY`` environment variable, and ``key_file.json`` in ``$TS_KEY_FILE``, the serve working
+directory ``.serve/`` or the current directory; the management key likewise (``management_token``,
+``TS_MANAGEMENT_KEY``, key file). A key read from the key file is re-read once when the server refuses
+it (the server was restarted or the key rotated). Every error is a :class:`TorchServeError` with the HTTP
+status and the server's message.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
+DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
+KEY_FILE_CANDIDATES = (REPO_ROOT / ".serve" / "key_file.json", Path("key_file.json"))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+# TorchServe answers a missing/wrong/expired key with 400 InvalidKeyException (and some proxies 401).
+AUTH_FAILURE_STATUSES = (400, 401)
+
+
+class TorchServeError(Exception):
+    """A request the server refused or could not answer.
+
+    Attributes: ``status`` (HTTP status code, or None when the server was unreachable), ``message``
+    (the server's error message), ``body`` (the parsed JSON error body, or the raw text), ``url``.
+    """
+
+    def __init__(self, status: int | None, message: str, body: Any = None, url: str = ""):
+        super().__init__(f"{status or 'no response'}: {message}" + (f" ({url})" if url else ""))
+        self.status = status
+        self.message = message
+        self.body = body
+        self.url = url
+
+
+def find_key_file(candidates: tuple[Path, ...] = KEY_FILE_CANDIDATES) -> Path | None:
+    """The key file to use: ``$TS_KEY_FILE`` if set, else the first existing of ``candidates``."""
+    explicit = os.environ.get("TS_KEY_FILE")
+    if explicit:
+        return Path(explicit)
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def read_key(kind: str, key_file: Path | None = None) -> str | None:
+    """The ``kind`` key (``inference``, ``management`` or ``API``) from a TorchServe key_file.json."""
+    path = key_file or find_key_file()
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text()).get(kind, {}).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def error_message(response: requests.Response) -> tuple[str, Any]:
+    """The server's message for a failed response and the parsed body (TorchServe's ``message``, our
+    handlers' ``error``, else the raw text or the reason phrase)."""
+    try:
+        body = response.json()
+    except ValueError:
+        text = response.text.strip()
+        return text or response.reason or "no message", text
+    if isinstance(body, dict):
+        message = body.get("message") or body.get("error") or json.dumps(body)
+    else:
+        message = json.dumps(body)
+    return str(message), body
+
+
+def encode_input(data: Any) -> tuple[bytes, str]:
+    """Request body and Content-Type for ``data``.
+
+    ``bytes`` are sent raw (``image/png`` or ``image/jpeg`` by their magic number, else
+    ``application/octet-stream``); a numpy array becomes ``{"data": nested list}``; any other value is
+    sent as JSON as it is (a dict such as ``{"data": ...}`` or ``{"inputs": ...}``, a list, a number).
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytes(data)
+        if raw.startswith(PNG_MAGIC):
+            return raw, "image/png"
+        if raw.startswith(JPEG_MAGIC):
+            return raw, "image/jpeg"
+        return raw, "application/octet-stream"
+    if isinstance(data, np.ndarray):
+        data = {"data": data.tolist()}
+    return json.dumps(data).encode(), "application/json"
+
+
+def v2_request(array: np.ndarray, name: str = "input-0", datatype: str | None = None, request_id: str | None = None) -> dict:
+    """An Open Inference Protocol request body for one tensor (datatype FP32 for floats, INT64 for ints)."""
+    array = np.asarray(array)
+    if datatype is None:
+        datatype = "INT64" if np.issubdtype(array.dtype, np.integer) else "FP32"
+    body = {"inputs": [{"name": name, "shape": list(array.shape), "datatype": datatype, "data": array.ravel().tolist()}]}
+    if request_id is not None:
+        body["id"] = request_id
+    return body
+
+
+class TorchServeClient:
+    """Client for one TorchServe: inference at ``base_url``, management at ``management_url``.
+
+    Args:
+        base_url: inference API (default ``$TS_INFERENCE_URL`` or http://127.0.0.1:8080).
+        management_url: management API (default ``$TS_MANAGEMENT_URL`` or http://127.0.0.1:8081).
+        token: inference key (default: ``$TS_INFERENCE_KEY``, else key_file.json, see module doc).
+        management_token: management key (default: ``$TS_MANAGEMENT_KEY``, else key_file.json).
+        key_file: key_file.json to read keys from (default: found as the module doc says).
+        timeout: seconds per request (default 30).
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        management_url: str | None = None,
+        token: str | None = None,
+        management_token: str | None = None,
+        key_file: Path | None = None,
+        timeout: float = 30.0,
+    ):
+        self.base_url = (base_url or os.environ.get("TS_INFERENCE_URL") or DEFAULT_INFERENCE_URL).rstrip("/")
+        self.management_url = (
+            management_url or os.environ.get("TS_MANAGEMENT_URL") or DEFAULT_MANAGEMENT_URL
+        ).rstrip("/")
+        self.key_file = Path(key_file) if key_file else None
+        self.timeout = timeout
+        self.session = requests.Session()
+        # kind → (key, came from the key file so may be re-read)
+        self._keys = {
+            "inference": self._initial_key("inference", token, "TS_INFERENCE_KEY"),
+            "management": self._initial_key("management", management_token, "TS_MANAGEMENT_KEY"),
+        }
+
+    def _initial_key(self, kind: str, explicit: str | None, env_var: str) -> tuple[str | None, bool]:
+        if explicit:
+            return explicit, False
+        if os.environ.get(env_var):
+            return os.environ[env_var], False
+        return read_key(kind, self.key_file), True
+
+    # ----------------------------------------------------------------------------------- plumbing
+
+    def _request(self, method: str, url: str, key_kind: str | None, **kwargs) -> requests.Response:
+        """Send with ``Authorization: Bearer <key>``; on an auth failure re-read a key-file key once."""
+        kwargs.setdefault("timeout", self.timeout)
+        for attempt in (1, 2):
+            headers = dict(kwargs.pop("headers", None) or {})
+            key = self._keys[key_kind][0] if key_kind else None
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            try:
+                response = self.session.request(method, url, headers=headers, **kwargs)
+            except requests.RequestException as exc:
+                raise TorchServeError(None, f"cannot reach the server: {exc}", url=url) from exc
+            kwargs["headers"] = headers
+            if response.ok:
+                return response
+            message, body = error_message(response)
+            if attempt == 1 and key_kind and response.status_code in AUTH_FAILURE_STATUSES and self._refresh_key(
+                key_kind, body
+            ):
+                continue
+            raise TorchServeError(response.status_code, message, body, url)
+        raise AssertionError("unreachable")
+
+    def _refresh_key(self, kind: str, body: Any) -> bool:
+        """Re-read a key-file key after a token failure; True if a different key was found."""
+        key, from_file = self._keys[kind]
+        if not from_file or "InvalidKeyException" not in json.dumps(body):
+            return False
+        fresh = read_key(kind, self.key_file)
+        if fresh and fresh != key:
+            self._keys[kind] = (fresh, True)
+            return True
+        return False
+
+    @staticmethod
+    def _model_path(model: str, version: str | None) -> str:
+        return f"{model}/{version}" if version else model
+
+    # ------------------------------------------------------------------------------------- inference
+
+    def predict(self, model: str, data: Any, version: str | None = None) -> Any:
+        """POST ``data`` to ``/predictions/<model>[/<version>]``; returns the decoded JSON response.
+
+        ``data``: PNG/JPEG ``bytes`` (sent raw), a numpy array (sent as ``{"data": ...}``) or any JSON
+        value (sent as is). See handlers/decoding.py for what each model accepts.
+        """
+        body, content_type = encode_input(data)
+        url = f"{self.base_url}/predictions/{self._model_path(model, version)}"
+        response = self._request("POST", url, "inference", data=body, headers={"Content-Type": content_type})
+        return response.json()
+
+    def predict_multipart(self, model: str, image: bytes, version: str | None = None) -> Any:
+        """Upload an image as the multipart form field ``data`` (like ``curl -F data=@digit.png``)."""
+        _, content_type = encode_input(image)
+        url = f"{self.base_url}/predictions/{self._model_path(model, version)}"
+        files = {"data": ("image", bytes(image), content_type)}
+        return self._request("POST", url, "inference", files=files).json()
+
+    def predict_v2(
+        self, model: str, inputs: np.ndarray | dict, version: str | None = None, datatype: str | None = None,
+        request_id: str | None = None,
+    ) -> dict:
+        """Open Inference Protocol (KServe v2) request; returns the v2 response dict.
+
+        ``inputs`` is one tensor (a numpy array, sent as FP32/INT64 by its dtype unless ``datatype`` says
+        otherwise) or a complete v2 request body ``{"inputs": [...]}``. Without ``version`` it goes to
+        ``/v2/models/<model>/infer``; TorchServe's v2 route has no versions, so with one the same body
+        goes to ``/predictions/<model>/<version>``.
+        """
+        if isinstance(inputs, dict):
+            body = inputs
+        else:
+            body = v2_request(inputs, datatype=datatype, request_id=request_id)
+        if version:
+            url = f"{self.base_url}/predictions/{model}/{version}"
+        else:
+            url = f"{self.base_url}/v2/models/{model}/infer"
+        return self._request("POST", url, "inference", json=body).json()
+
+    def health(self) -> dict:
+        """``GET /ping``: ``{"status": "Healthy"}`` once the frontend is up (workers may still load)."""
+        return self._request("GET", f"{self.base_url}/ping", "inference").json()
+
+    # ------------------------------------------------------------------------------------ management
+
+    def list_models(self) -> list[dict]:
+        """Every registered model as ``{"modelName", "modelUrl"}`` (follows pagination)."""
+        models, token = [], None
+        while True:
+            params = {"limit": 100, **({"next_page_token": token} if token else {})}
+            page = self._request("GET", f"{self.management_url}/models", "management", params=params).json()
+            models += page.get("models", [])
+            token = page.get("nextPageToken")
+            if not token:
+                return models
+
+    def describe(self, model: str, version: str | None = None) -> list[dict]:
+        """``GET /models/<model>[/<version>]``: versions, workers (status, pid), batching settings."""
+        url = f"{self.management_url}/models/{self._model_path(model, version)}"
+        return self._request("GET", url, "management").json()
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> "TorchServeClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
