@@ -1,0 +1,93 @@
+"""The two TorchServe deployments the benchmark compares, both built on serve/server.py's ``Server``.
+
+* :func:`baseline_server`: stock TorchServe (empty bench/baseline/config.properties, TorchServe's own
+  log4j2.xml extracted from its jar, no thread settings in the environment) serving
+  ``mnist_baseline.mar`` (bench/baseline/handler.py).
+* :func:`ours_server`: the project's deployment: the repository's config.properties, serve/log4j2.xml,
+  the archives serve/package.py builds, and serve/server.py's environment (OMP_NUM_THREADS=1).
+
+Each gets free ports, a private short ``TMPDIR`` and working directory under one temporary directory,
+and is stopped when its ``with`` block ends (also on Ctrl-C or an exception).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import ts
+
+from serve.server import DEFAULT_CONFIG, Ports, Server
+
+BENCH_DIR = Path(__file__).resolve().parent
+BASELINE_CONFIG = BENCH_DIR / "baseline" / "config.properties"
+STOCK_JAR = Path(ts.__file__).resolve().parent / "frontend" / "model-server.jar"
+# Variables serve/server.py sets for its workers; the stock baseline must run without them.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class StockServer(Server):
+    """``Server`` that leaves the worker environment as TorchServe would get it from a plain shell:
+    it does not add ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` (kept only if the caller's environment has them)."""
+
+    def _environment(self) -> dict[str, str]:
+        env = super()._environment()
+        for name in THREAD_VARIABLES:
+            if name not in os.environ and name not in self.extra_env:
+                env.pop(name, None)
+        return env
+
+
+def stock_log_config(dest_dir: Path) -> Path:
+    """Extract TorchServe's built-in ``log4j2.xml`` from its jar into ``dest_dir`` and return the path."""
+    with zipfile.ZipFile(STOCK_JAR) as jar:
+        path = Path(dest_dir) / "stock-log4j2.xml"
+        path.write_bytes(jar.read("log4j2.xml"))
+    return path
+
+
+@contextlib.contextmanager
+def private_dirs(label: str):
+    """A fresh short directory under /tmp (unix socket paths must stay < 108 bytes), removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=f"bench-{label}-", dir="/tmp"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running(server: Server, timeout: float = 300.0):
+    """Start ``server``, wait until all workers are READY, yield ``(server, cold start seconds)``, stop it.
+
+    Cold start is measured from the start command to the moment every model's workers are READY.
+    """
+    try:
+        started = time.perf_counter()
+        server.start()
+        server.wait_ready(timeout=timeout, progress=False)
+        cold_start = time.perf_counter() - started
+        yield server, cold_start
+    finally:
+        server.stop()
+
+
+def baseline_server(root: Path, store: Path, model: str = "mnist_baseline") -> Server:
+    """Stock TorchServe serving ``<store>/<model>.mar``, everything under ``root``."""
+    return StockServer(
+        config=BASELINE_CONFIG, ports=Ports.free(), tmpdir=root / "t", workdir=root / "w",
+        model_store=store, models=[model], log_dir=root / "logs", log_config=stock_log_config(root),
+    )
+
+
+def ours_server(root: Path, store: Path, models: list[str], config: Path = DEFAULT_CONFIG,
+                env: dict[str, str] | None = None) -> Server:
+    """The project's deployment (``config``, serve/log4j2.xml) serving ``models`` from ``store``."""
+    return Server(
+        config=config, ports=Ports.free(), tmpdir=root / "t", workdir=root / "w", model_store=store,
+        models=models, log_dir=root / "logs", env=env,
+    )

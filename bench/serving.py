@@ -1,0 +1,466 @@
+"""Serving benchmark: the project's TorchServe deployment vs stock TorchServe vs the in-process limit.
+
+Run from the repository root (loopback only; takes about 8 minutes with the defaults)::
+
+    .venv/bin/python -m bench.serving                  # full run, writes bench/results/
+    .venv/bin/python -m bench.serving --wait-quiet 600 # first wait (<= 600 s) for 1-min load < 0.5
+    .venv/bin/python -m bench.serving --skip-baseline --tag try-1w --config /tmp/alt.properties
+
+One run measures, one server at a time (never both at once: the machine has 2 cores):
+
+1. **limit**: MNISTNet's in-process forward pass at batch 1 and 256 (samples/s, bench/inprocess.py);
+2. **baseline**: stock TorchServe (bench/baseline/, default workers/netty/queue/logging, batch size 1)
+   serving the same weights with a BaseHandler that does ``torch.tensor(json list)``;
+3. **ours**: the repository's config.properties + serve/log4j2.xml + handlers, as ``make serve`` runs
+   it (every registered model loaded unless ``--models``), cold start timed from the start command to
+   all workers READY.
+
+For each server and request form: wrk (bench/lua/post.lua, 1 wrk thread, closed loop) sends one
+single-image body at 1, 4, 16, 32 and 64 connections (req/s, p50/p90/p99), then one request carrying
+256 images at 1 connection (samples/s). wrk runs on the same 2 cores as the server and takes CPU from
+it, so every served number is a lower bound. Results: a table on stdout, ``bench/results/serving.json``
+and ``bench/results/latency_vs_concurrency.png`` (``--tag T`` writes ``serving-T.json`` and
+``latency_vs_concurrency-T.png`` instead, for tuning experiments).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+import torch
+from tqdm import tqdm
+
+if __package__ in (None, ""):  # run as `python bench/serving.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import payloads  # noqa: E402
+from bench.baseline.archive import BASELINE_NAME, build_baseline_archive  # noqa: E402
+from bench.inprocess import load_model, measure_forward  # noqa: E402
+from bench.loadgen import run_wrk, wrk_path  # noqa: E402
+from bench.plot import plot_concurrency  # noqa: E402
+from bench.servers import baseline_server, ours_server, private_dirs, running  # noqa: E402
+from serve.server import DEFAULT_CONFIG  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+WEIGHTS_DIR = REPO_ROOT / "weights"
+MODEL = "mnistnet"
+CONNECTIONS = (1, 4, 16, 32, 64)
+GOAL_CONNECTIONS = 16
+BATCH = 256
+QUIET_LOAD = 0.5
+
+# Goals from the issue: (key, description, target).
+GOALS = {
+    "throughput": "ours single-image req/s at 16 connections >= 1.5x baseline",
+    "batch": "one 256-image request >= 25% of in-process samples/s at batch 256",
+    "tail": "ours p99 <= 3x p50 at 16 connections",
+    "cold_start": "ours cold start (start command -> all workers READY) <= 5 s",
+}
+
+
+# ------------------------------------------------------------------------------------------- machine
+
+def machine_info() -> dict:
+    """nproc, CPU model, memory, load and tool versions of this machine."""
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    wrk_version = subprocess.run([wrk_path(), "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    import ts
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu,
+        "memory_gib": round(mem_kb / 1024**2, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchserve": ts.__version__,
+        "wrk": wrk_version.strip(),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def wait_until_quiet(max_wait: float, threshold: float = QUIET_LOAD) -> float:
+    """Wait up to ``max_wait`` seconds for the 1-minute load average to drop below ``threshold``.
+
+    Returns the load seen last; prints progress every 30 s. ``max_wait`` 0 only reads the load.
+    """
+    deadline = time.monotonic() + max_wait
+    load = os.getloadavg()[0]
+    while load >= threshold and time.monotonic() < deadline:
+        print(f"  waiting for a quiet machine: 1-min load {load:.2f} >= {threshold}", flush=True)
+        time.sleep(min(30.0, max(1.0, deadline - time.monotonic())))
+        load = os.getloadavg()[0]
+    return load
+
+
+# -------------------------------------------------------------------------------------------- limit
+
+def measure_limit(weights: Path) -> dict:
+    """In-process samples/s at batch 1 and 256, with PyTorch's default threads and with 1 thread."""
+    model = load_model(str(weights))
+    results = {}
+    for batch in (1, BATCH):
+        results[f"batch{batch}"] = measure_forward(model, batch)
+        results[f"batch{batch}_1thread"] = measure_forward(model, batch, threads=1)
+    return results
+
+
+# ------------------------------------------------------------------------------------------ serving
+
+def check_response(url: str, token: str | None, body: bytes, content_type: str, count: int) -> dict:
+    """POST once and check the answer: 200 and ``predicted_class`` for each of ``count`` images.
+
+    Returns ``{"status", "response_bytes", "predicted_class"}`` (the first image's class); raises RuntimeError
+    naming the problem otherwise, so a broken server is never benchmarked.
+    """
+    headers = {"Content-Type": content_type}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    response = requests.post(url, data=body, headers=headers, timeout=60)
+    if response.status_code != 200:
+        raise RuntimeError(f"{url} answered {response.status_code}: {response.text[:300]}")
+    answer = response.json()
+    if "outputs" in answer:  # Open Inference Protocol response
+        outputs = {o["name"]: o["data"] for o in answer["outputs"]}
+        classes = outputs.get("predicted_class", [])
+    else:
+        items = answer if isinstance(answer, list) else [answer]
+        classes = [item.get("predicted_class") for item in items if isinstance(item, dict)]
+    if len(classes) != count or any(c is None for c in classes):
+        raise RuntimeError(f"{url}: expected {count} predicted_class values, got: {response.text[:300]}")
+    return {"status": response.status_code, "response_bytes": len(response.content), "predicted_class": classes[0]}
+
+
+def sweep(url: str, token: str | None, body: bytes, content_type: str, connections, seconds: float,
+          label: str) -> dict[str, dict]:
+    """wrk at every connection count; returns ``{str(connections): result}`` (bench/loadgen.py fields)."""
+    results = {}
+    for conns in tqdm(connections, desc=f"  {label}", unit="run", leave=False, file=sys.stdout):
+        result = run_wrk(url, body, content_type, conns, seconds, token)
+        result.pop("raw", None)
+        results[str(conns)] = result
+        time.sleep(1.0)  # let the queues drain between runs
+    return results
+
+
+def scrape_ts_metrics(server) -> dict[str, float]:
+    """The frontend's ``ts_*`` Prometheus counters (summed over labels); empty unless metrics_mode=prometheus."""
+    try:
+        text = requests.get(server.metrics_url, timeout=10).text
+    except requests.RequestException:
+        return {}
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(ts_[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
+        if match:
+            totals[match.group(1)] = totals.get(match.group(1), 0.0) + float(match.group(2))
+    return totals
+
+
+def measure_server(server, cold_start: float, forms: dict, batch_forms: dict, connections, seconds: float,
+                   label: str) -> dict:
+    """Check, warm up and measure one running server.
+
+    ``forms``/``batch_forms`` map a form name to ``(path, body, content type)``; single-image forms are
+    swept over ``connections``, batch forms run at 1 connection. Returns the server's results dict.
+    """
+    token = server.keys().get("inference")
+    description = server.describe(server.models[0])
+    out = {
+        "cold_start_s": cold_start,
+        "model": {k: description.get(k) for k in ("modelName", "minWorkers", "batchSize", "maxBatchDelay")},
+        "workers": len(description.get("workers", [])),
+        "single": {},
+        "batch": {},
+        "bodies": {},
+    }
+    for name, (path, body, content_type) in forms.items():
+        url = server.inference_url + path
+        out["bodies"][name] = {"bytes": len(body), "content_type": content_type,
+                               **check_response(url, token, body, content_type, 1)}
+        run_wrk(url, body, content_type, GOAL_CONNECTIONS, 3, token)  # warm-up: JIT, allocators, caches
+        out["single"][name] = sweep(url, token, body, content_type, connections, seconds, f"{label} {name}")
+    for name, (path, body, content_type) in batch_forms.items():
+        url = server.inference_url + path
+        out["bodies"][f"batch-{name}"] = {"bytes": len(body), "content_type": content_type,
+                                          **check_response(url, token, body, content_type, BATCH)}
+        result = run_wrk(url, body, content_type, 1, seconds, token, timeout_s=30)
+        result.pop("raw", None)
+        result["samples_per_s"] = result["req_per_s"] * BATCH
+        out["batch"][name] = result
+    out["ts_metrics"] = scrape_ts_metrics(server)
+    return out
+
+
+def baseline_forms() -> tuple[dict, dict]:
+    """The stock handler's inputs: already-normalised floats as a bare JSON list."""
+    path = f"/predictions/{BASELINE_NAME}"
+    return (
+        {"json": (path, *payloads.json_images(1, normalise=True))},
+        {"json": (path, *payloads.json_images(BATCH, flat=True, normalise=True))},
+    )
+
+
+def ours_forms() -> tuple[dict, dict]:
+    """The project's inputs: JSON intensities (the baseline's form), a PNG file, v2 UINT8 pixels."""
+    native, v2 = f"/predictions/{MODEL}", f"/v2/models/{MODEL}/infer"
+    return (
+        {
+            "json": (native, *payloads.json_images(1)),
+            "png": (native, *payloads.png_image()),
+            "v2-uint8": (v2, *payloads.v2_images(1, datatype="UINT8")),
+        },
+        {
+            "json": (native, *payloads.json_images(BATCH, flat=True)),
+            "v2-uint8": (v2, *payloads.v2_images(BATCH, datatype="UINT8")),
+        },
+    )
+
+
+def run_baseline(weights: Path, connections, seconds: float) -> dict:
+    """Build the stock archive, run stock TorchServe, measure it, stop it."""
+    with private_dirs("baseline") as root:
+        store = root / "store"
+        build_baseline_archive(weights, store)
+        forms, batch_forms = baseline_forms()
+        with running(baseline_server(root, store)) as (server, cold_start):
+            print(f"  baseline ready in {cold_start:.1f} s at {server.inference_url}", flush=True)
+            return measure_server(server, cold_start, forms, batch_forms, connections, seconds, "baseline")
+
+
+def build_ours_archives(models: list[str], weights_dir: Path, store: Path) -> None:
+    """Build the project's archives for ``models`` from ``weights_dir`` (training what is missing) into ``store``."""
+    from serve.package import package_models
+
+    package_models(models, weights_dir=weights_dir, store=store)
+
+
+def run_ours(models: list[str], weights_dir: Path, config: Path, env: dict, connections, seconds: float,
+             cold_starts: int) -> dict:
+    """Build the archives, run the project's deployment, measure it, stop it; then time more cold starts."""
+    with private_dirs("ours") as root:
+        store = root / "store"
+        build_ours_archives(models, weights_dir, store)
+        forms, batch_forms = ours_forms()
+        with running(ours_server(root, store, models, config, env)) as (server, cold_start):
+            print(f"  ours ready in {cold_start:.1f} s at {server.inference_url} ({len(models)} models)", flush=True)
+            results = measure_server(server, cold_start, forms, batch_forms, connections, seconds, "ours")
+        starts = [cold_start]
+        for _ in tqdm(range(cold_starts), desc="  ours cold starts", unit="start", leave=False, file=sys.stdout):
+            with private_dirs("cold") as cold_root:
+                with running(ours_server(cold_root, store, models, config, env)) as (_, seconds_to_ready):
+                    starts.append(seconds_to_ready)
+        results["cold_starts_s"] = starts
+        results["cold_start_s"] = statistics.median(starts)
+        results["models_loaded"] = models
+        results["config"] = str(config)
+        results["env"] = env
+    return results
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def evaluate_goals(results: dict) -> list[dict]:
+    """PASS/MISS for each goal that the run has the numbers for."""
+    ours, base, limit = results.get("ours"), results.get("baseline"), results.get("limit")
+    goals = []
+    c = str(GOAL_CONNECTIONS)
+    if ours and base:
+        base_rps = base["single"]["json"][c]["req_per_s"]
+        ratios = {form: runs[c]["req_per_s"] / base_rps for form, runs in ours["single"].items()}
+        goals.append({"goal": GOALS["throughput"], "value": ratios["json"], "target": 1.5,
+                      "detail": "same-form JSON; other forms: " + ", ".join(
+                          f"{k} x{v:.2f}" for k, v in ratios.items() if k != "json"),
+                      "pass": ratios["json"] >= 1.5})
+    if ours and limit:
+        in_process = limit[f"batch{BATCH}"]["samples_per_s"]
+        best_form, best = max(((k, v["samples_per_s"]) for k, v in ours["batch"].items()), key=lambda kv: kv[1])
+        goals.append({"goal": GOALS["batch"], "value": best / in_process, "target": 0.25,
+                      "detail": f"best form {best_form}: {best:,.0f} vs {in_process:,.0f} samples/s in-process",
+                      "pass": best / in_process >= 0.25})
+    if ours:
+        run = ours["single"]["json"][c]
+        ratio = run["p99_ms"] / run["p50_ms"]
+        goals.append({"goal": GOALS["tail"], "value": ratio, "target": 3.0,
+                      "detail": f"JSON form: p50 {run['p50_ms']:.2f} ms, p99 {run['p99_ms']:.2f} ms; other forms: "
+                      + ", ".join(f"{k} x{v[c]['p99_ms'] / v[c]['p50_ms']:.2f}"
+                                  for k, v in ours["single"].items() if k != "json"),
+                      "pass": ratio <= 3.0})
+        goals.append({"goal": GOALS["cold_start"], "value": ours["cold_start_s"], "target": 5.0,
+                      "detail": f"median of {len(ours['cold_starts_s'])} starts "
+                      f"({', '.join(f'{s:.1f}' for s in ours['cold_starts_s'])} s), "
+                      f"{len(ours['models_loaded'])} models",
+                      "pass": ours["cold_start_s"] <= 5.0})
+    return goals
+
+
+def report_text(results: dict) -> str:
+    """The human-readable tables: single-image sweep, 256-image requests, goals."""
+    lines = []
+    base = results.get("baseline")
+    base_single = base["single"]["json"] if base else {}
+    lines.append("Single image: req/s and latency (ms) by wrk connections; x = req/s vs baseline at equal connections")
+    lines.append(f"{'series':<18}{'body':>8}{'conns':>7}{'req/s':>10}{'p50':>9}{'p90':>9}{'p99':>9}{'errors':>8}{'x base':>8}")
+    for server in ("baseline", "ours"):
+        if server not in results:
+            continue
+        for form, runs in results[server]["single"].items():
+            size = results[server]["bodies"][form]["bytes"]
+            for conns, r in runs.items():
+                ratio = r["req_per_s"] / base_single[conns]["req_per_s"] if conns in base_single else None
+                lines.append(
+                    f"{server + ' ' + form:<18}{size:>7}B{conns:>7}{r['req_per_s']:>10.0f}{r['p50_ms']:>9.2f}"
+                    f"{r['p90_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>8}"
+                    + (f"{ratio:>8.2f}" if ratio is not None else f"{'':>8}")
+                )
+    limit = results.get("limit")
+    if limit:
+        lines.append("")
+        lines.append(f"In-process forward (limit): batch 1 {limit['batch1']['samples_per_s']:,.0f} samples/s "
+                     f"({limit['batch1_1thread']['samples_per_s']:,.0f} on 1 thread); batch {BATCH} "
+                     f"{limit[f'batch{BATCH}']['samples_per_s']:,.0f} samples/s "
+                     f"({limit[f'batch{BATCH}_1thread']['samples_per_s']:,.0f} on 1 thread)")
+    lines.append("")
+    lines.append(f"One request carrying {BATCH} images, 1 connection; x = samples/s vs in-process batch {BATCH}")
+    lines.append(f"{'series':<18}{'body':>10}{'req/s':>9}{'samples/s':>12}{'p50':>9}{'p99':>9}{'x limit':>9}")
+    for server in ("baseline", "ours"):
+        if server not in results:
+            continue
+        for form, r in results[server]["batch"].items():
+            size = results[server]["bodies"][f"batch-{form}"]["bytes"]
+            ratio = r["samples_per_s"] / limit[f"batch{BATCH}"]["samples_per_s"] if limit else float("nan")
+            lines.append(f"{server + ' ' + form:<18}{size / 1e6:>8.2f}MB{r['req_per_s']:>9.1f}"
+                         f"{r['samples_per_s']:>12,.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{ratio:>9.3f}")
+    lines.append("")
+    for server in ("baseline", "ours"):
+        if server in results:
+            lines.append(f"{server} cold start: {results[server]['cold_start_s']:.1f} s"
+                         + (f" (all starts: {', '.join(f'{s:.1f}' for s in results[server]['cold_starts_s'])})"
+                            if "cold_starts_s" in results[server] else ""))
+    lines.append("")
+    lines.append("Goals:")
+    for goal in results.get("goals", []):
+        lines.append(f"  [{'PASS' if goal['pass'] else 'MISS'}] {goal['goal']}: {goal['value']:.2f} "
+                     f"(target {goal['target']}) - {goal['detail']}")
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict, out_dir: Path, tag: str | None, plot: bool) -> list[Path]:
+    """serving[-tag].json and latency_vs_concurrency[-tag].png in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = f"-{tag}" if tag else ""
+    json_path = out_dir / f"serving{suffix}.json"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    paths = [json_path]
+    if plot:
+        series = {f"{server} {form}": runs for server in ("baseline", "ours") if server in results
+                  for form, runs in results[server]["single"].items()}
+        m = results["machine"]
+        title = (f"MNISTNet on TorchServe {m['torchserve']}, {m['nproc']} cores ({m['cpu_model']}); "
+                 f"wrk on the same cores, {results['settings']['seconds']:g} s per point")
+        paths.append(plot_concurrency(series, out_dir / f"latency_vs_concurrency{suffix}.png", title))
+    return paths
+
+
+# -------------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="wrk duration per point (default 10)")
+    parser.add_argument("--connections", default=",".join(map(str, CONNECTIONS)),
+                        help="comma-separated wrk connection counts (default 1,4,16,32,64; must include 16)")
+    parser.add_argument("--models", default="all",
+                        help="models the 'ours' server loads, comma-separated or 'all' (default: all, as make serve)")
+    parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR,
+                        help="trained state_dicts <name>.pt; missing ones are trained first (default weights/)")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help="config.properties for 'ours' (default: the repository's)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the 'ours' server (repeatable), e.g. HANDLER_NUM_THREADS=2")
+    parser.add_argument("--cold-starts", type=int, default=2,
+                        help="extra start/stop cycles of 'ours' to time cold start (default 2; median reported)")
+    parser.add_argument("--skip-baseline", action="store_true", help="do not run stock TorchServe")
+    parser.add_argument("--skip-ours", action="store_true", help="do not run the project's deployment")
+    parser.add_argument("--wait-quiet", type=float, default=0.0,
+                        help=f"first wait up to this many seconds for 1-min load < {QUIET_LOAD} (default 0)")
+    parser.add_argument("--tag", help="write serving-TAG.json / latency_vs_concurrency-TAG.png (tuning runs)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default bench/results)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    args = parser.parse_args(argv)
+    try:
+        args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
+    except ValueError:
+        parser.error(f"--connections must be comma-separated integers, got {args.connections!r}")
+    if GOAL_CONNECTIONS not in args.connections or min(args.connections) < 1:
+        parser.error(f"--connections must be positive and include {GOAL_CONNECTIONS} (the goals are read there)")
+    env = {}
+    for item in args.env:
+        if "=" not in item:
+            parser.error(f"--env takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        env[key] = value
+    args.env = env
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from serve.package import ensure_weights, parse_model_names
+    from models.registry import get_spec
+
+    models = parse_model_names(args.models)
+    if MODEL not in models:
+        print(f"error: --models must include {MODEL} (the benchmarked model)", file=sys.stderr)
+        return 2
+    wrk_path()  # fail early with the install hint
+    load = wait_until_quiet(args.wait_quiet)
+    machine = machine_info()
+    if load >= QUIET_LOAD:
+        print(f"warning: machine is busy (1-min load {load:.2f}); numbers will be noisy", flush=True)
+    weights = ensure_weights(get_spec(MODEL), args.weights_dir.resolve())
+    results = {
+        "machine": machine,
+        "settings": {"seconds": args.seconds, "connections": args.connections, "wrk_threads": 1,
+                     "batch_images": BATCH, "weights": str(weights)},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    print("[1/3] in-process limit", flush=True)
+    results["limit"] = measure_limit(weights)
+    if not args.skip_baseline:
+        print("[2/3] baseline: stock TorchServe", flush=True)
+        results["baseline"] = run_baseline(weights, args.connections, args.seconds)
+    if not args.skip_ours:
+        print("[3/3] ours: the project's deployment", flush=True)
+        results["ours"] = run_ours(models, args.weights_dir.resolve(), args.config, args.env, args.connections,
+                                   args.seconds, args.cold_starts)
+    results["machine"]["loadavg_end"] = list(os.getloadavg())
+    results["goals"] = evaluate_goals(results)
+    print()
+    print(report_text(results))
+    for path in write_outputs(results, args.out, args.tag, not args.no_plot):
+        print(f"wrote {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
