@@ -1,8 +1,9 @@
 """``python -m serve start|stop|status``: run TorchServe with every packaged model.
 
-    python -m serve start [--config config.properties] [--models all|a,b] [--foreground] [--timeout 300]
+    python -m serve start [--models all|a,b] [--foreground] [--timeout 300]
     python -m serve stop
     python -m serve status
+    (each takes --config config.properties, --workdir .serve, --log-dir logs)
 
 TorchServe runs in ``.serve/`` (``key_file.json``, its TMPDIR ``.serve/tmp``) and logs to ``logs/``
 (``torchserve.out``, ``ts_log.log``, ``model_log.log``). ``start`` returns once every model's workers
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from serve import REPO_ROOT
-from serve.server import DEFAULT_CONFIG, Server, ServerError
+from serve.server import DEFAULT_CONFIG, DEFAULT_LOG_DIR, DEFAULT_WORKDIR, Server, ServerError
 
 EXAMPLE_PNG = REPO_ROOT / "examples" / "digit_7.png"
 
@@ -71,7 +72,8 @@ def parse_model_list(text: str) -> list[str]:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    server = Server(config=args.config, models=parse_model_list(args.models))
+    server = Server(config=args.config, models=parse_model_list(args.models), workdir=args.workdir,
+                    log_dir=args.log_dir)
     print(f"Starting TorchServe ({len(server.models)} models from {_relative(server.model_store)}); "
           f"output goes to {_relative(server.output_file)}", flush=True)
     server.start(foreground=args.foreground)
@@ -92,7 +94,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    server = Server(config=args.config, models=[])
+    server = Server(config=args.config, models=[], workdir=args.workdir, log_dir=args.log_dir)
     if server.stop():
         print("TorchServe stopped.")
     else:
@@ -102,7 +104,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Exit code 0 when running with every model READY, 1 when some are not, 3 when not running."""
-    server = Server(config=args.config)
+    server = Server(config=args.config, workdir=args.workdir, log_dir=args.log_dir)
     pid = server.pid()
     if pid is None:
         print("TorchServe is not running.")
@@ -124,18 +126,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m serve", description="Run TorchServe with the packaged models.")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config.properties (default: repo root's)")
+    # --config/--workdir/--log-dir are accepted before or after the command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                        help="config.properties (default: the repository's)")
+    common.add_argument("--workdir", type=Path, default=argparse.SUPPRESS,
+                        help="where TorchServe runs: key_file.json, TMPDIR tmp/ (default: .serve/)")
+    common.add_argument("--log-dir", type=Path, default=argparse.SUPPRESS, help="log directory (default: logs/)")
+    parser = argparse.ArgumentParser(prog="python -m serve", parents=[common],
+                                     description="Run TorchServe with the packaged models.")
     commands = parser.add_subparsers(dest="command", required=True)
-    start = commands.add_parser("start", help="start TorchServe and wait until every model is READY")
-    start.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config.properties")
+    start = commands.add_parser("start", parents=[common], help="start TorchServe and wait until every model is READY")
     start.add_argument("--models", default="all", help="comma-separated model names (default: all)")
     start.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the server")
     start.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for READY (default: 300)")
-    for name, text in (("stop", "stop TorchServe and wait for it to exit"), ("status", "show workers per model")):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config.properties")
-    return parser.parse_args(argv)
+    commands.add_parser("stop", parents=[common], help="stop TorchServe and wait for it to exit")
+    commands.add_parser("status", parents=[common], help="show the workers of every model")
+    args = parser.parse_args(argv)
+    for name, default in (("config", DEFAULT_CONFIG), ("workdir", DEFAULT_WORKDIR), ("log_dir", DEFAULT_LOG_DIR)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

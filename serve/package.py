@@ -57,13 +57,18 @@ def parse_model_names(text: str | None) -> list[str]:
     return names
 
 
-def ensure_weights(spec: ModelSpec, weights_dir: Path, root: Path = REPO_ROOT) -> Path:
-    """Path of ``<weights_dir>/<name>.pt``, training the model first (``python -m train``) if it is missing."""
+def ensure_weights(
+    spec: ModelSpec, weights_dir: Path, root: Path = REPO_ROOT, train_args: tuple[str, ...] = ()
+) -> Path:
+    """Path of ``<weights_dir>/<name>.pt``, training the model first (``python -m train``) if it is missing.
+
+    ``train_args`` are extra ``python -m train`` options (default none: the registry's training setup).
+    """
     weights = weights_dir / f"{spec.name}.pt"
     if weights.is_file():
         return weights
     print(f"  {spec.name}: {weights} is missing, training it (python -m train {spec.name})", flush=True)
-    cmd = [sys.executable, "-m", "train", spec.name, "--output-dir", str(weights_dir)]
+    cmd = [sys.executable, "-m", "train", spec.name, "--output-dir", str(weights_dir), *train_args]
     result = subprocess.run(cmd, cwd=root)
     if result.returncode != 0 or not weights.is_file():
         raise PackagingError(

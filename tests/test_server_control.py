@@ -1,0 +1,135 @@
+"""serve/server.py and config.properties without starting TorchServe: config derivation, the checks
+``Server.start`` makes before launching anything, and key-file parsing."""
+from __future__ import annotations
+
+import json
+import re
+import socket
+
+import pytest
+
+from serve import REPO_ROOT
+from serve.server import (
+    DEFAULT_CONFIG,
+    Ports,
+    Server,
+    ServerError,
+    effective_config,
+    load_properties,
+    read_keys,
+    write_properties,
+)
+
+
+def java_unescape(value: str) -> str:
+    """What java.util.Properties makes of a value's backslash escapes (enough for our regexes)."""
+    return re.sub(r"\\(.)", r"\1", value)
+
+
+@pytest.fixture(scope="module")
+def props() -> dict[str, str]:
+    return load_properties(DEFAULT_CONFIG)
+
+
+def test_repository_config_is_locked_down(props):
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert props[key].startswith("http://127.0.0.1:"), key
+    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+    assert props["enable_model_api"] == "false"  # no registering models at runtime
+    assert props.get("disable_token_authorization", "false") == "false"  # token auth stays on
+    assert props["metrics_mode"] == "prometheus"
+    assert props["install_py_dep_per_model"] == "false"
+    # Room for the largest legitimate request: 1024 MNIST images as full-precision JSON (~16-21 MB).
+    assert int(props["max_request_size"]) >= 24 * 1024 * 1024
+
+
+def test_ports_from_repository_config(props):
+    assert Ports.from_properties(props) == Ports(8080, 8081, 8082, 7070, 7071, 9000)
+
+
+def test_free_ports_are_distinct_and_bindable():
+    ports = Ports.free()
+    listening = list(ports.listening().values())
+    assert len(set(listening + [ports.worker])) == 6
+    for port in listening:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_effective_config_moves_ports_and_store_and_keeps_the_rest(props, tmp_path):
+    ports = Ports(18080, 18081, 18082, 17070, 17071, 19000)
+    derived = effective_config(props, ports, tmp_path / "store")
+    assert derived["inference_address"] == "http://127.0.0.1:18080"
+    assert derived["management_address"] == "http://127.0.0.1:18081"
+    assert derived["metrics_address"] == "http://127.0.0.1:18082"
+    assert (derived["grpc_inference_port"], derived["grpc_management_port"]) == ("17070", "17071")
+    assert derived["initial_worker_port"] == "19000"
+    assert derived["model_store"] == str(tmp_path / "store")
+    for key in ("enable_model_api", "metrics_mode", "max_request_size", "job_queue_size", "vmargs"):
+        assert derived[key] == props[key]
+    # allowed_urls (a Java regex after properties unescaping) admits only archives of this store.
+    allowed = re.compile(java_unescape(derived["allowed_urls"]))
+    assert allowed.fullmatch(f"file://{tmp_path}/store/mnistnet.mar")
+    assert not allowed.fullmatch(f"file://{tmp_path}/store/sub/mnistnet.mar")
+    assert not allowed.fullmatch("file:///etc/evil.mar")
+    assert not allowed.fullmatch("https://example.com/mnistnet.mar")
+
+    path = tmp_path / "ts.properties"
+    write_properties(derived, path, "header line")
+    assert load_properties(path) == derived
+
+
+def test_repository_allowed_urls_admit_only_the_model_store(props):
+    allowed = re.compile(java_unescape(props["allowed_urls"]))
+    assert allowed.fullmatch(f"file://{REPO_ROOT}/model_store/mnistnet.mar")
+    assert not allowed.fullmatch("http://example.com/model_store/x.mar")
+
+
+def make_server(tmp_path, models=("linearregression",), ports=None) -> Server:
+    store = tmp_path / "store"
+    store.mkdir(exist_ok=True)
+    return Server(ports=ports or Ports.free(), workdir=tmp_path / "work", model_store=store,
+                  log_dir=tmp_path / "logs", models=list(models))
+
+
+def test_start_refuses_missing_archives_naming_them(tmp_path):
+    server = make_server(tmp_path, models=("mnistnet", "mlp"))
+    (server.model_store / "mlp.mar").write_bytes(b"")
+    with pytest.raises(ServerError, match=r"no archive for mnistnet in .*python -m serve.package --models mnistnet"):
+        server.start()
+    assert not server.is_running()
+
+
+def test_start_refuses_a_busy_port(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        free = Ports.free()
+        server = make_server(tmp_path, ports=Ports(free.inference, port, free.metrics, free.grpc_inference,
+                                                   free.grpc_management, free.worker))
+        (server.model_store / "linearregression.mar").write_bytes(b"")
+        with pytest.raises(ServerError, match=rf"{port} \(management\)"):
+            server.start()
+
+
+def test_start_refuses_a_tmpdir_too_long_for_unix_sockets(tmp_path):
+    server = make_server(tmp_path)
+    (server.model_store / "linearregression.mar").write_bytes(b"")
+    server.tmpdir = tmp_path / ("t" * 120)
+    with pytest.raises(ServerError, match="too long for unix socket"):
+        server.start()
+
+
+def test_stop_when_not_running_says_so(tmp_path):
+    assert make_server(tmp_path).stop() is False
+
+
+def test_read_keys_from_torchserve_key_file(tmp_path):
+    assert read_keys(tmp_path) == {}
+    (tmp_path / "key_file.json").write_text(json.dumps({
+        "management": {"key": "m-key", "expiration time": "2030-01-01T00:00:00Z"},
+        "inference": {"key": "i-key", "expiration time": "2030-01-01T00:00:00Z"},
+        "API": {"key": "a-key"},
+    }))
+    assert read_keys(tmp_path) == {"inference": "i-key", "management": "m-key", "api": "a-key"}
