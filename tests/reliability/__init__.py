@@ -1,0 +1,1 @@
+"""Reliability and security tests of the serving stack against real TorchServe servers (see conftest.py)."""

@@ -1,0 +1,87 @@
+"""Fixtures for the reliability tests: real TorchServe servers serving ``support.MODELS`` (mnistnet, mlp).
+
+* ``weights_dir``: a private copy of ``weights/<name>.pt`` (missing weights are trained first, like
+  serve/package.py does), so a retrain during the run cannot change what is served under us.
+* ``store``: real .mar archives built once from those weights with serve/package.py (registry settings:
+  1 worker per model, batch size 8, 5 ms batch delay).
+* ``start_server(name, ...)``: starts another READY server from ``store`` on free ports with a private
+  TMPDIR, working and log directory (serve/server.py); every one is stopped at the end of the session.
+* ``server``: the one shared by the bad-input matrix and the secure-defaults tests. Its log config
+  (log4j2.xml here) keeps TorchServe's per-batch worker line, so tests can count batches.
+
+Tests that kill workers or load the server hard start their own server with ``start_server``.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.registry import get_spec
+from serve import REPO_ROOT
+from serve.package import ensure_weights, package_models
+from serve.server import Ports, Server
+
+from .support import MODELS, Reference
+
+HERE = Path(__file__).resolve().parent
+READY_TIMEOUT_S = 300  # seven workers on a busy 2-core CI machine can take a minute or two
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory) -> Path:
+    """Private copies of ``weights/<name>.pt`` for ``MODELS`` (missing ones are trained first)."""
+    snapshot = tmp_path_factory.mktemp("reliability-weights")
+    for name in MODELS:
+        source = ensure_weights(get_spec(name), REPO_ROOT / "weights")
+        shutil.copy2(source, snapshot / source.name)
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory, weights_dir) -> Path:
+    """A model store with freshly built archives of ``MODELS``."""
+    store = tmp_path_factory.mktemp("reliability-store")
+    package_models(list(MODELS), weights_dir.resolve(), store.resolve())
+    return store.resolve()
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory, store):
+    """``start_server(name, log_config=None, models=MODELS)`` → a READY :class:`Server` of its own."""
+    started: list[Server] = []
+
+    def start(name: str, log_config: Path | None = None, models=MODELS) -> Server:
+        root = tmp_path_factory.mktemp(f"server-{name}")
+        extra = {"log_config": log_config} if log_config else {}
+        server = Server(ports=Ports.free(), tmpdir=root / "tmp", workdir=root / "work", model_store=store,
+                        log_dir=root / "logs", models=list(models), **extra)
+        started.append(server)
+        server.start()
+        server.wait_ready(timeout=READY_TIMEOUT_S, progress=False)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> Server:
+    """The shared server of the bad-input matrix and secure-defaults tests (per-batch log lines kept)."""
+    return start_server("shared", log_config=HERE / "log4j2.xml")
+
+
+@pytest.fixture(scope="session")
+def reference(weights_dir) -> Reference:
+    """In-process copies of the served networks, from the same weights files."""
+    return Reference(weights_dir)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """Real MNIST test digits: ``(images uint8 (N, 28, 28), labels (N,))``."""
+    from train.data import mnist_arrays
+
+    return mnist_arrays("test")
