@@ -103,24 +103,28 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Exit code 0 when running with every model READY, 1 when some are not, 3 when not running."""
-    server = Server(config=args.config, workdir=args.workdir, log_dir=args.log_dir)
+    """Exit code 0 when running with every served model READY, 1 when some are not, 3 when not running."""
+    server = Server(config=args.config, models=[], workdir=args.workdir, log_dir=args.log_dir)
     pid = server.pid()
     if pid is None:
         print("TorchServe is not running.")
         return 3
     print(f"TorchServe is running (pid {pid}); inference {server.inference_url}, management {server.management_url}")
-    all_ready = True
-    for name in server.models:
+    try:
+        names = server.served_models()
+    except Exception as exc:  # e.g. the management API is not answering yet
+        print(f"  cannot list models: {exc}")
+        return 1
+    all_ready = bool(names)
+    for name in names:
         try:
             description = server.describe(name)
-        except Exception as exc:  # a model that failed to load is simply absent
+        except Exception as exc:
             print(f"  {name:16s} not available ({exc})")
             all_ready = False
             continue
         workers = ", ".join(f"{w['status']} pid {w.get('pid')}" for w in description.get("workers", [])) or "no workers"
-        ready = server.workers_ready(description)
-        all_ready &= ready
+        all_ready &= server.workers_ready(description)
         print(f"  {name:16s} v{description.get('modelVersion')}  batch {description.get('batchSize')}  {workers}")
     return 0 if all_ready else 1
 

@@ -392,15 +392,29 @@ class Server:
 
     # ---------------------------------------------------------------------------------- readiness
 
-    def describe(self, model: str, timeout: float = 5.0) -> dict:
-        """The management API's description of ``model`` (its default version), with the management key."""
+    def _management_get(self, path: str, timeout: float = 5.0, **params) -> object:
+        """GET ``path`` from the management API with the management key; raises for an error status."""
         headers = {}
         key = self.keys().get("management")
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        response = requests.get(f"{self.management_url}/models/{model}", headers=headers, timeout=timeout)
+        response = requests.get(f"{self.management_url}{path}", headers=headers, params=params, timeout=timeout)
         response.raise_for_status()
-        return response.json()[0]
+        return response.json()
+
+    def describe(self, model: str, timeout: float = 5.0) -> dict:
+        """The management API's description of ``model`` (its default version), with the management key."""
+        return self._management_get(f"/models/{model}", timeout)[0]
+
+    def served_models(self) -> list[str]:
+        """Names of the models the running server has registered (whatever it was started with)."""
+        names, token = [], None
+        while True:
+            page = self._management_get("/models", limit=100, **({"next_page_token": token} if token else {}))
+            names += [model["modelName"] for model in page.get("models", [])]
+            token = page.get("nextPageToken")
+            if not token:
+                return names
 
     @staticmethod
     def workers_ready(description: dict) -> bool:
