@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def usage_text(server: Server, descriptions: dict[str, dict]) -> str:
         f"  inference   {server.inference_url}/predictions/<model>[/<version>]   models: {', '.join(server.models)}",
         f"  management  {server.management_url}/models[/<model>]",
         f"  metrics     {server.metrics_url}   (Prometheus, no key needed)",
-        f"Keys ({_relative(server.key_file)}, valid for token_expiration_min, deleted on stop):",
+        f"Keys ({_relative(server.key_file)}; expire after token_expiration_min="
+        f"{server.base_props.get('token_expiration_min', '60')} minutes; deleted on stop):",
         f"  inference key   {inference_key}   → Authorization: Bearer header for port {server.ports.inference}",
         f"  management key  {keys.get('management', '?')}   → for port {server.ports.management} (describe, list)",
         f"  API key         {keys.get('api', '?')}   → only rotates the two above: "
@@ -74,22 +76,29 @@ def parse_model_list(text: str) -> list[str]:
 def cmd_start(args: argparse.Namespace) -> int:
     server = Server(config=args.config, models=parse_model_list(args.models), workdir=args.workdir,
                     log_dir=args.log_dir)
+    # SIGTERM (docker stop, systemd, timeout) while starting or in the foreground: stop TorchServe
+    # cleanly, as for Ctrl-C, instead of dying and leaving it running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"Starting TorchServe ({len(server.models)} models from {_relative(server.model_store)}); "
           f"output goes to {_relative(server.output_file)}", flush=True)
-    server.start(foreground=args.foreground)
     try:
+        server.start(foreground=args.foreground)
         descriptions = server.wait_ready(timeout=args.timeout)
     except BaseException:
-        print("TorchServe did not become ready; stopping it.", file=sys.stderr)
-        server.stop()
+        if server.is_running():
+            print("TorchServe did not become ready; stopping it.", file=sys.stderr)
+            server.stop()
         raise
     print(usage_text(server, descriptions), flush=True)
     if args.foreground:
         try:
             return server.wait() or 0
         except KeyboardInterrupt:
-            print("\nStopping TorchServe...", flush=True)
-            server.stop()
+            return 130
+        finally:
+            if server.is_running():
+                print("\nStopping TorchServe...", flush=True)
+                server.stop()
     return 0
 
 
