@@ -178,6 +178,28 @@ def java_executable() -> str:
     return java
 
 
+def java_major_version(java: str) -> int | None:
+    """The major version ``java -version`` reports (17 for "17.0.15", 8 for "1.8.0_412"), or None."""
+    try:
+        result = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', result.stderr + result.stdout)
+    if not match:
+        return None
+    major = int(match.group(1))
+    return int(match.group(2) or 0) if major == 1 else major
+
+
+def check_java() -> str:
+    """``java_executable()``, refusing a Java older than 11 (TorchServe 0.12's minimum; 17 recommended)."""
+    java = java_executable()
+    major = java_major_version(java)
+    if major is not None and major < 11:
+        raise ServerError(f"{java} is Java {major}; TorchServe needs Java 11 or newer.\n{JAVA_HELP}")
+    return java
+
+
 def read_keys(workdir: Path) -> dict[str, str]:
     """The token-auth keys TorchServe wrote to ``<workdir>/key_file.json``.
 
@@ -310,7 +332,7 @@ class Server:
         return env
 
     def _check_can_start(self) -> None:
-        java_executable()
+        check_java()
         missing = [name for name in self.models if not (self.model_store / f"{name}.mar").is_file()]
         if missing:
             raise ServerError(

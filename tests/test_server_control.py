@@ -14,7 +14,9 @@ from serve.server import (
     Ports,
     Server,
     ServerError,
+    check_java,
     effective_config,
+    java_major_version,
     load_properties,
     read_keys,
     write_properties,
@@ -133,3 +135,31 @@ def test_read_keys_from_torchserve_key_file(tmp_path):
         "API": {"key": "a-key"},
     }))
     assert read_keys(tmp_path) == {"inference": "i-key", "management": "m-key", "api": "a-key"}
+
+
+def fake_java(directory, version_line: str):
+    """An executable ``java`` that prints ``version_line`` to stderr like ``java -version`` does."""
+    directory.mkdir(parents=True, exist_ok=True)
+    java = directory / "java"
+    java.write_text(f"#!/bin/sh\necho '{version_line}' >&2\n")
+    java.chmod(0o755)
+    return java
+
+
+@pytest.mark.parametrize(
+    "line, major",
+    [('openjdk version "17.0.15" 2025-04-15', 17), ('java version "1.8.0_412"', 8), ('openjdk version "21" 2023-09-19', 21)],
+)
+def test_java_major_version(tmp_path, line, major):
+    assert java_major_version(str(fake_java(tmp_path, line))) == major
+
+
+def test_old_or_missing_java_is_refused_with_install_help(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ServerError, match="(?s)java was not found on PATH.*openjdk-17-jre-headless"):
+        check_java()
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "jdk8"))
+    fake_java(tmp_path / "jdk8" / "bin", 'java version "1.8.0_412"')
+    with pytest.raises(ServerError, match="is Java 8; TorchServe needs Java 11"):
+        check_java()
