@@ -33,5 +33,9 @@ status:
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest: no tests selected" || exit $$rc; }
 
+# Serving benchmark, stock TorchServe vs ours vs in-process (bench/README.md; needs `apt-get install -y wrk`).
+bench: setup
+	$(PY) -m bench.serving $(BENCH_ARGS)
+
 clean:
 	rm -rf weights model_store/*.mar build logs
