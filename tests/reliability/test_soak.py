@@ -31,7 +31,10 @@ def test_short_soak_has_no_failures_restarts_or_memory_growth(start_server, tmp_
     soak = load_soak()
     server = start_server("soak")
     config = soak.SoakConfig(duration=DURATION_S, users=32, models=MODELS, out_dir=tmp_path, name="soak-short")
-    result = soak.run_soak(config, server)
+    try:
+        result = soak.run_soak(config, server)
+    finally:
+        server.stop()  # free its workers now rather than at the end of the session
     print("\n" + soak.summary(result))
 
     saved = json.loads((tmp_path / "soak-short.json").read_text())
