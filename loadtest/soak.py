@@ -305,7 +305,8 @@ def _run(config: SoakConfig, server: Server, tmp: Path) -> dict:
     restarted = sorted(name for name in pids_before if pids_after.get(name) != pids_before[name])
     result = {
         "config": {**asdict(config), "out_dir": str(config.out_dir), "models": list(config.models),
-                   "rss_rule": f"last {WINDOW_S:g} s mean <= first {WINDOW_S:g} s mean x {RSS_FACTOR} + {RSS_SLACK_MB:g} MB"},
+                   "rss_rule": f"last {WINDOW_S:g} s mean <= first {WINDOW_S:g} s mean x {RSS_FACTOR} "
+                               f"+ {RSS_SLACK_MB:g} MB"},
         "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1)},
         "locust_exit_code": code,
         "load_seconds": duration,

@@ -121,10 +121,11 @@ def check_outcomes(server, outcomes: list[Outcome], before: dict, old_pid: int, 
     after = [o for o in image if o.started > recovered_at]
     during = [o for o in image if o.started <= recovered_at and o.finished > killed_at]
     slowest_during = max((o.finished - o.started for o in during), default=0.0)
+    new_pid = worker_pids(server)["mnistnet"][0][1]
     print(
         f"\nworker fault: SIGKILL mnistnet worker pid {old_pid} after {KILL_AFTER_S:.0f} s of load "
         f"({IMAGE_THREADS}+{TABULAR_THREADS} threads, {time.monotonic() - load_start:.1f} s in all)\n"
-        f"  recovery (kill -> every worker READY, new pid {worker_pids(server)['mnistnet'][0][1]}): {recovery_s:.2f} s\n"
+        f"  recovery (kill -> every worker READY, new pid {new_pid}): {recovery_s:.2f} s\n"
         f"  mnistnet requests: {len(image)} sent, {len(failed)} failed "
         f"{dict(Counter(o.status for o in failed))}, {len(during)} spanned the outage "
         f"(slowest {slowest_during:.2f} s), {len(after)} sent after recovery\n"
@@ -135,7 +136,7 @@ def check_outcomes(server, outcomes: list[Outcome], before: dict, old_pid: int, 
         print(f"  failed at +{o.started - killed_at:.2f} s: {o.status} {o.detail!r}")
 
     assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
-    assert worker_pids(server)["mnistnet"][0][1] != old_pid
+    assert new_pid != old_pid
     assert worker_pids(server)["mlp"] == before["mlp"], "the other model's worker must be untouched"
     # Only requests in flight at the kill may fail: each load thread has at most one request in flight.
     assert len(failed) <= IMAGE_THREADS, [f"{o.status} {o.detail}" for o in failed]
