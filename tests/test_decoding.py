@@ -13,6 +13,7 @@ from PIL import Image
 from handlers.decoding import (
     MAX_SAMPLES,
     InputError,
+    _shrink,
     decode_image_bytes,
     decode_payload,
     is_v2_request,
@@ -144,6 +145,42 @@ def test_larger_image_is_resized_to_28x28(digits):
     pixels = decode_image_bytes(png_bytes(big))
     assert pixels.shape == (28, 28) and 0 <= pixels.min() and pixels.max() <= 1
     assert np.abs(pixels - digits[4] / 255).mean() < 0.02
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16"])
+def test_huge_images_are_box_reduced_first_and_still_decode_the_digit(digits, mode):
+    """A 2800x2800 upload (100x the digit) goes through the cheap integer reduction before the float
+    resize; every mode it may arrive in still decodes to the digit."""
+    big = Image.fromarray(np.kron(digits[4], np.ones((100, 100), np.uint8)), mode="L")
+    if mode == "I;16":
+        big = Image.fromarray(np.asarray(big).astype(np.uint16) * 257)  # 16-bit, full scale
+    elif mode != "L":
+        big = big.convert(mode)
+    buffer = io.BytesIO()
+    big.save(buffer, format="PNG")
+    pixels = decode_image_bytes(buffer.getvalue())
+    assert pixels.shape == (28, 28)
+    assert np.abs(pixels - digits[4] / 255).mean() < 0.03
+
+
+@pytest.mark.parametrize("side, reduced", [(4096, 114), (2800, 112), (200, 200), (28, 28)])
+def test_shrink_keeps_at_least_four_times_the_target_side(side, reduced):
+    image = Image.new("P", (side, side))
+    assert _shrink(image, (28, 28)).size == (reduced, reduced)
+
+
+def test_huge_jpeg_is_decoded_at_reduced_scale(digits):
+    big = Image.fromarray(np.kron(digits[4], np.ones((100, 100), np.uint8)), mode="L")
+    buffer = io.BytesIO()
+    big.save(buffer, format="JPEG", quality=95)
+    pixels = decode_image_bytes(buffer.getvalue())
+    assert np.abs(pixels - digits[4] / 255).mean() < 0.03
+
+
+def test_integer_literal_with_too_many_digits_is_malformed_json_not_python_advice():
+    message = error_of(b'{"data": [' + b"9" * 5000 + b"]}").message
+    assert message.startswith("malformed JSON") and "digits" in message
+    assert "sys." not in message
 
 
 def test_non_square_image_is_padded_with_black_not_stretched():
