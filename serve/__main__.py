@@ -85,7 +85,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         server.start(foreground=args.foreground)
         descriptions = server.wait_ready(timeout=args.timeout)
     except BaseException:
-        if server.is_running():
+        # Stop only a server this call launched (never one that was already running).
+        if server.launched and server.is_running():
             print("TorchServe did not become ready; stopping it.", file=sys.stderr)
             server.stop()
         raise

@@ -399,6 +399,11 @@ class Server:
                 raise ServerError(f"the TorchServe frontend did not start:\n{self.output_tail()}")
             time.sleep(0.2)
 
+    @property
+    def launched(self) -> bool:
+        """True once :meth:`start` of this object has launched TorchServe (whether or not it still runs)."""
+        return self._launcher is not None
+
     def wait(self) -> int | None:
         """Block until a foreground launcher exits; returns its exit code (None if not started here)."""
         return self._launcher.wait() if self._launcher else None
