@@ -32,6 +32,11 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
+def _python() -> str:
+    """How to call this interpreter from the current directory (the venv's python, e.g. .venv/bin/python)."""
+    return _relative(Path(sys.executable)) if Path(sys.executable).is_relative_to(Path.cwd()) else "python"
+
+
 def usage_text(server: Server, descriptions: dict[str, dict]) -> str:
     """What to tell the user once the server is ready: URLs, keys and a curl example."""
     keys = server.keys()
@@ -56,14 +61,14 @@ def usage_text(server: Server, descriptions: dict[str, dict]) -> str:
         png = _relative(EXAMPLE_PNG)
         lines.append(f"  curl -X POST {server.inference_url}/predictions/{model} {auth} "
                      f"-H \"Content-Type: image/png\" --data-binary @{shlex.quote(png)}")
-        lines.append(f"  python -m client predict {model} --png {shlex.quote(png)}    (finds the key itself)")
+        lines.append(f"  {_python()} -m client predict {model} --png {shlex.quote(png)}    (finds the key itself)")
     else:
         from models.registry import get_spec
 
         sample = json.dumps({"data": [0.5] * get_spec(model).input_width})
         lines.append(f"  curl -X POST {server.inference_url}/predictions/{model} {auth} "
                      f"-H \"Content-Type: application/json\" -d {shlex.quote(sample)}")
-    lines.append(f"Stop it with: python -m serve stop    Logs: {_relative(server.log_dir)}/")
+    lines.append(f"Stop it with: {_python()} -m serve stop (or make stop)    Logs: {_relative(server.log_dir)}/")
     return "\n".join(lines)
 
 
