@@ -2,7 +2,7 @@
 # Serving image: TorchServe 0.12 on Java 17 serving every model of this repository, as a non-root user.
 # Full guide (run, token key, GPU, Kubernetes, KServe): deploy/README.md.
 #
-#   docker build -t torchserve-mnist .            (podman: see scripts/container-smoke.sh)
+#   docker build -t torchserve-mnist .     (podman: add --format docker, else HEALTHCHECK is dropped)
 #   docker run --rm -p 127.0.0.1:8080:8080 torchserve-mnist
 #   KEY=$(docker exec <container> python3 /app/docker/tsctl.py key)
 #   curl -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
@@ -36,6 +36,7 @@ COPY . .
 # than their weights and sources are not rebuilt.
 RUN python -m train all --missing --no-progress \
  && python -m serve.package \
+ && chmod 0644 model_store/*.mar \
  && ls -l model_store/*.mar
 
 # ------------------------------------------------------------------------------------------- runtime
@@ -72,6 +73,7 @@ RUN { grep -v '^enable_envvars_config=' /app/config.properties.repo; \
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     OMP_NUM_THREADS=1 \
+    MKL_NUM_THREADS=1 \
     TS_INFERENCE_ADDRESS=http://0.0.0.0:8080 \
     TS_MANAGEMENT_ADDRESS=http://127.0.0.1:8081 \
     TS_METRICS_ADDRESS=http://127.0.0.1:8082 \

@@ -21,6 +21,7 @@ cd "${TS_WORKDIR:-/home/model-server}"
 stopping=no
 stop_server() {
     stopping=yes
+    echo "entrypoint: signal received, stopping TorchServe" >&2
     torchserve --stop --foreground || true
 }
 trap stop_server TERM INT
@@ -45,4 +46,5 @@ fi
 status=0
 wait "$server" 2>/dev/null || status=$?
 [ "$status" -ne 127 ] || status=0  # 127: already reaped while stop_server ran
+echo "entrypoint: TorchServe stopped (status $status)" >&2
 exit "$status"
