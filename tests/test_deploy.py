@@ -478,12 +478,14 @@ def entrypoint_env(tmp_path):
 
 def test_entrypoint_turns_sigterm_into_torchserve_stop(entrypoint_env):
     env, calls = entrypoint_env
-    proc = subprocess.Popen(["sh", str(DOCKER_DIR / "entrypoint.sh")], env=env)
+    proc = subprocess.Popen(["sh", str(DOCKER_DIR / "entrypoint.sh")], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10
     while not (calls.exists() and (calls.parent / "fake-ts.pid").exists()) and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 0
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 0, stderr
+    assert "entrypoint: TorchServe stopped (status 0)" in stderr
     lines = calls.read_text().splitlines()
     assert lines[0].startswith("start --foreground") and "--model-store /app/model_store" in lines[0]
     assert lines[1:] == ["stop"]
