@@ -107,7 +107,13 @@ class ModelSpec:
         return dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
 
 
+# Tuned on this 2-core CPU (10 epochs, seeds 0-2): batch 64, Adam lr 1e-3 with per-step cosine decay to 0,
+# and every training image shifted by a random -1..+1 px in x and y. Test accuracy went from 97.84%
+# (plain Adam, constant lr) to 98.3-98.5% for MNISTNet; see train/trainer.py for the measurements.
+MNIST_TRAIN = TrainConfig(epochs=10, batch_size=64, lr=1e-3, lr_schedule="cosine", augment_shift=1)
+
 _MNIST = dict(
+    train=MNIST_TRAIN,
     input_shape=(784,),
     task="classification",
     dataset="mnist",
@@ -134,7 +140,7 @@ REGISTRY: dict[str, ModelSpec] = {
             input_shape=(1,),
             task="regression",
             dataset="linear",
-            train=TrainConfig(epochs=10, batch_size=32, lr=1e-2),
+            train=TrainConfig(epochs=10, batch_size=32, lr=5e-2, lr_schedule="cosine"),
         ),
         ModelSpec(
             "mlp",
@@ -143,7 +149,8 @@ REGISTRY: dict[str, ModelSpec] = {
             input_shape=(2,),
             task="binary",
             dataset="moons",
-            train=TrainConfig(epochs=10, batch_size=32, lr=1e-2),
+            # 10 ReLU units need ~3000 steps to bend round both moon tips from every seed.
+            train=TrainConfig(epochs=30, batch_size=16, lr=2e-2, lr_schedule="cosine"),
         ),
         ModelSpec(
             "regressionnet",
