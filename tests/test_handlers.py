@@ -88,7 +88,7 @@ def run_batch(handler, context, requests: list[dict], headers: list[dict] | None
     headers = headers or [{} for _ in requests]
     context.request_processor = [RequestProcessor(h) for h in headers]
     context.request_ids = {i: f"ts-req-{i}" for i in range(len(requests))}
-    return handler.handle(requests, context)
+    return [json.loads(body) for body in handler.handle(requests, context)]
 
 
 def statuses(context, n: int) -> list[int]:
@@ -407,3 +407,15 @@ def test_worker_wire_protocol(tmp_path, digits):
         np.testing.assert_allclose(answers[index]["body"]["probabilities"], expected[digit], atol=1e-6)
     assert "malformed JSON" in answers[1]["phrase"] and answers[1]["body"]["code"] == 400
     assert answers[5]["body"]["error"] == "'data' must be an array of numbers; got null"
+
+
+def test_responses_are_compact_json_bytes(tmp_path, digits):
+    """handle() returns encoded JSON itself: TorchServe would pretty-print a dict (indent=2)."""
+    handler, context, _ = serve("mnistnet", tmp_path)
+    context.request_processor = [RequestProcessor({}), RequestProcessor({})]
+    context.request_ids = {0: "a", 1: "b"}
+    bodies = handler.handle([{"body": {"data": (digits[0] / 255.0).tolist()}}, {"body": b"{oops"}], context)
+    assert all(isinstance(body, bytes) for body in bodies)
+    assert b"\n" not in bodies[0] and b", " not in bodies[0]
+    assert json.loads(bodies[0])["predicted_class"] in range(10)
+    assert json.loads(bodies[1])["code"] == 400
