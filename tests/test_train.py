@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from models.registry import REGISTRY, TrainConfig, get_spec
+from train import __main__ as cli
 from train import trainer
 from train.data import load_dataset
 from train.trainer import LOSSES, evaluate, load_trained, shift_images, train_model
@@ -133,6 +134,7 @@ def test_classifier_artifacts(tmp_path):
     assert_valid_png(tmp_path / "deepnet_curves.png")
     assert_valid_png(tmp_path / "deepnet_confusion.png")
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert (tmp_path / "deepnet.pt").stat().st_mode & 0o777 == 0o644
     # load_trained gives the same predictions as the in-memory state.
     loaded = load_trained(spec, tmp_path)
     sample = torch.randn(4, 784)
@@ -198,6 +200,14 @@ def test_cli_trains_and_missing_skips_existing(tmp_path):
     get_spec("linearregression").build().load_state_dict(state)
 
 
+def test_cli_unknown_model_exits_2_listing_known_models():
+    result = run_cli("resnet9000", "--epochs", "1")
+    assert result.returncode == 2
+    assert "unknown model 'resnet9000'" in result.stderr
+    for name in REGISTRY:
+        assert name in result.stderr
+
+
 @pytest.mark.parametrize("args, complaint", [
     (["resnet9000"], "unknown model 'resnet9000'"),
     (["mlp", "--epochs", "0"], "--epochs: must be an integer >= 1"),
@@ -207,14 +217,18 @@ def test_cli_trains_and_missing_skips_existing(tmp_path):
     (["mlp", "--lr", "-0.1"], "--lr: must be a finite number > 0"),
     (["mlp", "--batch-size", "0"], "--batch-size: must be an integer >= 1"),
     (["mlp", "--seed", "-1"], "--seed: must be an integer >= 0"),
+    (["mlp", "--limit", "0"], "--limit: must be an integer >= 1"),
     ([], "the following arguments are required: NAME"),
 ])
-def test_cli_rejects_bad_arguments(args, complaint):
-    result = run_cli(*args)
-    assert result.returncode == 2
-    assert complaint in result.stderr
+def test_cli_rejects_bad_arguments(args, complaint, capsys, tmp_path):
+    # The same parser `python -m train` runs (the subprocess tests above and below prove the exit path).
+    with pytest.raises(SystemExit) as excinfo:
+        cli.parse_args([*args, "--output-dir", str(tmp_path)])
+    assert excinfo.value.code == 2
+    stderr = capsys.readouterr().err
+    assert complaint in stderr
     for name in REGISTRY:
-        assert name in result.stderr, f"usage message does not list {name}"
+        assert name in stderr, f"error message does not list {name}"
 
 
 def test_cli_rejects_unwritable_output_dir(tmp_path):

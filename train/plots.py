@@ -21,7 +21,7 @@ def _png_bytes(fig: Figure) -> bytes:
 def curves_png(title: str, train_loss: list[float], held_out: list[float], metric_name: str) -> bytes:
     """Two panels over epochs: mean training loss (left) and the held-out ``metric_name`` (right)."""
     epochs = list(range(1, len(train_loss) + 1))
-    fig = Figure(figsize=(9, 3.6))
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
     loss_ax, metric_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, train_loss, marker="o")
     loss_ax.set(title="training loss", xlabel="epoch", ylabel="mean loss per sample")
@@ -29,6 +29,7 @@ def curves_png(title: str, train_loss: list[float], held_out: list[float], metri
     metric_ax.set(title=f"held-out {metric_name}", xlabel="epoch", ylabel=metric_name)
     for ax in (loss_ax, metric_ax):
         ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False)  # show 0.9926, not "+9.926e-1" offsets
         ax.set_xticks(epochs if len(epochs) <= 20 else epochs[:: max(1, len(epochs) // 10)])
     fig.suptitle(title)
     return _png_bytes(fig)
@@ -37,7 +38,7 @@ def curves_png(title: str, train_loss: list[float], held_out: list[float], metri
 def confusion_png(title: str, matrix: list[list[int]]) -> bytes:
     """A square confusion matrix (rows: true class, columns: predicted), every cell annotated."""
     size = len(matrix)
-    fig = Figure(figsize=(7, 6))
+    fig = Figure(figsize=(7, 6), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax)
