@@ -8,8 +8,6 @@ READY and stops the server at the end of the session, also when tests fail.
 """
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,19 +15,8 @@ import torch
 
 from client.api import TorchServeClient
 from models.registry import REGISTRY, get_spec
-from serve import REPO_ROOT
-from serve.package import ensure_weights, package_models
+from serve.package import package_models
 from serve.server import Ports, Server
-
-@pytest.fixture(scope="session")
-def weights_dir(tmp_path_factory) -> Path:
-    """A private copy of ``weights/<name>.pt`` for every model (missing ones are trained first)."""
-    snapshot = tmp_path_factory.mktemp("weights")
-    for name in REGISTRY:
-        source = ensure_weights(get_spec(name), REPO_ROOT / "weights")
-        shutil.copy2(source, snapshot / source.name)
-    return snapshot
-
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, weights_dir) -> Server:

@@ -1,6 +1,6 @@
 """Fixtures for the reliability tests: real TorchServe servers serving ``support.MODELS`` (mnistnet, mlp).
 
-* ``weights_dir``: a private copy of ``weights/<name>.pt`` (missing weights are trained first, like
+* ``weights_dir`` (tests/conftest.py): a private copy of ``weights/<name>.pt`` (missing weights are trained first, like
   serve/package.py does), so a retrain during the run cannot change what is served under us.
 * ``store``: real .mar archives built once from those weights with serve/package.py (registry settings:
   1 worker per model, batch size 8, 5 ms batch delay).
@@ -13,30 +13,17 @@ Tests that kill workers or load the server hard start their own server with ``st
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from models.registry import get_spec
-from serve import REPO_ROOT
-from serve.package import ensure_weights, package_models
+from serve.package import package_models
 from serve.server import Ports, Server
 
 from .support import MODELS, Reference
 
 HERE = Path(__file__).resolve().parent
 READY_TIMEOUT_S = 300  # seven workers on a busy 2-core CI machine can take a minute or two
-
-
-@pytest.fixture(scope="session")
-def weights_dir(tmp_path_factory) -> Path:
-    """Private copies of ``weights/<name>.pt`` for ``MODELS`` (missing ones are trained first)."""
-    snapshot = tmp_path_factory.mktemp("reliability-weights")
-    for name in MODELS:
-        source = ensure_weights(get_spec(name), REPO_ROOT / "weights")
-        shutil.copy2(source, snapshot / source.name)
-    return snapshot
 
 
 @pytest.fixture(scope="session")
