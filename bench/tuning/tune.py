@@ -54,6 +54,9 @@ def forms() -> dict[str, tuple[str, bytes, str, int]]:
         "v2-uint8": (v2, *payloads.v2_images(1, datatype="UINT8"), 1),
         "b256-json": (native, *payloads.json_images(BATCH, flat=True), BATCH),
         "b256-v2-uint8": (v2, *payloads.v2_images(BATCH, datatype="UINT8"), BATCH),
+        # raw pixel bytes: only bench/tuning/variant_handler.py with TUNE_RAW_UINT8=1 accepts these
+        "raw": (native, payloads.digits(1).tobytes(), "application/octet-stream", 1),
+        "b256-raw": (native, payloads.digits(BATCH).tobytes(), "application/octet-stream", BATCH),
     }
 
 
@@ -133,12 +136,13 @@ def measure(server, name: str, path: str, body: bytes, content_type: str, images
     return result
 
 
-def spy(server, path: str, body: bytes, content_type: str, seconds: float, top: int = 30) -> list[tuple[float, str]]:
-    """py-spy the busiest worker for ``seconds`` under 16 connections; inclusive % per function, top ``top``."""
+def spy(server, path: str, body: bytes, content_type: str, seconds: float, conns: int = 16,
+        top: int = 30) -> list[tuple[float, str]]:
+    """py-spy the busiest worker for ``seconds`` under ``conns`` connections; inclusive % per function."""
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     token = server.keys().get("inference")
-    load = threading.Thread(target=run_wrk, args=(server.inference_url + path, body, content_type, 16,
-                                                  seconds + 4, token), daemon=True)
+    load = threading.Thread(target=run_wrk, args=(server.inference_url + path, body, content_type, conns,
+                                                  seconds + 4, token), kwargs={"timeout_s": 30}, daemon=True)
     load.start()
     time.sleep(1.5)
     _, workers = server_processes(server)
@@ -170,6 +174,24 @@ def summarise_spy(raw: Path, top: int) -> list[tuple[float, str]]:
     return [(100.0 * n / max(total, 1), name) for name, n in inclusive.most_common(top)]
 
 
+def scrape_metrics(server) -> dict[str, float]:
+    """Every Prometheus sample of the server's /metrics, summed over labels (empty if unavailable)."""
+    import re
+
+    import requests
+
+    try:
+        text = requests.get(server.metrics_url, timeout=10).text
+    except requests.RequestException:
+        return {}
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
+        if match:
+            totals[match.group(1)] = totals.get(match.group(1), 0.0) + float(match.group(2))
+    return totals
+
+
 def parse_pairs(items: list[str], what: str) -> dict[str, str]:
     pairs = {}
     for item in items:
@@ -194,7 +216,10 @@ def main(argv=None) -> int:
     parser.add_argument("--forms", default="json,png,v2-uint8,b256-json,b256-v2-uint8")
     parser.add_argument("--connections", default="1,16", help="for single-image forms (default 1,16)")
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--spy", type=float, default=0.0, help="py-spy the worker for this many seconds (json form)")
+    parser.add_argument("--spy", type=float, default=0.0, help="py-spy the worker for this many seconds")
+    parser.add_argument("--spy-form", default="json", help="request form to profile (default json; 16 "
+                        "connections for single images, 2 for 256-image forms)")
+    parser.add_argument("--top", type=int, default=30, help="functions to list from the profile (default 30)")
     parser.add_argument("--weights-dir", type=Path, default=REPO_ROOT / "weights")
     args = parser.parse_args(argv)
 
@@ -230,11 +255,14 @@ def main(argv=None) -> int:
                     print(f"{name:<15}{conns:>6}{r['req_per_s']:>9.0f}{r['samples_per_s']:>11.0f}{r['p50_ms']:>9.2f}"
                           f"{r['p99_ms']:>9.2f}{r['errors']:>5}{r['cpu_us_frontend']:>18.0f}"
                           f"{r['cpu_us_workers']:>9.0f}{r['cpu_us_wrk']:>7.0f}", flush=True)
+            report["metrics"] = scrape_metrics(server)
             if args.spy > 0:
-                path, body, content_type, _ = all_forms["json"]
-                report["spy_json"] = spy(server, path, body, content_type, args.spy)
-                print("py-spy, busiest worker under 16 connections of single-image JSON (inclusive %):")
-                for share, func in report["spy_json"]:
+                path, body, content_type, images = all_forms[args.spy_form]
+                conns = 16 if images == 1 else 2
+                report["spy"] = {"form": args.spy_form, "connections": conns,
+                                 "functions": spy(server, path, body, content_type, args.spy, conns, args.top)}
+                print(f"py-spy, busiest worker under {conns} connections of {args.spy_form} (inclusive %):")
+                for share, func in report["spy"]["functions"]:
                     print(f"  {share:5.1f}%  {func}")
     report["loadavg_end"] = os.getloadavg()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
