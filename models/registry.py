@@ -57,7 +57,10 @@ class ModelSpec:
         num_classes: output classes for classification.
         train: default training hyperparameters.
         version: model version written into the archive and served at ``/predictions/<name>/<version>``.
-        batch_size / max_batch_delay_ms: TorchServe dynamic batching for this model.
+        batch_size / max_batch_delay_ms: TorchServe dynamic batching for this model. A batch that does
+            not fill waits the whole delay, so keep it short: 2 ms (bench/README.md: 5 ms cost a lone
+            request 5 ms; 0 makes TorchServe poll and a lone request waited ~100 ms).
+        workers: TorchServe worker processes for this model (each single-threaded).
     """
 
     name: str
@@ -72,7 +75,8 @@ class ModelSpec:
     train: TrainConfig = TrainConfig()
     version: str = "1.0"
     batch_size: int = 8
-    max_batch_delay_ms: int = 5
+    max_batch_delay_ms: int = 2
+    workers: int = 1
 
     @property
     def input_width(self) -> int:
@@ -125,7 +129,9 @@ _MNIST = dict(
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
-        ModelSpec("mnistnet", MNISTNet, **_MNIST),
+        # Two workers for the model the load tests and benchmark hit: one worker was the bottleneck at
+        # 16 connections (requests spent 12 of 15.8 ms queued); two use both cores (bench/README.md).
+        ModelSpec("mnistnet", MNISTNet, workers=2, **_MNIST),
         ModelSpec("deepnet", DeepNet, **_MNIST),
         ModelSpec(
             "feedforwardnet",

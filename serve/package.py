@@ -34,8 +34,6 @@ from serve import REPO_ROOT
 
 # Python packages shipped inside every archive (only their .py files).
 ARCHIVED_PACKAGES = ("models", "handlers")
-# One worker per model: seven models share two cores, and each worker runs torch single-threaded.
-WORKERS_PER_MODEL = 1
 # Seconds TorchServe waits for one batch before it declares the worker stuck and restarts it.
 RESPONSE_TIMEOUT_S = 120
 
@@ -80,8 +78,8 @@ def ensure_weights(
 def model_config(spec: ModelSpec) -> dict:
     """The per-model TorchServe settings written into the archive as its ``--config-file``."""
     return {
-        "minWorkers": WORKERS_PER_MODEL,
-        "maxWorkers": WORKERS_PER_MODEL,
+        "minWorkers": spec.workers,
+        "maxWorkers": spec.workers,
         "batchSize": spec.batch_size,
         "maxBatchDelay": spec.max_batch_delay_ms,
         "responseTimeout": RESPONSE_TIMEOUT_S,

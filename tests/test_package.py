@@ -54,7 +54,7 @@ def test_archive_manifest_config_and_contents(tmp_path, fresh_weights, name):
     assert model["modelFile"] == Path(spec.model_file).name
     assert model["serializedFile"] == f"{name}.pt"
     assert config["batchSize"] == spec.batch_size and config["maxBatchDelay"] == spec.max_batch_delay_ms
-    assert config["minWorkers"] == config["maxWorkers"] == 1
+    assert config["minWorkers"] == config["maxWorkers"] == spec.workers
 
     # The handler/model files at the root can import the packages shipped next to them.
     for package in ("models", "handlers"):

@@ -8,7 +8,7 @@ import requests
 from client.api import TorchServeClient, TorchServeError
 from e2e_support import post
 from models.registry import REGISTRY, get_spec
-from serve.package import RESPONSE_TIMEOUT_S, WORKERS_PER_MODEL
+from serve.package import RESPONSE_TIMEOUT_S
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -32,8 +32,8 @@ def test_describe_reports_archive_settings_and_ready_workers(client, model):
     assert description["batchSize"] == spec.batch_size
     assert description["maxBatchDelay"] == spec.max_batch_delay_ms
     assert description["responseTimeout"] == RESPONSE_TIMEOUT_S
-    assert description["minWorkers"] == description["maxWorkers"] == WORKERS_PER_MODEL
-    assert [worker["status"] for worker in description["workers"]] == ["READY"] * WORKERS_PER_MODEL
+    assert description["minWorkers"] == description["maxWorkers"] == spec.workers
+    assert [worker["status"] for worker in description["workers"]] == ["READY"] * spec.workers
     # The versioned describe URL answers the same version.
     assert client.describe(model, spec.version)[0]["modelVersion"] == spec.version
 

@@ -2,8 +2,8 @@
 
 * ``weights_dir`` (tests/conftest.py): a private copy of ``weights/<name>.pt`` (missing weights are trained first, like
   serve/package.py does), so a retrain during the run cannot change what is served under us.
-* ``store``: real .mar archives built once from those weights with serve/package.py (registry settings:
-  1 worker per model, batch size 8, 5 ms batch delay).
+* ``store``: real .mar archives built once from those weights with serve/package.py (registry settings but
+  one worker per model; batch size and delay from models/registry.py).
 * ``start_server(name, ...)``: starts another READY server from ``store`` on free ports with a private
   TMPDIR, working and log directory (serve/server.py); every one is stopped at the end of the session.
 * ``server``: the one shared by the bad-input matrix and the secure-defaults tests. Its log config
@@ -13,11 +13,13 @@ Tests that kill workers or load the server hard start their own server with ``st
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from serve.package import package_models
+from models.registry import get_spec
+from serve.package import build_archive
 from serve.server import Ports, Server
 
 from .support import MODELS, Reference
@@ -28,10 +30,12 @@ READY_TIMEOUT_S = 300  # seven workers on a busy 2-core CI machine can take a mi
 
 @pytest.fixture(scope="session")
 def store(tmp_path_factory, weights_dir) -> Path:
-    """A model store with freshly built archives of ``MODELS``."""
-    store = tmp_path_factory.mktemp("reliability-store")
-    package_models(list(MODELS), weights_dir.resolve(), store.resolve())
-    return store.resolve()
+    """A model store with freshly built archives of ``MODELS``, ONE worker each: so that requests sent
+    together provably share a batch (test_bad_inputs) and a killed worker is the model's only one."""
+    store = tmp_path_factory.mktemp("reliability-store").resolve()
+    for name in MODELS:
+        build_archive(dataclasses.replace(get_spec(name), workers=1), weights_dir / f"{name}.pt", store)
+    return store
 
 
 @pytest.fixture(scope="session")
