@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 
+import requests
 import ts
 
 from serve.server import DEFAULT_CONFIG, Ports, Server
@@ -91,3 +93,20 @@ def ours_server(root: Path, store: Path, models: list[str], config: Path = DEFAU
         config=config, ports=Ports.free(), tmpdir=root / "t", workdir=root / "w", model_store=store,
         models=models, log_dir=root / "logs", env=env,
     )
+
+
+def scrape_metrics(server, prefix: str = "") -> dict[str, float]:
+    """The server's Prometheus samples whose name starts with ``prefix``, summed over labels.
+
+    Empty when /metrics does not answer (or is empty: TorchServe fills it only with metrics_mode=prometheus).
+    """
+    try:
+        text = requests.get(server.metrics_url, timeout=10).text
+    except requests.RequestException:
+        return {}
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
+        if match and match.group(1).startswith(prefix):
+            totals[match.group(1)] = totals.get(match.group(1), 0.0) + float(match.group(2))
+    return totals

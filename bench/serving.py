@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from bench.baseline.archive import BASELINE_NAME, build_baseline_archive  # noqa
 from bench.inprocess import load_model, measure_forward  # noqa: E402
 from bench.loadgen import run_wrk, wrk_path  # noqa: E402
 from bench.plot import plot_concurrency  # noqa: E402
-from bench.servers import baseline_server, ours_server, private_dirs, running  # noqa: E402
+from bench.servers import baseline_server, ours_server, private_dirs, running, scrape_metrics  # noqa: E402
 from serve.server import DEFAULT_CONFIG  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -163,20 +162,6 @@ def sweep(url: str, token: str | None, body: bytes, content_type: str, connectio
     return results
 
 
-def scrape_ts_metrics(server) -> dict[str, float]:
-    """The frontend's ``ts_*`` Prometheus counters (summed over labels); empty unless metrics_mode=prometheus."""
-    try:
-        text = requests.get(server.metrics_url, timeout=10).text
-    except requests.RequestException:
-        return {}
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(r"^(ts_[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
-        if match:
-            totals[match.group(1)] = totals.get(match.group(1), 0.0) + float(match.group(2))
-    return totals
-
-
 def measure_server(server, cold_start: float, forms: dict, batch_forms: dict, connections, seconds: float,
                    label: str) -> dict:
     """Check, warm up and measure one running server.
@@ -208,7 +193,7 @@ def measure_server(server, cold_start: float, forms: dict, batch_forms: dict, co
         result.pop("raw", None)
         result["samples_per_s"] = result["req_per_s"] * BATCH
         out["batch"][name] = result
-    out["ts_metrics"] = scrape_ts_metrics(server)
+    out["ts_metrics"] = scrape_metrics(server, prefix="ts_")
     return out
 
 

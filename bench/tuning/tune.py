@@ -33,7 +33,7 @@ import yaml
 
 from bench import payloads
 from bench.loadgen import run_wrk
-from bench.servers import ours_server, private_dirs, running
+from bench.servers import ours_server, private_dirs, running, scrape_metrics
 from models.registry import get_spec
 from serve.package import archiver_command, ensure_weights, model_config, stage_packages
 from serve.server import DEFAULT_CONFIG, load_properties, write_properties
@@ -172,24 +172,6 @@ def summarise_spy(raw: Path, top: int) -> list[tuple[float, str]]:
         for name in names:
             inclusive[name] += int(count)
     return [(100.0 * n / max(total, 1), name) for name, n in inclusive.most_common(top)]
-
-
-def scrape_metrics(server) -> dict[str, float]:
-    """Every Prometheus sample of the server's /metrics, summed over labels (empty if unavailable)."""
-    import re
-
-    import requests
-
-    try:
-        text = requests.get(server.metrics_url, timeout=10).text
-    except requests.RequestException:
-        return {}
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{[^}]*\})?\s+([0-9.eE+-]+)$", line)
-        if match:
-            totals[match.group(1)] = totals.get(match.group(1), 0.0) + float(match.group(2))
-    return totals
 
 
 def parse_pairs(items: list[str], what: str) -> dict[str, str]:
