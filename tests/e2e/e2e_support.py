@@ -5,6 +5,7 @@ import numpy as np
 import requests
 
 from models.registry import REGISTRY
+from api_requests import api_request
 from serve.server import Server
 
 IMAGE_MODELS = [name for name, spec in REGISTRY.items() if spec.is_image_model]
@@ -21,11 +22,7 @@ def normalise_pixels(pixels: np.ndarray) -> np.ndarray:
 
 def post(server: Server, path: str, key: str | None = "inference", **kwargs) -> requests.Response:
     """Raw POST to the inference API with the current key of kind ``key`` (None: no Authorization)."""
-    kwargs = dict(kwargs)  # callers may reuse their kwargs dict (and its headers) for several requests
-    headers = dict(kwargs.pop("headers", None) or {})
-    if key:
-        headers["Authorization"] = f"Bearer {server.keys()[key]}"
-    return requests.post(f"{server.inference_url}{path}", headers=headers, timeout=60, **kwargs)
+    return api_request(server, "POST", path, key, **kwargs)
 
 
 def worker_snapshot(server: Server) -> dict[str, list[tuple]]:

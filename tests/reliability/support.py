@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from models.registry import get_spec
+from api_requests import api_request
 from serve.server import Server
 
 # The models every reliability server serves: one image classifier, one tabular model.
@@ -30,18 +31,12 @@ BATCH_RECEIVED = "Backend received inference at:"
 def send(server: Server, method: str, path: str, key: str | None = "inference", timeout: float = 60,
          **kwargs) -> requests.Response:
     """``method`` request to the inference API with the server's current ``key`` (None: no Authorization)."""
-    headers = dict(kwargs.pop("headers", None) or {})
-    if key:
-        headers["Authorization"] = f"Bearer {server.keys()[key]}"
-    return requests.request(method, f"{server.inference_url}{path}", headers=headers, timeout=timeout, **kwargs)
+    return api_request(server, method, path, key, timeout=timeout, **kwargs)
 
 
 def manage(server: Server, method: str, path: str, key: str | None = "management", **kwargs) -> requests.Response:
     """``method`` request to the management API with the server's current ``key`` (None: no Authorization)."""
-    headers = dict(kwargs.pop("headers", None) or {})
-    if key:
-        headers["Authorization"] = f"Bearer {server.keys()[key]}"
-    return requests.request(method, f"{server.management_url}{path}", headers=headers, timeout=30, **kwargs)
+    return api_request(server, method, path, key, api="management", timeout=30, **kwargs)
 
 
 def error_message(response: requests.Response) -> str:
