@@ -19,6 +19,7 @@ An archive that is newer than its weights and every packaged source file is left
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -147,6 +148,8 @@ def build_archive(spec: ModelSpec, weights: Path, store: Path, root: Path = REPO
         tmp = Path(tmp)
         staging = tmp / "extra"
         stage_packages(staging, root)
+        # GET /v2/models/<name> answers this file (serve/java/OpenInferenceProtocolRequestHandler.java).
+        (staging / "oip_metadata.json").write_text(json.dumps(spec.oip_metadata(), indent=1) + "\n")
         config_file = tmp / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(model_config(spec), sort_keys=False))
         # The archiver assembles files in $TMPDIR/<model-name>: give it a private one so two builds of

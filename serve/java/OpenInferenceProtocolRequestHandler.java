@@ -1,0 +1,285 @@
+package org.pytorch.serve.http.api.rest;
+
+import com.google.gson.JsonArray;
+import com.google.gson.JsonElement;
+import com.google.gson.JsonObject;
+import com.google.gson.JsonParser;
+import io.netty.channel.ChannelHandlerContext;
+import io.netty.handler.codec.http.FullHttpRequest;
+import io.netty.handler.codec.http.HttpMethod;
+import io.netty.handler.codec.http.HttpResponseStatus;
+import io.netty.handler.codec.http.HttpUtil;
+import io.netty.handler.codec.http.QueryStringDecoder;
+import java.io.IOException;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.ArrayList;
+import java.util.Arrays;
+import java.util.Collections;
+import java.util.List;
+import java.util.Map;
+import org.pytorch.serve.archive.DownloadArchiveException;
+import org.pytorch.serve.archive.model.ModelException;
+import org.pytorch.serve.archive.model.ModelNotFoundException;
+import org.pytorch.serve.archive.model.ModelVersionNotFoundException;
+import org.pytorch.serve.archive.workflow.WorkflowException;
+import org.pytorch.serve.http.HttpRequestHandlerChain;
+import org.pytorch.serve.metrics.IMetric;
+import org.pytorch.serve.metrics.MetricCache;
+import org.pytorch.serve.util.ApiUtils;
+import org.pytorch.serve.util.ConfigManager;
+import org.pytorch.serve.util.NettyUtils;
+import org.pytorch.serve.util.messages.InputParameter;
+import org.pytorch.serve.util.messages.RequestInput;
+import org.pytorch.serve.wlm.Model;
+import org.pytorch.serve.wlm.ModelManager;
+import org.pytorch.serve.wlm.ModelVersionedRefs;
+import org.pytorch.serve.wlm.WorkerInitializationException;
+
+/**
+ * The Open Inference Protocol REST surface on TorchServe's inference port (loaded in place of
+ * TorchServe's own class by serve/java/OipAgent.java; TorchServe adds it to the inference chain when
+ * {@code ts_open_inference_protocol=true}). Requests reach it after token authorization and after
+ * TorchServe's InferenceRequestHandler, which already sends {@code POST /v2/models/{m}/infer|explain}
+ * to the model's handler with the raw body and headers. Everything else under {@code /v2} is here:
+ *
+ * <pre>
+ * GET  /v2                                        server metadata (extensions: binary_tensor_data)
+ * GET  /v2/health/live                            200 while the frontend runs
+ * GET  /v2/health/ready                           200 when every model has its READY workers, else 400
+ * GET  /v2/models/{m}[/versions/{v}]              model metadata (oip_metadata.json in the archive)
+ * GET  /v2/models/{m}[/versions/{v}]/ready        200 when that model has a READY worker, else 400
+ * POST /v2/models/{m}/versions/{v}/infer|explain  that version's handler, like the unversioned route
+ * </pre>
+ *
+ * Errors are JSON {"error": "..."} with a 4xx status, as the protocol asks.
+ */
+public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain {
+
+    /** Written into every archive by serve/package.py from models/registry.py (ModelSpec.oip_metadata). */
+    static final String METADATA_FILE = "oip_metadata.json";
+
+    static final List<String> EXTENSIONS = Collections.singletonList("binary_tensor_data");
+
+    public OpenInferenceProtocolRequestHandler() {}
+
+    @Override
+    public void handleRequest(
+            ChannelHandlerContext ctx,
+            FullHttpRequest req,
+            QueryStringDecoder decoder,
+            String[] segments)
+            throws ModelException, DownloadArchiveException, WorkflowException,
+                    WorkerInitializationException {
+        if (segments.length < 2 || !"v2".equals(segments[1])) {
+            chain.handleRequest(ctx, req, decoder, segments);
+            return;
+        }
+        String[] path = Arrays.copyOfRange(segments, 2, segments.length);
+        HttpMethod method = req.method();
+        if (path.length == 0) {
+            if (requireMethod(ctx, method, HttpMethod.GET)) {
+                serverMetadata(ctx);
+            }
+        } else if (path.length == 2 && "health".equals(path[0])
+                && ("live".equals(path[1]) || "ready".equals(path[1]))) {
+            if (requireMethod(ctx, method, HttpMethod.GET)) {
+                if ("live".equals(path[1])) {
+                    JsonObject live = new JsonObject();
+                    live.addProperty("live", true);
+                    NettyUtils.sendJsonResponse(ctx, live);
+                } else {
+                    serverReady(ctx);
+                }
+            }
+        } else if ("models".equals(path[0]) && path.length >= 2) {
+            modelRequest(ctx, req, path);
+        } else {
+            sendError(ctx, HttpResponseStatus.NOT_FOUND, "no Open Inference Protocol endpoint at " + decoder.path());
+        }
+    }
+
+    private void modelRequest(ChannelHandlerContext ctx, FullHttpRequest req, String[] path) {
+        String name = path[1];
+        String version = null;
+        int next = 2;
+        if (path.length >= 4 && "versions".equals(path[2])) {
+            version = path[3];
+            next = 4;
+        }
+        String action = path.length > next ? path[next] : "";
+        if (path.length > next + 1 || (path.length == 3 && "versions".equals(path[2]))) {
+            sendError(ctx, HttpResponseStatus.NOT_FOUND, "no Open Inference Protocol endpoint at /v2/" + String.join("/", path));
+            return;
+        }
+        Model model = findModel(name, version);
+        if (model == null) {
+            sendError(ctx, HttpResponseStatus.NOT_FOUND, version == null
+                    ? "model " + quote(name) + " is not served; served models: " + String.join(", ", modelNames())
+                    : "model " + quote(name) + " has no version " + quote(version) + "; served versions: "
+                            + String.join(", ", versions(name)));
+            return;
+        }
+        switch (action) {
+            case "":
+                if (requireMethod(ctx, req.method(), HttpMethod.GET)) {
+                    modelMetadata(ctx, model);
+                }
+                break;
+            case "ready":
+                if (requireMethod(ctx, req.method(), HttpMethod.GET)) {
+                    modelReady(ctx, model);
+                }
+                break;
+            case "infer":
+            case "explain":
+                if (requireMethod(ctx, req.method(), HttpMethod.POST)) {
+                    predict(ctx, req, model, "explain".equals(action));
+                }
+                break;
+            default:
+                sendError(ctx, HttpResponseStatus.NOT_FOUND, "unknown model endpoint " + quote(action)
+                        + "; use ready, infer or explain");
+        }
+    }
+
+    // ------------------------------------------------------------------------------- health, metadata
+
+    private static void serverMetadata(ChannelHandlerContext ctx) {
+        JsonObject body = new JsonObject();
+        body.addProperty("name", "torchserve");
+        body.addProperty("version", ConfigManager.getInstance().getVersion());
+        JsonArray extensions = new JsonArray();
+        EXTENSIONS.forEach(extensions::add);
+        body.add("extensions", extensions);
+        NettyUtils.sendJsonResponse(ctx, body);
+    }
+
+    private static void serverReady(ChannelHandlerContext ctx) {
+        List<String> waiting = new ArrayList<>();
+        ModelManager manager = ModelManager.getInstance();
+        for (Map.Entry<String, ModelVersionedRefs> entry : manager.getAllModels()) {
+            for (Map.Entry<String, Model> version : entry.getValue().getAllVersions()) {
+                Model model = version.getValue();
+                int healthy = manager.getNumHealthyWorkers(model.getModelVersionName());
+                int needed = Math.max(1, model.getMinWorkers());
+                if (healthy < needed) {
+                    waiting.add(entry.getKey() + "/" + version.getKey() + " (" + healthy + " of " + needed + " workers READY)");
+                }
+            }
+        }
+        JsonObject body = new JsonObject();
+        body.addProperty("ready", waiting.isEmpty());
+        if (!waiting.isEmpty()) {
+            body.addProperty("error", "not ready: " + String.join(", ", waiting));
+        }
+        NettyUtils.sendJsonResponse(ctx, body, waiting.isEmpty() ? HttpResponseStatus.OK : HttpResponseStatus.BAD_REQUEST);
+    }
+
+    private static void modelReady(ChannelHandlerContext ctx, Model model) {
+        int healthy = ModelManager.getInstance().getNumHealthyWorkers(model.getModelVersionName());
+        JsonObject body = new JsonObject();
+        body.addProperty("name", model.getModelName());
+        body.addProperty("version", model.getVersion());
+        body.addProperty("ready", healthy > 0);
+        if (healthy == 0) {
+            body.addProperty("error", "model " + quote(model.getModelName()) + " has no READY worker yet");
+        }
+        NettyUtils.sendJsonResponse(ctx, body, healthy > 0 ? HttpResponseStatus.OK : HttpResponseStatus.BAD_REQUEST);
+    }
+
+    private static void modelMetadata(ChannelHandlerContext ctx, Model model) {
+        JsonObject body;
+        Path file = model.getModelDir().toPath().resolve(METADATA_FILE);
+        try {
+            body = JsonParser.parseString(new String(Files.readAllBytes(file), StandardCharsets.UTF_8)).getAsJsonObject();
+        } catch (IOException | RuntimeException e) {
+            // An archive built without serve/package.py: say what TorchServe knows.
+            body = new JsonObject();
+            body.addProperty("platform", "pytorch_torchserve");
+            body.add("inputs", new JsonArray());
+            body.add("outputs", new JsonArray());
+        }
+        body.addProperty("name", model.getModelName());
+        JsonArray versions = new JsonArray();
+        versions(model.getModelName()).forEach(versions::add);
+        body.add("versions", versions);
+        NettyUtils.sendJsonResponse(ctx, body);
+    }
+
+    // ----------------------------------------------------------------------------------- inference
+
+    /** Same as TorchServe's own {@code POST /v2/models/{m}/infer}, for an explicit version. */
+    private static void predict(ChannelHandlerContext ctx, FullHttpRequest req, Model model, boolean explain) {
+        RequestInput input = new RequestInput(NettyUtils.getRequestId(ctx.channel()));
+        for (Map.Entry<String, String> header : req.headers().entries()) {
+            input.updateHeaders(header.getKey(), header.getValue());
+        }
+        input.updateHeaders("explain", explain ? "True" : "False");
+        input.addParameter(new InputParameter("body", NettyUtils.getBytes(req.content()), HttpUtil.getMimeType(req)));
+        input.setClientExpireTS(model.getClientTimeoutInMills());
+        IMetric requests = MetricCache.getInstance().getMetricFrontend("ts_inference_requests_total");
+        if (requests != null) {
+            requests.addOrUpdate(
+                    Arrays.asList(model.getModelName(), model.getVersion(), ConfigManager.getInstance().getHostName()), 1);
+        }
+        try {
+            ApiUtils.addRESTInferenceJob(ctx, model.getModelName(), model.getVersion(), input);
+        } catch (ModelNotFoundException | ModelVersionNotFoundException e) {
+            sendError(ctx, HttpResponseStatus.NOT_FOUND, e.getMessage());
+        }
+    }
+
+    // -------------------------------------------------------------------------------------- helpers
+
+    private static Model findModel(String name, String version) {
+        try {
+            return ModelManager.getInstance().getModel(name, version);
+        } catch (ModelVersionNotFoundException | RuntimeException e) {
+            return null;
+        }
+    }
+
+    private static List<String> modelNames() {
+        List<String> names = new ArrayList<>();
+        for (Map.Entry<String, ModelVersionedRefs> entry : ModelManager.getInstance().getAllModels()) {
+            names.add(entry.getKey());
+        }
+        Collections.sort(names);
+        return names;
+    }
+
+    private static List<String> versions(String name) {
+        List<String> versions = new ArrayList<>();
+        try {
+            for (Map.Entry<String, Model> entry : ModelManager.getInstance().getAllModelVersions(name)) {
+                versions.add(entry.getKey());
+            }
+        } catch (ModelNotFoundException e) {
+            return versions;
+        }
+        Collections.sort(versions);
+        return versions;
+    }
+
+    private static boolean requireMethod(ChannelHandlerContext ctx, HttpMethod method, HttpMethod expected) {
+        if (expected.equals(method)) {
+            return true;
+        }
+        sendError(ctx, HttpResponseStatus.METHOD_NOT_ALLOWED, "use " + expected + " here, not " + method);
+        return false;
+    }
+
+    private static void sendError(ChannelHandlerContext ctx, HttpResponseStatus status, String message) {
+        JsonObject body = new JsonObject();
+        body.addProperty("error", message);
+        body.addProperty("code", status.code());
+        NettyUtils.sendJsonResponse(ctx, body, status);
+    }
+
+    private static String quote(String text) {
+        JsonElement element = new com.google.gson.JsonPrimitive(text);
+        return element.toString();
+    }
+}

@@ -1,0 +1,128 @@
+"""Build ``oip-agent.jar``, the Java agent that gives TorchServe the whole Open Inference Protocol REST surface.
+
+TorchServe 0.12 answers ``POST /v2/models/{m}/infer`` itself (our handlers decode JSON and binary
+tensors), but has no model metadata, no model readiness, a ``/v2/health/ready`` that does not look at
+workers, and error bodies without the ``error`` key OIP clients read. ``serve/java/`` holds our two
+replacement classes and the agent that loads them in place of TorchServe's own (``OipAgent.java``
+says why an agent rather than an endpoint plugin). ``serve start`` adds
+``-javaagent:<jar>`` to the JVM options and ``ts_open_inference_protocol=true``; see :func:`jvm_options`.
+
+    python -m serve.oip_agent [--out build/oip-agent.jar]     # build (or rebuild when sources changed)
+
+Needs ``javac`` (a JDK 17: ``apt-get install -y openjdk-17-jdk-headless``) the first time only.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from serve import REPO_ROOT
+
+SOURCES = REPO_ROOT / "serve" / "java"
+DEFAULT_JAR = REPO_ROOT / "build" / "oip-agent.jar"
+AGENT_CLASS = "oip/OipAgent"
+# Classes defined from the jar in place of TorchServe's (must match OipAgent.REPLACED).
+REPLACED = (
+    "org/pytorch/serve/http/api/rest/OpenInferenceProtocolRequestHandler",
+    "org/pytorch/serve/http/ErrorResponse",
+)
+
+JDK_HELP = (
+    "building the OIP agent needs javac from a JDK 17 (a JRE is not enough):\n"
+    "  Debian/Ubuntu: apt-get install -y openjdk-17-jdk-headless\n"
+    "or build the jar elsewhere and pass it with OIP_AGENT_JAR=/path/oip-agent.jar"
+)
+
+
+class AgentBuildError(RuntimeError):
+    """The agent jar could not be built; says why and how to fix it."""
+
+
+def torchserve_jar() -> Path:
+    """The installed TorchServe frontend jar the agent compiles against."""
+    import ts
+
+    jar = Path(ts.__file__).resolve().parent / "frontend" / "model-server.jar"
+    if not jar.is_file():
+        raise AgentBuildError(f"TorchServe's frontend jar is missing ({jar}); reinstall torchserve")
+    return jar
+
+
+def _stale(jar: Path, inputs: list[Path]) -> bool:
+    if not jar.is_file():
+        return True
+    built = jar.stat().st_mtime
+    return any(path.stat().st_mtime > built for path in inputs)
+
+
+def build(out: Path = DEFAULT_JAR, force: bool = False) -> Path:
+    """Compile ``serve/java`` against TorchServe's jar into ``out`` (atomically); skipped when up to date."""
+    out = Path(out)
+    sources = sorted(SOURCES.glob("*.java"))
+    frontend = torchserve_jar()
+    if not force and not _stale(out, sources + [frontend]):
+        return out
+    javac = shutil.which("javac", path=os.path.join(os.environ["JAVA_HOME"], "bin")) if os.environ.get("JAVA_HOME") else None
+    javac = javac or shutil.which("javac")
+    if not javac:
+        raise AgentBuildError(JDK_HELP)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="oip-agent-") as tmp:
+        classes = Path(tmp) / "classes"
+        result = subprocess.run(
+            [javac, "--release", "17", "-nowarn", "-cp", str(frontend), "-d", str(classes), *map(str, sources)],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            raise AgentBuildError(f"javac failed:\n{result.stdout}{result.stderr}")
+        partial = out.with_name(out.name + ".partial")
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as jar:
+            jar.writestr("META-INF/MANIFEST.MF", f"Manifest-Version: 1.0\nPremain-Class: {AGENT_CLASS.replace('/', '.')}\n\n")
+            jar.write(classes / f"{AGENT_CLASS}.class", f"{AGENT_CLASS}.class")
+            for name in REPLACED:
+                # Not stored as .class: the agent jar joins the class path, where model-server.jar comes first.
+                jar.write(classes / f"{name}.class", f"oip-classes/{name}.bin")
+        os.replace(partial, out)
+    return out
+
+
+def agent_jar() -> Path:
+    """The agent jar to run with: ``$OIP_AGENT_JAR`` when set (prebuilt, e.g. in the image), else built here."""
+    prebuilt = os.environ.get("OIP_AGENT_JAR")
+    if prebuilt:
+        if not Path(prebuilt).is_file():
+            raise AgentBuildError(f"OIP_AGENT_JAR={prebuilt} does not exist")
+        return Path(prebuilt)
+    return build()
+
+
+def jvm_options(props: dict[str, str], jar: Path) -> dict[str, str]:
+    """``props`` (a TorchServe config) with the agent in ``vmargs`` and TorchServe's OIP handler switched on."""
+    props = dict(props)
+    vmargs = [arg for arg in props.get("vmargs", "").split() if not arg.startswith("-javaagent:")]
+    props["vmargs"] = " ".join(vmargs + [f"-javaagent:{jar}"])
+    props["ts_open_inference_protocol"] = "true"
+    return props
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve.oip_agent", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_JAR, help=f"jar to write (default: {DEFAULT_JAR})")
+    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    args = parser.parse_args(argv)
+    try:
+        print(build(args.out, force=args.force))
+    except AgentBuildError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
