@@ -7,7 +7,8 @@
 
 TorchServe runs in ``.serve/`` (``key_file.json``, its TMPDIR ``.serve/tmp``) and logs to ``logs/``
 (``torchserve.out``, ``ts_log.log``, ``model_log.log``). ``start`` returns once every model's workers
-are READY and prints the URLs, the keys and a curl command to try.
+are READY and prints the URLs (native REST, Open Inference Protocol REST and gRPC), the keys and a curl
+command to try. ``start`` also runs the OIP gRPC front (serve/oip_grpc.py) and ``stop`` stops it.
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ def usage_text(server: Server, descriptions: dict[str, dict]) -> str:
     lines = [
         f"TorchServe is ready: {len(descriptions)} models, {workers} workers READY.",
         f"  inference   {server.inference_url}/predictions/<model>[/<version>]   models: {', '.join(server.models)}",
+        f"  OIP REST    {server.inference_url}/v2   (Open Inference Protocol: /v2/models/<model>[/versions/<v>]"
+        "[/ready|/infer], JSON or binary tensors)",
+        f"  OIP gRPC    {server.grpc_address}   (gRPC inference.GRPCInferenceService; the key as metadata "
+        "authorization: Bearer <inference key>)",
         f"  management  {server.management_url}/models[/<model>]",
         f"  metrics     {server.metrics_url}   (Prometheus, no key needed)",
         f"Keys ({_relative(server.key_file)}; expire after token_expiration_min="
@@ -125,6 +130,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("TorchServe is not running.")
         return 3
     print(f"TorchServe is running (pid {pid}); inference {server.inference_url}, management {server.management_url}")
+    print(f"  OIP REST  {server.inference_url}/v2")
+    grpc_pid = server.grpc_pid()
+    print(f"  OIP gRPC  {server.grpc_address} " + (f"(pid {grpc_pid})" if grpc_pid else "NOT RUNNING (restart the server)"))
     try:
         names = server.served_models()
     except Exception as exc:  # e.g. the management API is not answering yet
@@ -141,7 +149,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         workers = ", ".join(f"{w['status']} pid {w.get('pid')}" for w in description.get("workers", [])) or "no workers"
         all_ready &= server.workers_ready(description)
         print(f"  {name:16s} v{description.get('modelVersion')}  batch {description.get('batchSize')}  {workers}")
-    return 0 if all_ready else 1
+    return 0 if all_ready and grpc_pid else 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
