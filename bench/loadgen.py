@@ -37,12 +37,14 @@ def run_wrk(
     token: str | None = None,
     threads: int = 1,
     timeout_s: float = 10.0,
+    headers: dict[str, str] | None = None,
 ) -> dict:
     """POST ``body`` to ``url`` over ``connections`` keep-alive connections for ``seconds``.
 
     Returns wrk's summary: ``req_per_s``, ``p50_ms``/``p90_ms``/``p99_ms``/``max_ms``, ``requests``,
     ``errors`` (socket errors + HTTP statuses >= 400 + timeouts) and the raw fields. ``token`` is sent
-    as ``Authorization: Bearer <token>`` (through the environment, not the command line).
+    as ``Authorization: Bearer <token>`` (through the environment, not the command line); ``headers`` are
+    sent as well (e.g. ``Inference-Header-Content-Length`` for a binary Open Inference Protocol body).
     """
     if connections < 1:
         raise ValueError(f"connections must be >= 1, got {connections}")
@@ -57,7 +59,8 @@ def run_wrk(
             wrk_path(), f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", f"--timeout={timeout_s:g}s",
             "-s", str(LUA_SCRIPT), url, "--", body_file, content_type,
         ]
-        env = {**os.environ, "WRK_AUTH": f"Bearer {token}" if token else ""}
+        env = {**os.environ, "WRK_AUTH": f"Bearer {token}" if token else "",
+               "WRK_HEADERS": "\n".join(f"{name}: {value}" for name, value in (headers or {}).items())}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
     finally:
         os.unlink(body_file)

@@ -84,3 +84,15 @@ def v2_images(count: int = 1, index: int = 0, shape: str = "flat", datatype: str
         raise ValueError(f"datatype must be FP32 or UINT8, got {datatype!r}")
     body = {"inputs": [{"name": "input-0", "shape": dims, "datatype": datatype, "data": data}]}
     return _dumps(body), JSON
+
+
+def v2_binary_images(count: int = 1, index: int = 0, datatype: str = "FP32") -> tuple[bytes, str, dict]:
+    """``count`` digits as an Open Inference Protocol body with the binary tensor data extension (what
+    tritonclient sends by default): raw little-endian FP32 intensities or UINT8 pixels, outputs asked back
+    in binary. Returns ``(body, content type, headers)``; the headers carry Inference-Header-Content-Length."""
+    from client.api import binary_v2_request
+
+    images = digits(count, index).reshape(count, 784)
+    array = images if datatype == "UINT8" else intensities(images).astype(np.float32)
+    body, header_length = binary_v2_request(array, datatype=datatype)
+    return body, "application/octet-stream", {"Inference-Header-Content-Length": str(header_length)}

@@ -46,6 +46,7 @@ from bench.baseline.archive import BASELINE_NAME, build_baseline_archive  # noqa
 from bench.inprocess import load_model, measure_forward  # noqa: E402
 from bench.loadgen import run_wrk, wrk_path  # noqa: E402
 from bench.plot import plot_concurrency  # noqa: E402
+from client.api import parse_binary_v2_response  # noqa: E402
 from bench.servers import baseline_server, ours_server, private_dirs, running, scrape_metrics  # noqa: E402
 from serve.server import DEFAULT_CONFIG  # noqa: E402
 
@@ -64,6 +65,7 @@ GOALS = {
     "batch": "one 256-image request >= 25% of in-process samples/s at batch 256",
     "tail": "ours p99 <= 3x p50 at 16 connections",
     "cold_start": "ours cold start (start command -> all workers READY) <= 5 s",
+    "oip_single": "ours single image over OIP (binary FP32) at 16 connections >= 0.8x native JSON",
 }
 
 
@@ -126,22 +128,23 @@ def measure_limit(weights: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------ serving
 
-def check_response(url: str, token: str | None, body: bytes, content_type: str, count: int) -> dict:
+def check_response(url: str, token: str | None, body: bytes, content_type: str, count: int,
+                   extra_headers: dict | None = None) -> dict:
     """POST once and check the answer: 200 and ``predicted_class`` for each of ``count`` images.
 
     Returns ``{"status", "response_bytes", "predicted_class"}`` (the first image's class); raises RuntimeError
     naming the problem otherwise, so a broken server is never benchmarked.
     """
-    headers = {"Content-Type": content_type}
+    headers = {"Content-Type": content_type, **(extra_headers or {})}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     response = requests.post(url, data=body, headers=headers, timeout=60)
     if response.status_code != 200:
         raise RuntimeError(f"{url} answered {response.status_code}: {response.text[:300]}")
-    answer = response.json()
+    answer = parse_binary_v2_response(response.content, response.headers.get("Inference-Header-Content-Length"))
     if "outputs" in answer:  # Open Inference Protocol response
         outputs = {o["name"]: o["data"] for o in answer["outputs"]}
-        classes = outputs.get("predicted_class", [])
+        classes = list(outputs.get("predicted_class", []))
     else:
         items = answer if isinstance(answer, list) else [answer]
         classes = [item.get("predicted_class") for item in items if isinstance(item, dict)]
@@ -151,11 +154,11 @@ def check_response(url: str, token: str | None, body: bytes, content_type: str, 
 
 
 def sweep(url: str, token: str | None, body: bytes, content_type: str, connections, seconds: float,
-          label: str) -> dict[str, dict]:
+          label: str, headers: dict | None = None) -> dict[str, dict]:
     """wrk at every connection count; returns ``{str(connections): result}`` (bench/loadgen.py fields)."""
     results = {}
     for conns in tqdm(connections, desc=f"  {label}", unit="run", leave=False, file=sys.stdout):
-        result = run_wrk(url, body, content_type, conns, seconds, token)
+        result = run_wrk(url, body, content_type, conns, seconds, token, headers=headers)
         result.pop("raw", None)
         results[str(conns)] = result
         time.sleep(1.0)  # let the queues drain between runs
@@ -166,8 +169,8 @@ def measure_server(server, cold_start: float, forms: dict, batch_forms: dict, co
                    label: str) -> dict:
     """Check, warm up and measure one running server.
 
-    ``forms``/``batch_forms`` map a form name to ``(path, body, content type)``; single-image forms are
-    swept over ``connections``, batch forms run at 1 connection. Returns the server's results dict.
+    ``forms``/``batch_forms`` map a form name to ``(path, body, content type[, extra headers])``; single-image
+    forms are swept over ``connections``, batch forms run at 1 connection. Returns the server's results dict.
     """
     token = server.keys().get("inference")
     description = server.describe(server.models[0])
@@ -179,17 +182,17 @@ def measure_server(server, cold_start: float, forms: dict, batch_forms: dict, co
         "batch": {},
         "bodies": {},
     }
-    for name, (path, body, content_type) in forms.items():
-        url = server.inference_url + path
+    for name, (path, body, content_type, *extra) in forms.items():
+        url, headers = server.inference_url + path, (extra or [None])[0]
         out["bodies"][name] = {"bytes": len(body), "content_type": content_type,
-                               **check_response(url, token, body, content_type, 1)}
-        run_wrk(url, body, content_type, GOAL_CONNECTIONS, 3, token)  # warm-up: JIT, allocators, caches
-        out["single"][name] = sweep(url, token, body, content_type, connections, seconds, f"{label} {name}")
-    for name, (path, body, content_type) in batch_forms.items():
-        url = server.inference_url + path
+                               **check_response(url, token, body, content_type, 1, headers)}
+        run_wrk(url, body, content_type, GOAL_CONNECTIONS, 3, token, headers=headers)  # warm-up: JIT, caches
+        out["single"][name] = sweep(url, token, body, content_type, connections, seconds, f"{label} {name}", headers)
+    for name, (path, body, content_type, *extra) in batch_forms.items():
+        url, headers = server.inference_url + path, (extra or [None])[0]
         out["bodies"][f"batch-{name}"] = {"bytes": len(body), "content_type": content_type,
-                                          **check_response(url, token, body, content_type, BATCH)}
-        result = run_wrk(url, body, content_type, 1, seconds, token, timeout_s=30)
+                                          **check_response(url, token, body, content_type, BATCH, headers)}
+        result = run_wrk(url, body, content_type, 1, seconds, token, timeout_s=30, headers=headers)
         result.pop("raw", None)
         result["samples_per_s"] = result["req_per_s"] * BATCH
         out["batch"][name] = result
@@ -207,17 +210,21 @@ def baseline_forms() -> tuple[dict, dict]:
 
 
 def ours_forms() -> tuple[dict, dict]:
-    """The project's inputs: JSON intensities (the baseline's form), a PNG file, v2 UINT8 pixels."""
+    """The project's inputs: JSON intensities (the baseline's form), a PNG file, Open Inference Protocol
+    bodies as JSON (UINT8 pixels) and binary tensors (FP32 intensities, UINT8 pixels: tritonclient's default)."""
     native, v2 = f"/predictions/{MODEL}", f"/v2/models/{MODEL}/infer"
     return (
         {
             "json": (native, *payloads.json_images(1)),
             "png": (native, *payloads.png_image()),
             "v2-uint8": (v2, *payloads.v2_images(1, datatype="UINT8")),
+            "v2-bin-fp32": (v2, *payloads.v2_binary_images(1)),
         },
         {
             "json": (native, *payloads.json_images(BATCH, flat=True)),
             "v2-uint8": (v2, *payloads.v2_images(BATCH, datatype="UINT8")),
+            "v2-bin-fp32": (v2, *payloads.v2_binary_images(BATCH)),
+            "v2-bin-uint8": (v2, *payloads.v2_binary_images(BATCH, datatype="UINT8")),
         },
     )
 
@@ -283,6 +290,12 @@ def evaluate_goals(results: dict) -> list[dict]:
         goals.append({"goal": GOALS["batch"], "value": best / in_process, "target": 0.25,
                       "detail": f"best form {best_form}: {best:,.0f} vs {in_process:,.0f} samples/s in-process",
                       "pass": best / in_process >= 0.25})
+    if ours and "v2-bin-fp32" in ours["single"]:
+        native, oip = ours["single"]["json"][c]["req_per_s"], ours["single"]["v2-bin-fp32"][c]["req_per_s"]
+        goals.append({"goal": GOALS["oip_single"], "value": oip / native, "target": 0.8,
+                      "detail": f"{oip:,.0f} vs {native:,.0f} req/s; v2 JSON UINT8: "
+                      f"{ours['single']['v2-uint8'][c]['req_per_s'] / native:.2f}x",
+                      "pass": oip / native >= 0.8})
     if ours:
         run = ours["single"]["json"][c]
         ratio = run["p99_ms"] / run["p50_ms"]

@@ -1,7 +1,7 @@
 """``python -m client``: talk to the running service from the command line.
 
     python -m client predict mnistnet --png examples/digit_7.png
-    python -m client predict mnistnet --json examples/digit_7.json [--v2] [--version 1.0]
+    python -m client predict mnistnet --json examples/digit_7.json [--v2 | --binary] [--version 1.0]
     python -m client predict mnistnet --npy batch.npy          # (28, 28), (784,), (N, 28, 28) or (N, 784)
     python -m client predict regressionnet --data '[[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]]'
     python -m client models | describe mnistnet | health
@@ -55,14 +55,17 @@ def as_batch(array: np.ndarray) -> np.ndarray:
 
 def cmd_predict(client: TorchServeClient, args: argparse.Namespace) -> int:
     payload = load_input(args)
-    if args.v2:
+    if args.v2 or args.binary:
         if isinstance(payload, (bytes, bytearray)):
             raise ValueError("--v2 needs numbers (--npy, --json or --data), not an image file")
         if not (isinstance(payload, dict) and "inputs" in payload):
             values = payload.get("data", payload) if isinstance(payload, dict) else payload
             array = np.asarray(values, dtype=np.float32)
             payload = as_batch(array)
-        result = client.predict_v2(args.model, payload, version=args.version)
+        result = client.predict_v2(args.model, payload, version=args.version, binary=args.binary)
+        for output in result.get("outputs", []):
+            if isinstance(output.get("data"), np.ndarray):
+                output["data"] = output["data"].ravel().tolist()
     else:
         result = client.predict(args.model, payload, version=args.version)
     print(format_result(result))
@@ -119,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--data", help="JSON text, sent as is, e.g. '[[0.5, 0.5]]'")
     predict.add_argument("--version", help="model version, e.g. 1.0 (default: the default version)")
     predict.add_argument("--v2", action="store_true", help="send as an Open Inference Protocol v2 request")
+    predict.add_argument("--binary", action="store_true",
+                         help="v2 with binary tensors (the binary tensor data extension) both ways")
 
     commands.add_parser("models", help="list the served models")
     describe = commands.add_parser("describe", help="workers and settings of one model")

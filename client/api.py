@@ -5,7 +5,9 @@
     client.predict("mnistnet", Path("examples/digit_7.png").read_bytes())
     client.predict("mnistnet", np.zeros((3, 28, 28)))  # → list of 3 {"predicted_class", "probabilities"}
     client.predict("regressionnet", [[0.1] * 10])      # → {"predictions": [...]}
-    client.predict_v2("mnistnet", np.zeros((2, 784), np.float32))
+    client.predict_v2("mnistnet", np.zeros((2, 784), np.float32))              # OIP, JSON tensors
+    client.predict_v2("mnistnet", np.zeros((256, 784), np.float32), binary=True)  # OIP, binary tensors
+    client.model_metadata("mnistnet"); client.ready("mnistnet")
 
 Keys (TorchServe token auth): the inference key is the first found of the ``token`` argument, the
 ``TS_INFERENCE_KEY`` environment variable, and ``key_file.json`` in ``$TS_KEY_FILE``, the serve working
@@ -113,6 +115,52 @@ def v2_request(array: np.ndarray, name: str = "input-0", datatype: str | None = 
     return body
 
 
+# OIP datatype ↔ little-endian numpy dtype, for the binary tensor data extension.
+BINARY_DATATYPES = {
+    "FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
+    "INT8": "i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "BOOL": "?",
+}
+
+
+def binary_v2_request(
+    array: np.ndarray, name: str = "input-0", datatype: str | None = None, request_id: str | None = None
+) -> tuple[bytes, int]:
+    """An OIP request with one binary input tensor and every output asked back in binary.
+
+    Returns ``(body, json_header_length)``; send the length as ``Inference-Header-Content-Length``.
+    """
+    array = np.asarray(array)
+    if datatype is None:
+        datatype = "INT64" if np.issubdtype(array.dtype, np.integer) else "FP32"
+    raw = np.ascontiguousarray(array, dtype=BINARY_DATATYPES[datatype]).tobytes()
+    header = {
+        "inputs": [{"name": name, "shape": list(array.shape), "datatype": datatype,
+                    "parameters": {"binary_data_size": len(raw)}}],
+        "parameters": {"binary_data_output": True},
+    }
+    if request_id is not None:
+        header["id"] = request_id
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    return encoded + raw, len(encoded)
+
+
+def parse_binary_v2_response(body: bytes, header_length: str | None) -> dict:
+    """A v2 response dict from a (possibly) binary response: each binary output's bytes become its ``data``."""
+    if header_length is None:
+        return json.loads(body)
+    length = int(header_length)
+    response = json.loads(body[:length])
+    offset = length
+    for output in response.get("outputs", []):
+        size = (output.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            continue
+        dtype = np.dtype(BINARY_DATATYPES[output["datatype"]])
+        output["data"] = np.frombuffer(body, dtype, count=int(size) // dtype.itemsize, offset=offset).reshape(output["shape"])
+        offset += int(size)
+    return response
+
+
 class TorchServeClient:
     """Client for one TorchServe: inference at ``base_url``, management at ``management_url``.
 
@@ -216,24 +264,44 @@ class TorchServeClient:
 
     def predict_v2(
         self, model: str, inputs: np.ndarray | dict, version: str | None = None, datatype: str | None = None,
-        request_id: str | None = None,
+        request_id: str | None = None, binary: bool = False,
     ) -> dict:
-        """Open Inference Protocol (KServe v2) request; returns the v2 response dict.
+        """Open Inference Protocol request to ``/v2/models/<model>[/versions/<version>]/infer``.
 
         ``inputs`` is one tensor (a numpy array, sent as FP32/INT64 by its dtype unless ``datatype`` says
-        otherwise) or a complete v2 request body ``{"inputs": [...]}``. Without ``version`` it goes to
-        ``/v2/models/<model>/infer``; TorchServe's v2 route has no versions, so with one the same body
-        goes to ``/predictions/<model>/<version>``.
+        otherwise) or a complete v2 request body ``{"inputs": [...]}`` (always sent as JSON). With
+        ``binary=True`` the tensor travels as raw little-endian bytes and the outputs come back the same
+        way (the binary tensor data extension): far less work than JSON for many images. Returns the v2
+        response dict; binary outputs are decoded into ``data`` as numpy arrays of their shape.
         """
-        if isinstance(inputs, dict):
-            body = inputs
+        path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+        url = f"{self.base_url}{path}"
+        if isinstance(inputs, dict) or not binary:
+            body = inputs if isinstance(inputs, dict) else v2_request(inputs, datatype=datatype, request_id=request_id)
+            return self._request("POST", url, "inference", json=body).json()
+        payload, header_length = binary_v2_request(inputs, datatype=datatype, request_id=request_id)
+        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)}
+        response = self._request("POST", url, "inference", data=payload, headers=headers)
+        return parse_binary_v2_response(response.content, response.headers.get("Inference-Header-Content-Length"))
+
+    def model_metadata(self, model: str, version: str | None = None) -> dict:
+        """``GET /v2/models/<model>[/versions/<version>]``: name, versions, platform, inputs and outputs."""
+        path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
+        return self._request("GET", f"{self.base_url}{path}", "inference").json()
+
+    def ready(self, model: str | None = None, version: str | None = None) -> bool:
+        """``GET /v2/health/ready`` (every model has READY workers), or one model's ``/ready``."""
+        if model is None:
+            path = "/v2/health/ready"
         else:
-            body = v2_request(inputs, datatype=datatype, request_id=request_id)
-        if version:
-            url = f"{self.base_url}/predictions/{model}/{version}"
-        else:
-            url = f"{self.base_url}/v2/models/{model}/infer"
-        return self._request("POST", url, "inference", json=body).json()
+            path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/ready"
+        try:
+            self._request("GET", f"{self.base_url}{path}", "inference")
+        except TorchServeError as err:
+            if err.status in (400, 503):
+                return False
+            raise
+        return True
 
     def health(self) -> dict:
         """``GET /ping``: ``{"status": "Healthy"}`` once the frontend is up (workers may still load)."""

@@ -18,6 +18,13 @@ function init(args)
   if auth ~= nil and auth ~= "" then
     headers["Authorization"] = auth
   end
+  -- More headers, one "Name: value" per line (e.g. Inference-Header-Content-Length for binary OIP bodies).
+  for line in string.gmatch(os.getenv("WRK_HEADERS") or "", "[^\n]+") do
+    local name, value = string.match(line, "^([^:]+):%s*(.*)$")
+    if name ~= nil then
+      headers[name] = value
+    end
+  end
   -- Build the request once: building it per call costs wrk CPU that the server would otherwise get.
   request_bytes = wrk.format("POST", nil, headers, body)
 end
