@@ -99,11 +99,11 @@ class Ports:
     # TorchServe's own gRPC (its native API, and with OIP on a partial OIP service: no raw tensors).
     grpc_inference: int = 7072
     grpc_management: int = 7071
-    # Our Open Inference Protocol gRPC front (serve/oip_grpc.py), on the port OIP clients expect.
-    oip_grpc: int = 7070
     # First backend worker "port": it names the worker's unix socket ($TMPDIR/.ts.sock.<port>), and
     # each further worker (or restarted worker) counts up from it.
     worker: int = 9000
+    # Our Open Inference Protocol gRPC front (serve/oip_grpc.py), on the port OIP clients expect.
+    oip_grpc: int = 7070
 
     @classmethod
     def from_properties(cls, props: dict[str, str]) -> "Ports":
@@ -115,8 +115,8 @@ class Ports:
             metrics=_port_of(props["metrics_address"]) if "metrics_address" in props else default.metrics,
             grpc_inference=int(props.get("grpc_inference_port", default.grpc_inference)),
             grpc_management=int(props.get("grpc_management_port", default.grpc_management)),
-            oip_grpc=int(props.get("oip_grpc_port", default.oip_grpc)),
             worker=int(props.get("initial_worker_port", default.worker)),
+            oip_grpc=int(props.get("oip_grpc_port", default.oip_grpc)),
         )
 
     @classmethod
@@ -136,7 +136,7 @@ class Ports:
             base = random.randrange(20000, 30000)
             if base not in numbers and all(port_is_free(p) for p in range(base, base + 32)):
                 break
-        return cls(*numbers, worker=base)
+        return cls(*numbers[:5], worker=base, oip_grpc=numbers[5])
 
     def listening(self) -> dict[str, int]:
         """Name → port of every port TorchServe binds (the worker port names sockets only)."""

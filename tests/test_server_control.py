@@ -46,13 +46,13 @@ def test_repository_config_is_locked_down(props):
 
 
 def test_ports_from_repository_config(props):
-    assert Ports.from_properties(props) == Ports(8080, 8081, 8082, 7070, 7071, 9000)
+    assert Ports.from_properties(props) == Ports(8080, 8081, 8082, 7072, 7071, 9000, oip_grpc=7070)
 
 
 def test_free_ports_are_distinct_and_bindable():
     ports = Ports.free()
     listening = list(ports.listening().values())
-    assert len(set(listening + [ports.worker])) == 6
+    assert len(set(listening + [ports.worker])) == 7
     for port in listening:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
@@ -109,7 +109,7 @@ def test_start_refuses_a_busy_port(tmp_path):
         port = busy.getsockname()[1]
         free = Ports.free()
         server = make_server(tmp_path, ports=Ports(free.inference, port, free.metrics, free.grpc_inference,
-                                                   free.grpc_management, free.worker))
+                                                   free.grpc_management, free.worker, free.oip_grpc))
         (server.model_store / "linearregression.mar").write_bytes(b"")
         with pytest.raises(ServerError, match=rf"{port} \(management\)"):
             server.start()

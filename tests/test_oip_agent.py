@@ -1,0 +1,48 @@
+"""serve/oip_agent.py: the Java agent jar builds from serve/java and is wired into TorchServe's JVM options.
+
+What the agent's classes DO is tested against a real TorchServe in tests/e2e/test_e2e_oip.py.
+"""
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+
+from serve import oip_agent
+
+
+def test_agent_jar_builds_with_the_replacement_classes(tmp_path):
+    jar = oip_agent.build(tmp_path / "oip-agent.jar")
+    with zipfile.ZipFile(jar) as archive:
+        names = set(archive.namelist())
+        manifest = archive.read("META-INF/MANIFEST.MF").decode()
+    assert "Premain-Class: oip.OipAgent" in manifest
+    assert "oip/OipAgent.class" in names
+    for name in oip_agent.REPLACED:
+        # Stored as resources, not .class files: on the class path model-server.jar would win.
+        assert f"oip-classes/{name}.bin" in names and f"{name}.class" not in names
+    # Up to date: a second build leaves the jar alone.
+    stamp = jar.stat().st_mtime_ns
+    assert oip_agent.build(jar).stat().st_mtime_ns == stamp
+
+
+def test_agent_replaces_what_the_java_side_lists():
+    source = (oip_agent.SOURCES / "OipAgent.java").read_text()
+    for name in oip_agent.REPLACED:
+        assert f'"{name}"' in source
+
+
+def test_jvm_options_add_the_agent_once_and_switch_on_oip(tmp_path):
+    jar = tmp_path / "a.jar"
+    props = oip_agent.jvm_options({"vmargs": "-Xmx1g -javaagent:/old.jar", "x": "1"}, jar)
+    assert props["vmargs"] == f"-Xmx1g -javaagent:{jar}"
+    assert props["ts_open_inference_protocol"] == "true" and props["x"] == "1"
+    assert oip_agent.jvm_options({}, jar)["vmargs"] == f"-javaagent:{jar}"
+
+
+def test_prebuilt_jar_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("OIP_AGENT_JAR", str(tmp_path / "missing.jar"))
+    with pytest.raises(oip_agent.AgentBuildError, match="does not exist"):
+        oip_agent.agent_jar()
+    (tmp_path / "missing.jar").write_bytes(b"jar")
+    assert oip_agent.agent_jar() == tmp_path / "missing.jar"
