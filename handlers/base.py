@@ -2,18 +2,21 @@
 
 TorchServe creates one handler object per worker process, calls ``initialize(context)`` once, then
 ``handle(data, context)`` with a batch of up to ``batchSize`` requests (one dict per request). This
-class loads the network named in the archive, decodes every request on its own (handlers/decoding.py),
-runs ONE forward pass over the samples of all valid requests, and answers each request in order:
+class loads the network named in the archive, has every request decoded on its own by
+handlers/protocols.py (native JSON/PNG, Open Inference Protocol JSON or binary, KServe v1), runs ONE
+forward pass over the samples of all valid requests, and has protocols.py answer each in its protocol:
 
-* a valid request gets its model response (native JSON, or an Open Inference Protocol v2 response
-  when the request body was v2);
+* a valid request gets its model response;
 * an invalid one gets ``context.set_response_status(status, message, idx)`` and the JSON body
   ``{"error": "<what was wrong>", "code": 400}`` (413 when too large) without failing the others;
 * an unexpected internal error answers that request with 500 and is logged with its traceback.
 
-No exception escapes ``handle`` for a bad input (TorchServe would answer 503 to the whole batch).
-Subclasses implement ``postprocess`` (model output → named arrays, which become the v2 outputs) and
-may override ``to_native`` (named arrays → native JSON response).
+No exception escapes ``handle`` for a bad input (TorchServe would answer 503 to the whole batch), also
+when a TorchServe request envelope (``kserve``, ``kservev2``) hands over more rows than there are
+requests: envelope rows are answered with Python values for the envelope to wrap, and no status or
+header is set for them (protocols.envelope_kind). Subclasses implement ``postprocess`` (model
+output → the named arrays of ``ModelSpec.outputs``) and may override ``to_native`` (named arrays →
+native JSON response).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from handlers.decoding import InputError, decode_payload, request_payload
+from handlers import protocols
+from handlers.decoding import InputError
 from models.registry import get_spec
 
 logger = logging.getLogger(__name__)
@@ -33,9 +37,6 @@ logger = logging.getLogger(__name__)
 THREADS_ENV = "HANDLER_NUM_THREADS"
 DEFAULT_THREADS = 1
 SETUP_CONFIG = "setup_config.json"
-
-_V2_DATATYPES = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
-
 
 def select_device(gpu_id: int | None, cuda_available: bool) -> torch.device:
     """``cuda:<gpu_id>`` when CUDA is available and TorchServe assigned a GPU, else ``cpu``.
@@ -144,45 +145,50 @@ class ServingHandler:
 
     # -------------------------------------------------------------------------------------- serving
 
-    def handle(self, data: list, context) -> list[bytes]:
-        """Answer a batch of requests: one compact JSON response per request, in order (see module docstring)."""
+    def handle(self, data: list, context) -> list:
+        """Answer a batch of requests: one response per request, in order (see module docstring)."""
+        envelope = protocols.envelope_kind(data, context)  # rows from a TorchServe request envelope?
+        status_context = None if envelope else context  # envelope rows are not requests: set no status
         responses: list[Any] = [None] * len(data)
-        pending = []  # (index, samples, is_list, v2 request or None) of every valid request
+        pending = []  # (index, protocols.Decoded) of every valid request
         for idx, request in enumerate(data):
             try:
-                samples, is_list, v2 = decode_payload(request_payload(request), self.spec)
-                pending.append((idx, samples, is_list, v2))
+                if envelope:
+                    decoded = protocols.decode_envelope_row(request, self.spec, idx, envelope)
+                else:
+                    decoded = protocols.decode_request(request, self.spec, protocols.request_headers(context, idx))
+                pending.append((idx, decoded))
             except InputError as err:
-                responses[idx] = self._error(context, idx, err.status, err.message)
+                responses[idx] = self._error(status_context, idx, err.status, err.message)
             except Exception:
                 logger.exception("decoding request %d failed unexpectedly", idx)
-                responses[idx] = self._error(context, idx, 500, "internal error while reading the request")
+                responses[idx] = self._error(status_context, idx, 500, "internal error while reading the request")
         if pending:
-            self._predict(pending, responses, context)
-        return [encode_json(response) for response in responses]
+            self._predict(pending, responses, context, status_context)
+        if envelope:  # Python values: the envelope wraps them into one JSON response per request
+            for idx in range(len(context.request_processor or [])):
+                protocols.set_content_type(context, idx)
+            return responses
+        return [r if isinstance(r, (bytes, bytearray)) else encode_json(r) for r in responses]
 
-    def _predict(self, pending: list, responses: list, context) -> None:
+    def _predict(self, pending: list, responses: list, context, status_context) -> None:
         """One forward pass over all valid requests' samples, then each request's response."""
         try:
-            outputs = self.forward(np.concatenate([samples for _, samples, _, _ in pending]))
+            outputs = self.forward(np.concatenate([decoded.samples for _, decoded in pending]))
         except Exception as err:
             logger.exception("forward pass failed for a batch of %d request(s)", len(pending))
-            for idx, *_ in pending:
-                responses[idx] = self._error(context, idx, 500, f"inference failed: {type(err).__name__}")
+            for idx, _ in pending:
+                responses[idx] = self._error(status_context, idx, 500, f"inference failed: {type(err).__name__}")
             return
         start = 0
-        for idx, samples, is_list, v2 in pending:
-            part, start = outputs[start : start + len(samples)], start + len(samples)
+        for idx, decoded in pending:
+            n = len(decoded.samples)
+            part, start = outputs[start : start + n], start + n
             try:
-                named = self.postprocess(part)
-                if v2 is not None:
-                    responses[idx] = self.to_v2(named, v2, context, idx)
-                else:
-                    responses[idx] = self.to_native(named, is_list)
-                _set_content_type(context, idx)
+                responses[idx] = protocols.encode_response(decoded, self.postprocess(part), self, context, idx)
             except Exception as err:
                 logger.exception("postprocessing request %d failed", idx)
-                responses[idx] = self._error(context, idx, 500, f"postprocessing failed: {type(err).__name__}")
+                responses[idx] = self._error(status_context, idx, 500, f"postprocessing failed: {type(err).__name__}")
 
     def forward(self, samples: np.ndarray) -> torch.Tensor:
         """The model's output for float32 ``samples`` (N, *input_shape), on the CPU."""
@@ -192,7 +198,8 @@ class ServingHandler:
     def postprocess(self, output: torch.Tensor) -> dict[str, np.ndarray]:
         """Named output arrays for ONE request's rows of model output (first axis = its N samples).
 
-        The names and arrays become the v2 ``outputs``; :meth:`to_native` turns them into JSON.
+        Exactly the outputs of ``self.spec.outputs`` (names, dtypes, per-sample shapes): they become the
+        OIP ``outputs`` and the KServe v1 predictions; :meth:`to_native` turns them into native JSON.
         """
         raise NotImplementedError
 
@@ -200,42 +207,16 @@ class ServingHandler:
         """Native JSON response; default ``{name: values as nested lists}`` for every output."""
         return {name: array.tolist() for name, array in outputs.items()}
 
-    def to_v2(self, outputs: dict[str, np.ndarray], request: dict, context, idx: int) -> dict:
-        """Open Inference Protocol response; ``id`` echoes the request's ``id``, else TorchServe's request id."""
-        request_id = request.get("id")
-        if request_id is None:
-            request_id = context.get_request_id(idx)
-        return {
-            "model_name": self.model_name,
-            "model_version": self.model_version,
-            "id": request_id,
-            "outputs": [
-                {
-                    "name": name,
-                    "shape": list(array.shape),
-                    "datatype": _V2_DATATYPES[str(array.dtype)],
-                    "data": array.ravel().tolist(),
-                }
-                for name, array in outputs.items()
-            ],
-        }
-
     @staticmethod
     def _error(context, idx: int, status: int, message: str) -> dict:
-        """Mark request ``idx`` failed with ``status`` and return its JSON error body."""
-        # The message doubles as the HTTP reason phrase: keep it one printable ASCII line.
-        phrase = " ".join(message.encode("ascii", "replace").decode().split())[:200]
-        context.set_response_status(status, phrase, idx)
-        _set_content_type(context, idx)
+        """Mark request ``idx`` failed with ``status`` (when the context has that request) and return
+        its JSON error body."""
+        if protocols.has_request(context, idx):
+            # The message doubles as the HTTP reason phrase: keep it one printable ASCII line.
+            phrase = " ".join(message.encode("ascii", "replace").decode().split())[:200]
+            context.set_response_status(status, phrase, idx)
+            protocols.set_content_type(context, idx)
         return {"error": message, "code": status}
 
 
-def encode_json(response: Any) -> bytes:
-    """Compact JSON bytes. Why: given a dict, TorchServe serialises it with ``json.dumps(indent=2)``,
-    which forces Python's slow pure-Python encoder and doubles the response size."""
-    return json.dumps(response, separators=(",", ":")).encode()
-
-
-def _set_content_type(context, idx: int) -> None:
-    if getattr(context, "request_processor", None):
-        context.set_response_content_type(idx, "application/json")
+encode_json = protocols.encode_json

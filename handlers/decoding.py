@@ -5,7 +5,7 @@ request was a form upload, else ``body``; its Python type depends on the request
 ``application/json`` arrives already parsed (dict, list, number, str or None), ``text/*`` as ``str``,
 anything else (and JSON that failed to parse) as ``bytes``/``bytearray``.
 
-Accepted inputs (``decode_payload``):
+Accepted native inputs (``decode_native``, after ``parse_payload``):
 
 * Image models (``spec.image_size`` set, e.g. mnistnet): ``{"data": X}`` or a bare JSON array X, where X is
   one 28x28 image, one flat 784-vector, or a list of N of either (also ``[N, 1, 28, 28]``). Values are
@@ -14,8 +14,9 @@ Accepted inputs (``decode_payload``):
   square with black and resized to 28x28 with a Lanczos filter. Images are NOT auto-inverted.
 * Tabular models (input width W): ``{"data": rows}`` or bare ``rows``, with one row of W numbers or a list
   of N rows. For W == 1 a flat list of N numbers means N rows and a bare number means one row.
-* Open Inference Protocol (KServe v2) bodies ``{"inputs": [{"name", "shape", "datatype", "data"}]}`` for
-  either kind of model; see :func:`decode_v2`.
+
+Open Inference Protocol (KServe v2) and KServe v1 requests are told apart and decoded in
+handlers/protocols.py, which uses the value checks of this module.
 
 Every accepted input becomes a float32 array of shape ``(N, *spec.input_shape)``, normalised exactly as
 training does (``(x - mean) / std`` in float32 when ``spec.normalize`` is set). Anything else raises
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import reprlib
 import sys
 from typing import Any
@@ -80,26 +80,6 @@ def request_payload(request: Any) -> Any:
         "JSON with 'Content-Type: application/json', an image with 'Content-Type: image/png' or "
         "'image/jpeg', or a multipart form field named 'data'"
     )
-
-
-def decode_payload(payload: Any, spec) -> tuple[np.ndarray, bool, dict | None]:
-    """Decode one request payload for ``spec`` (a ``models.registry.ModelSpec``).
-
-    Returns ``(samples, is_list, v2_request)``: ``samples`` is float32 ``(N, *spec.input_shape)``;
-    ``is_list`` is False when the client sent a single sample (one image, a PNG, one row, a bare number)
-    and True when it sent a list of samples; ``v2_request`` is the request dict for an Open Inference
-    Protocol body (then ``is_list`` is True) and None otherwise. Raises :class:`InputError`.
-    """
-    body = parse_payload(payload)
-    if is_v2_request(body):
-        return decode_v2(body, spec), True, body
-    samples, is_list = decode_native(body, spec)
-    return samples, is_list, None
-
-
-def is_v2_request(body: Any) -> bool:
-    """True when ``body`` is an Open Inference Protocol (KServe v2) request: a dict with key ``inputs``."""
-    return isinstance(body, dict) and "inputs" in body
 
 
 def parse_payload(payload: Any) -> Any:
@@ -196,83 +176,6 @@ def _tabular_rows(values: np.ndarray, width: int) -> tuple[np.ndarray, bool]:
     if width == 1 and len(shape) <= 1:  # a bare number is one row, a flat list is N rows
         return values.reshape(-1, 1), len(shape) == 1
     raise InputError(f"expected rows of {width} value(s) (one row or a list of rows); got {_describe(shape)}")
-
-
-# ------------------------------------------------------------------------------- Open Inference (v2)
-
-
-def decode_v2(body: dict, spec) -> np.ndarray:
-    """Decode an Open Inference Protocol request ``{"inputs": [{"name", "shape", "datatype", "data"}]}``.
-
-    Exactly one input tensor is expected (``name`` is free). ``datatype`` is one of FP16/FP32/FP64,
-    INT8..INT64 or UINT8..UINT64; integer datatypes need integral values within their range. ``shape``
-    must be ``[N, 784]``, ``[N, 28, 28]`` or ``[N, 1, 28, 28]`` for image models and ``[N, W]`` (or
-    ``[N]`` when W == 1) for tabular models, with 1 <= N <= MAX_SAMPLES; ``data`` is the row-major flat
-    list of prod(shape) values, or a nested list of exactly that shape. For image models UINT8 data is
-    read as 0..255 pixel bytes and divided by 255; every other datatype carries intensities in [0, 1].
-    """
-    inputs = body.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1:
-        got = f"{len(inputs)} inputs" if isinstance(inputs, list) else _type_name(inputs)
-        raise InputError(f"'inputs' must be a list holding exactly one input tensor; got {got}")
-    tensor = inputs[0]
-    if not isinstance(tensor, dict):
-        raise InputError(f"inputs[0] must be an object with shape, datatype and data; got {_type_name(tensor)}")
-    missing = [k for k in ("shape", "datatype", "data") if k not in tensor]
-    if missing:
-        raise InputError(f"inputs[0] is missing {', '.join(repr(k) for k in missing)}")
-
-    datatype = tensor["datatype"]
-    if datatype not in V2_DATATYPES:
-        raise InputError(
-            f"inputs[0].datatype must be one of {', '.join(V2_DATATYPES)}; got {_short(datatype)}"
-        )
-    shape = _v2_shape(tensor["shape"], spec)
-    values = numeric_array(tensor["data"], "inputs[0].data")
-    if values.ndim > 1 and values.shape != shape:
-        raise InputError(
-            f"inputs[0].data is nested with shape {_fmt_shape(values.shape)} but shape says {_fmt_shape(shape)}"
-        )
-    if values.size != math.prod(shape):
-        raise InputError(
-            f"inputs[0].shape {_fmt_shape(shape)} holds {math.prod(shape)} values but data has {values.size}"
-        )
-    values = _check_integers(values.reshape(shape[0], -1), datatype)
-    if spec.is_image_model and datatype == "UINT8":
-        values = values / 255.0
-    return _finish(values, spec)
-
-
-def _v2_shape(shape: Any, spec) -> tuple[int, ...]:
-    if not isinstance(shape, list) or not shape or not all(_is_int(d) and d >= 0 for d in shape):
-        raise InputError(f"inputs[0].shape must be a list of non-negative integers; got {_short(shape)}")
-    shape = tuple(shape)
-    if spec.is_image_model:
-        h, w = spec.image_size
-        allowed = [(h * w,), (h, w), (1, h, w)]
-        expected = f"[N, {h * w}], [N, {h}, {w}] or [N, 1, {h}, {w}]"
-    else:
-        allowed = [(spec.input_width,)] + ([()] if spec.input_width == 1 else [])
-        expected = f"[N, {spec.input_width}]" + (" or [N]" if spec.input_width == 1 else "")
-    if shape[1:] not in allowed:
-        raise InputError(f"inputs[0].shape must be {expected} for model {spec.name!r}; got {_fmt_shape(shape)}")
-    if shape[0] == 0:
-        raise InputError("inputs[0].shape has N = 0 samples; send at least one")
-    _check_count(shape[0])
-    return shape
-
-
-def _check_integers(values: np.ndarray, datatype: str) -> np.ndarray:
-    bounds = V2_DATATYPES[datatype]
-    if bounds is None:
-        return values
-    if not np.all(values == np.floor(values)):
-        raise InputError(f"datatype {datatype} needs integer values; inputs[0].data has fractions")
-    lo, hi = bounds
-    low, high = values.min(), values.max()
-    if low < lo or high > hi:
-        raise InputError(f"datatype {datatype} allows values in [{lo}, {hi}]; got values in [{low:g}, {high:g}]")
-    return values
 
 
 # ------------------------------------------------------------------------------------------- images

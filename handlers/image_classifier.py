@@ -2,14 +2,15 @@
 
 Request (see handlers/decoding.py): ``{"data": X}`` or bare X with X one 28x28 image / flat 784-vector
 of intensities in [0, 1] or a list of N of them; a PNG/JPEG body or multipart field ``data``; or an
-Open Inference Protocol v2 body.
+Open Inference Protocol (JSON or binary) or KServe v1 request (handlers/protocols.py).
 
 Response for one image (JSON image, flat vector or PNG/JPEG)::
 
     {"predicted_class": 7, "probabilities": [p0, ..., p9]}
 
-for a list of N images, a JSON list of N such objects in request order (also when N == 1). For a v2
-request: ``outputs`` ``probabilities`` (FP32, shape [N, 10]) and ``predicted_class`` (INT64, [N]).
+for a list of N images, a JSON list of N such objects in request order (also when N == 1). OIP:
+``outputs`` ``probabilities`` (FP32, shape [N, 10]) and ``predicted_class`` (INT64, [N]); KServe v1:
+``{"predictions": [{"probabilities": [...], "predicted_class": k}, ...]}``, one per instance.
 Probabilities are the softmax of the network's logits; ``predicted_class`` is their argmax.
 """
 from __future__ import annotations

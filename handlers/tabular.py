@@ -2,7 +2,8 @@
 
 Request (see handlers/decoding.py): ``{"data": rows}`` or bare rows, one row of W numbers or a list of N
 rows (W = model input width: linearregression 1, regressionnet 10, smoothstepnet 2, mlp 2); for W == 1
-also a flat list of N numbers or one bare number; or an Open Inference Protocol v2 body.
+also a flat list of N numbers or one bare number; or an Open Inference Protocol (JSON or binary) or
+KServe v1 request (handlers/protocols.py).
 
 Response, always one value per row in request order, even for a single row:
 
@@ -10,14 +11,15 @@ Response, always one value per row in request order, even for a single row:
 
       {"predictions": [y0, y1, ...]}
 
-  v2 output ``predictions`` (FP32, shape [N]).
+  OIP output ``predictions`` (FP32, shape [N]); KServe v1 ``{"predictions": [y0, y1, ...]}``.
 * binary (mlp, whose output is p(class 1) from a Sigmoid)::
 
       {"predictions": [1, 0, ...], "probabilities": [0.93, 0.12, ...], "classes": [1, 0, ...]}
 
   ``probabilities`` = p(class 1); ``predictions`` = predicted class, 1 when p >= 0.5 else 0;
   ``classes`` repeats ``predictions`` (the class labels, for clients that read that key).
-  v2 outputs ``probabilities`` (FP32, [N]) and ``predicted_class`` (INT64, [N]).
+  OIP outputs ``probabilities`` (FP32, [N]) and ``predicted_class`` (INT64, [N]); KServe v1
+  ``{"predictions": [{"probabilities": p, "predicted_class": c}, ...]}``, one per instance.
 """
 from __future__ import annotations
 

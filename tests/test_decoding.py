@@ -1,4 +1,5 @@
-"""handlers/decoding.py: every accepted input form, and every kind of bad input with its message."""
+"""handlers/decoding.py (native forms) and the OIP JSON decoding of handlers/protocols.py: every accepted
+input form, and every kind of bad input with its message."""
 from __future__ import annotations
 
 import io
@@ -10,15 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handlers.decoding import (
-    MAX_SAMPLES,
-    InputError,
-    _shrink,
-    decode_image_bytes,
-    decode_payload,
-    is_v2_request,
-    request_payload,
-)
+from handlers.decoding import MAX_SAMPLES, InputError, _shrink, decode_image_bytes, request_payload
+from handlers.protocols import decode_payload as decode_body
+from handlers.protocols import is_v2_request
 from models.registry import MNIST_STD, get_spec
 from train.data import mnist_arrays, normalize_images
 
@@ -45,6 +40,12 @@ def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
 def expected(images_uint8: np.ndarray) -> np.ndarray:
     """What training feeds the network for these pixels: train.data.normalize_images, flattened."""
     return normalize_images(images_uint8).reshape(len(images_uint8), 784).numpy()
+
+
+def decode_payload(payload, spec):
+    """``(samples, is_list, OIP request or None)`` of a body sent without protocol headers."""
+    decoded = decode_body(payload, spec)
+    return decoded.samples, decoded.is_list, decoded.oip
 
 
 def decode(payload, spec=MNIST):
@@ -329,7 +330,7 @@ def test_v2_image_shapes_and_datatypes_match_the_native_path(digits):
     ]
     for body in bodies:
         x, is_list, request = decode(body)
-        assert is_list and request is body
+        assert is_list and request.id == body.get("id")
         np.testing.assert_allclose(x, native, atol=1e-6)
     x, _, _ = decode(json.dumps(bodies[0]).encode())  # v2 arriving as raw bytes
     np.testing.assert_allclose(x, native, atol=1e-6)

@@ -1,5 +1,6 @@
-"""Property-based tests of handlers/decoding.py: whatever arrives, the decoder either returns a valid
-float32 batch for the model or raises InputError (400/413) — never any other exception."""
+"""Property-based tests of handlers/decoding.py and handlers/protocols.py: whatever arrives, the decoder
+either returns a valid float32 batch for the model or raises InputError (400/413) — never any other
+exception."""
 from __future__ import annotations
 
 import io
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from handlers.decoding import MAX_SAMPLES, V2_DATATYPES, InputError, decode_payload
+from handlers.decoding import MAX_SAMPLES, V2_DATATYPES, InputError
+from handlers.protocols import Decoded, OipRequest, decode_payload, decode_request
 from models.registry import REGISTRY, get_spec
 
 SPECS = st.sampled_from(sorted(REGISTRY.values(), key=lambda s: s.name))
@@ -31,17 +33,20 @@ JSON_VALUES = st.recursive(
 )
 
 
-def check(payload, spec):
+def check(payload, spec, headers=None):
     """Decode ``payload``; assert the result is valid or the error is an InputError. Returns the batch or None."""
     try:
-        x, is_list, v2 = decode_payload(payload, spec)
+        decoded = decode_payload(payload, spec) if headers is None else decode_request({"body": payload}, spec, headers)
     except InputError as err:
         assert err.status in (400, 413) and err.message
         return None
+    x = decoded.samples
+    assert isinstance(decoded, Decoded) and decoded.kind in ("native", "oip", "v1")
+    assert headers is None or decoded.kind == "oip"
     assert isinstance(x, np.ndarray) and x.dtype == np.float32
     assert x.shape[1:] == tuple(spec.input_shape) and 1 <= len(x) <= MAX_SAMPLES
     assert np.all(np.isfinite(x))
-    assert isinstance(is_list, bool) and (v2 is None or isinstance(v2, dict))
+    assert isinstance(decoded.is_list, bool) and (decoded.oip is None or isinstance(decoded.oip, OipRequest))
     if spec.normalize is not None:  # image intensities were checked and clipped to [0, 1] first
         mean, std = spec.normalize
         assert x.min() >= (0 - mean) / std - 1e-5 and x.max() <= (1 - mean) / std + 1e-5
@@ -138,3 +143,35 @@ def test_corrupted_png(cut, flips):
     for position, value in flips:
         data[position] = value
     check(bytes(data[:cut] if cut > 8 else data), get_spec("mnistnet"))
+
+
+@st.composite
+def binary_requests(draw):
+    """OIP binary-extension bodies around valid ones: shapes, datatypes, sizes and header lengths a bit off."""
+    spec = draw(SPECS)
+    n = draw(st.integers(0, 3))
+    width = spec.input_width
+    shape = draw(st.sampled_from([[n, width], [n], [n, width + 1], [width], [n, 1, width], [-1, width]]))
+    datatype = draw(st.sampled_from(sorted(V2_DATATYPES) + ["BOOL", "BYTES", "FP32"]))
+    itemsize = int(datatype[-2:]) // 8 if datatype[-2:].isdigit() else 1
+    true_size = max(0, int(np.prod(shape))) * itemsize
+    size = draw(st.sampled_from([true_size, true_size]) | st.integers(-2, true_size + 8) | st.just("1") | st.none())
+    data = draw(st.binary(min_size=true_size, max_size=true_size)) + draw(st.binary(max_size=3))
+    if draw(st.booleans()):
+        data = data[: draw(st.integers(0, len(data)))]
+    tensor = {"name": "x", "shape": shape, "datatype": datatype}
+    if size is not None:
+        tensor["parameters"] = {"binary_data_size": size}
+    header = json.dumps({"inputs": [tensor], **draw(st.sampled_from([{}, {"outputs": [{"name": "predictions"}]},
+                                                                       {"parameters": {"binary_data_output": True}}]))})
+    length = draw(st.sampled_from([len(header)] * 3 + [len(header) - 1, len(header) + 1, -1, 0]))
+    length = draw(st.sampled_from([str(length), str(length), "x", " 7 "]))
+    return spec, header.encode() + data, {"oip-request": "v2", "inference-header-content-length": length}
+
+
+@FAST
+@given(case=binary_requests())
+def test_binary_extension_bodies(case):
+    spec, body, headers = case
+    x = check(body, spec, headers)
+    event("accepted" if x is not None else "refused")
