@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1
-# Serving image: TorchServe 0.12 on Java 17 serving every model of this repository, as a non-root user.
+# Serving image: TorchServe 0.12 on Java 17 serving every model of this repository, as a non-root user,
+# with the Open Inference Protocol REST surface (our Java agent) on 8080 and the OIP gRPC front on 7070:
+# the same servers `make serve` runs. KServe runs this image too (deploy/kserve/servingruntime.yaml).
 # Full guide (run, token key, GPU, Kubernetes, KServe): deploy/README.md.
 #
 #   docker build -t torchserve-mnist .     (podman: add --format docker, else HEALTHCHECK is dropped)
@@ -10,7 +12,8 @@
 #
 # Stages: deps (venv with requirements.txt) -> builder (weights + .mar archives; the ones already in
 # the build context's weights/ and model_store/ are reused, anything missing is trained/packaged
-# here) -> runtime (venv + archives + config only; no training data, weights or sources).
+# here) -> oip (a JDK compiles the OIP agent jar against the venv's TorchServe) -> runtime (venv +
+# archives + config + agent jar + serve/ for the gRPC front; no training data, weights or JDK).
 #
 # BASE_IMAGE: any Debian/Ubuntu image with python3 (3.10+) and python3-venv, e.g. a CUDA runtime image
 # for a GPU variant. The default image can already use NVIDIA GPUs: torch's PyPI wheel bundles its
@@ -39,6 +42,20 @@ RUN python -m train all --missing --no-progress \
  && chmod 0644 model_store/*.mar \
  && ls -l model_store/*.mar
 
+# ----------------------------------------------------------------------------------------------- oip
+# The Open Inference Protocol agent (serve/oip_agent.py: serve/java compiled against the venv's
+# model-server.jar). The JDK stays in this stage; the runtime only needs the JRE.
+FROM deps AS oip
+ARG DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN mkdir -p /usr/share/man/man1 \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends openjdk-17-jdk-headless \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY serve/ serve/
+RUN python -m serve.oip_agent --out /out/oip-agent.jar
+
 # ------------------------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime
 ARG DEBIAN_FRONTEND=noninteractive
@@ -57,6 +74,9 @@ RUN groupadd --system --gid 10001 model-server \
 
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /src/model_store/*.mar /app/model_store/
+COPY --from=oip /out/oip-agent.jar /app/oip/oip-agent.jar
+# serve/ for the OIP gRPC front (python -m serve.oip_grpc, started by the entrypoint with PYTHONPATH=/app).
+COPY serve/ /app/serve/
 COPY deploy/docker/ /app/docker/
 # The container config is the repository's config.properties plus one line that lets TorchServe's
 # own TS_* environment variables (set below, or with `docker run -e`) override it.
@@ -68,9 +88,13 @@ RUN { grep -v '^enable_envvars_config=' /app/config.properties.repo; \
  && rm /app/config.properties.repo \
  && chmod 0755 /app/docker/entrypoint.sh
 
-# Inference on all interfaces (publish it with -p); management and metrics stay on the container's
-# loopback unless overridden, e.g. -e TS_METRICS_ADDRESS=http://0.0.0.0:8082 -p 127.0.0.1:8082:8082.
+# Inference (REST) and the OIP gRPC front on all interfaces (publish them with -p); management and
+# metrics stay on the container's loopback unless overridden, e.g. -e TS_METRICS_ADDRESS=http://0.0.0.0:8082.
+# APP_DIR, OIP_AGENT_JAR and OIP_GRPC_LISTEN are read by deploy/docker/entrypoint.sh.
 ENV PATH=/opt/venv/bin:$PATH \
+    APP_DIR=/app \
+    OIP_AGENT_JAR=/app/oip/oip-agent.jar \
+    OIP_GRPC_LISTEN=0.0.0.0:7070 \
     PYTHONUNBUFFERED=1 \
     OMP_NUM_THREADS=1 \
     MKL_NUM_THREADS=1 \
@@ -81,7 +105,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 USER 10001:10001
 WORKDIR /home/model-server
-EXPOSE 8080
+EXPOSE 8080 7070
 
 # Healthy = every archive in /app/model_store is registered with READY workers (not just /ping,
 # which says Healthy before any worker is up). Stdlib Python: no curl in the image.

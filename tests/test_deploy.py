@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -99,7 +100,7 @@ def test_dockerfile_runtime_contract():
     runtime = instructions[max(i for i, (ins, args) in enumerate(instructions) if ins == "FROM"):]
     values = {ins: args for ins, args in runtime}
     assert instructions[0] == ("ARG", "BASE_IMAGE=python:3.11-slim")
-    assert [args for ins, args in runtime if ins == "EXPOSE"] == ["8080"], "only the inference port"
+    assert [args for ins, args in runtime if ins == "EXPOSE"] == ["8080 7070"], "inference (REST) and OIP gRPC"
     user = values["USER"].split(":")[0]
     assert user.isdigit() and int(user) >= 1000, f"non-root numeric USER expected, got {values['USER']}"
     assert "tsctl.py" in values["HEALTHCHECK"] and "health" in values["HEALTHCHECK"]
@@ -109,6 +110,27 @@ def test_dockerfile_runtime_contract():
     assert "TS_INFERENCE_ADDRESS=http://0.0.0.0:8080" in env
     assert "TS_MANAGEMENT_ADDRESS=http://127.0.0.1:8081" in env
     assert "TS_METRICS_ADDRESS=http://127.0.0.1:8082" in env
+    assert "OIP_GRPC_LISTEN=0.0.0.0:7070" in env
+    # torchserve's launcher reads TS_CONFIG_FILE before --ts-config: KServe's --ts-config would be ignored.
+    assert "TS_CONFIG_FILE" not in env
+
+
+def test_dockerfile_ships_the_oip_agent_and_the_grpc_front():
+    """The agent jar is built in a JDK stage and lands where OIP_AGENT_JAR says; serve/ lands in APP_DIR."""
+    instructions = dockerfile_instructions()
+    stages = [args.split()[-1] for ins, args in instructions if ins == "FROM"]
+    assert stages == ["deps", "builder", "oip", "runtime"], stages
+    start = [i for i, (ins, _) in enumerate(instructions) if ins == "FROM"]
+    oip = instructions[start[2]:start[3]]
+    runtime = instructions[start[3]:]
+    assert any("openjdk-17-jdk-headless" in args for ins, args in oip if ins == "RUN")
+    assert any(ins == "RUN" and "python -m serve.oip_agent --out /out/oip-agent.jar" in args for ins, args in oip)
+    assert not any("-jdk-" in args for ins, args in runtime if ins == "RUN"), "the JDK stays in the build stage"
+    env = dict(pair.split("=", 1) for ins, args in runtime if ins == "ENV" for pair in args.split())
+    copies = [args.split() for ins, args in runtime if ins == "COPY"]
+    assert ["--from=oip", "/out/oip-agent.jar", env["OIP_AGENT_JAR"]] in copies
+    assert ["serve/", f"{env['APP_DIR']}/serve/"] in copies, "python -m serve.oip_grpc runs from APP_DIR"
+    assert ["deploy/docker/", f"{env['APP_DIR']}/docker/"] in copies
 
 
 def test_dockerignore_admits_everything_the_build_copies():
@@ -230,7 +252,7 @@ INFERENCE_SERVICE_SCHEMA = {
                     "serviceAccountName": {"type": "string"},
                     "model": {
                         "type": "object",
-                        "required": ["modelFormat", "storageUri"],
+                        "required": ["modelFormat", "runtime", "protocolVersion", "storageUri"],
                         "additionalProperties": False,
                         "properties": {
                             "modelFormat": {"type": "object", "required": ["name"],
@@ -245,10 +267,49 @@ INFERENCE_SERVICE_SCHEMA = {
                             "resources": {"type": "object"},
                             "env": {"type": "array"},
                             "args": {"type": "array"},
+                            "ports": {"type": "array"},
                         },
                     },
                 },
             }},
+        },
+    },
+}
+
+# serving.kserve.io/v1alpha1 ServingRuntimeSpec, the fields this runtime uses (servingruntime_types.go);
+# the container itself is validated with the Kubernetes Pod schema.
+SERVING_RUNTIME_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "serving.kserve.io/v1alpha1"},
+        "kind": {"enum": ["ClusterServingRuntime", "ServingRuntime"]},
+        "metadata": {"type": "object", "required": ["name"], "additionalProperties": False,
+                     "properties": {"name": {"type": "string", "pattern": r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"},
+                                    "namespace": {"type": "string"}, "labels": {"type": "object"},
+                                    "annotations": {"type": "object"}}},
+        "spec": {
+            "type": "object",
+            "required": ["supportedModelFormats", "protocolVersions", "containers"],
+            "additionalProperties": False,
+            "properties": {
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "supportedModelFormats": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["name"], "additionalProperties": False,
+                    "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                                   "autoSelect": {"type": "boolean"}, "priority": {"type": "integer", "minimum": 1}}}},
+                "protocolVersions": {"type": "array", "minItems": 1,
+                                     "items": {"enum": ["v1", "v2", "grpc-v1", "grpc-v2"]}},
+                "multiModel": {"type": "boolean"},
+                "disabled": {"type": "boolean"},
+                "containers": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name", "image"]}},
+                "volumes": {"type": "array"},
+                "nodeSelector": {"type": "object"},
+                "tolerations": {"type": "array"},
+                "imagePullSecrets": {"type": "array"},
+            },
         },
     },
 }
@@ -258,18 +319,46 @@ def kserve_services() -> list[tuple[str, dict]]:
     return [(p.name, yaml.safe_load(p.read_text())) for p in sorted(KSERVE_DIR.glob("inferenceservice*.yaml"))]
 
 
+def serving_runtime() -> dict:
+    (doc,) = [d for d in yaml.safe_load_all((KSERVE_DIR / "servingruntime.yaml").read_text()) if d]
+    return doc
+
+
+def runtime_container(runtime: dict | None = None) -> dict:
+    (container,) = [c for c in (runtime or serving_runtime())["spec"]["containers"] if c["name"] == "kserve-container"]
+    return container
+
+
+def runtime_env() -> dict[str, str]:
+    return {e["name"]: e["value"] for e in runtime_container().get("env", [])}
+
+
+def validate_runtime(runtime: dict) -> None:
+    """The runtime against the ServingRuntime schema, its containers against the Pod schema (strict)."""
+    jsonschema.validate(runtime, SERVING_RUNTIME_SCHEMA)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "runtime-check"},
+           "spec": {"containers": runtime["spec"]["containers"]}}
+    kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
+
+
 @pytest.mark.parametrize("name,isvc", kserve_services(), ids=[n for n, _ in kserve_services()])
 def test_inference_service_structure(name, isvc):
     jsonschema.validate(isvc, INFERENCE_SERVICE_SCHEMA)
     model = isvc["spec"]["predictor"]["model"]
     assert isvc["spec"]["predictor"].get("minReplicas", 1) <= isvc["spec"]["predictor"].get("maxReplicas", 1)
-    # Resources are ordinary ResourceRequirements: validate them inside a Pod with the k8s schema.
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "resources-check"},
-           "spec": {"containers": [{"name": "kserve-container", "image": "x", "resources": model["resources"]}]}}
+    # Resources and ports are ordinary container fields: validate them inside a Pod with the k8s schema.
+    container = {"name": "kserve-container", "image": "x", "resources": model["resources"]}
+    if "ports" in model:
+        container["ports"] = model["ports"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "resources-check"}, "spec": {"containers": [container]}}
     kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
-    # The runtime image tag follows the TorchServe the archives are built for (requirements.txt pin).
-    pin = re.search(r"^torchserve==(\S+)", (REPO / "requirements.txt").read_text(), re.M).group(1)
-    assert model["runtimeVersion"].split("-")[0] == pin
+    runtime = serving_runtime()
+    assert model["runtime"] == runtime["metadata"]["name"], "every InferenceService runs on our runtime"
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["scaleMetric"] == "concurrency" and predictor["scaleTarget"] >= 1
+    assert "cpu" in model["resources"]["requests"] and "memory" in model["resources"]["limits"]
 
 
 def test_inference_service_schema_rejects_a_broken_manifest():
@@ -281,10 +370,175 @@ def test_inference_service_schema_rejects_a_broken_manifest():
     isvc["spec"]["predictor"]["pytorch"] = isvc["spec"]["predictor"].pop("model")
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(isvc, INFERENCE_SERVICE_SCHEMA)
+    isvc = copy.deepcopy(kserve_services()[0][1])
+    del isvc["spec"]["predictor"]["model"]["runtime"]  # would fall back to KServe's stock runtime
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(isvc, INFERENCE_SERVICE_SCHEMA)
 
 
-def test_both_kserve_protocols_are_offered():
-    assert {isvc["spec"]["predictor"]["model"]["protocolVersion"] for _, isvc in kserve_services()} >= {"v1", "v2"}
+def test_every_protocol_has_an_inference_service():
+    assert sorted(isvc["spec"]["predictor"]["model"]["protocolVersion"] for _, isvc in kserve_services()) == \
+        ["grpc-v2", "v1", "v2"]
+
+
+def test_serving_runtime_is_valid():
+    runtime = serving_runtime()
+    validate_runtime(runtime)
+    assert set(runtime["spec"]["protocolVersions"]) == {"v1", "v2", "grpc-v2"}
+    annotations = runtime["metadata"].get("annotations", {})
+    assert annotations.get("serving.kserve.io/server-type") != "torchserve", (
+        "KServe would add the stock runtime's envelope label and PROTOCOL_VERSION env")
+    namespaced = copy.deepcopy(runtime)  # the documented namespaced variant is valid too
+    namespaced["kind"] = "ServingRuntime"
+    namespaced["metadata"]["namespace"] = "torchserve-mnist"
+    validate_runtime(namespaced)
+
+
+def test_serving_runtime_validation_rejects_a_broken_runtime():
+    runtime = copy.deepcopy(serving_runtime())
+    runtime["spec"]["protocolVersions"].append("v3")
+    with pytest.raises(jsonschema.ValidationError):
+        validate_runtime(runtime)
+    runtime = copy.deepcopy(serving_runtime())
+    runtime_container(runtime)["readinessProbe"]["httpGet"]["port"] = [8080]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_runtime(runtime)
+
+
+def test_serving_runtime_runs_our_image_and_our_servers():
+    container = runtime_container()
+    assert "command" not in container, "the image's ENTRYPOINT (tini -> entrypoint.sh) starts both servers"
+    assert container["args"] == ["--ts-config=/mnt/models/config/config.properties",
+                                 "--model-store=/mnt/models/model-store"]
+    env = runtime_env()
+    assert "TS_SERVICE_ENVELOPE" not in env, "our handlers speak KServe v1/v2 themselves"
+    assert env["TS_DISABLE_TOKEN_AUTHORIZATION"] == "true"
+    # Same image (repository and tag) as the Kubernetes Deployment.
+    deployment_image = k8s_object("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert container["image"].rsplit("/", 1)[-1] == deployment_image
+    user = dict(dockerfile_instructions())["USER"].split(":")
+    assert [str(container["securityContext"]["runAsUser"]), str(container["securityContext"]["runAsGroup"])] == user
+
+
+def test_serving_runtime_ports_and_probes_agree(make_storage):
+    """The ports KServe routes to, the probes, the env and the storage config all name the same ports."""
+    from urllib.parse import urlsplit
+
+    env = runtime_env()
+    container = runtime_container()
+    assert "ports" not in container, "Knative allows one port: the InferenceServices pick 8080 (default) or h2c 7070"
+    inference = urlsplit(env["TS_INFERENCE_ADDRESS"]).port
+    assert inference == 8080, "KServe routes REST InferenceServices to 8080 (its default predictor port)"
+    grpc = int(env["OIP_GRPC_LISTEN"].rsplit(":", 1)[1])
+    for name, isvc in kserve_services():
+        ports = isvc["spec"]["predictor"]["model"].get("ports")
+        if isvc["spec"]["predictor"]["model"]["protocolVersion"] == "grpc-v2":
+            assert ports == [{"name": "h2c", "containerPort": grpc, "protocol": "TCP"}], name
+        else:
+            assert ports is None, f"{name}: REST goes to the default port {inference}"
+    readiness = container["readinessProbe"]["httpGet"]
+    assert (readiness["path"], readiness["port"]) == ("/v2/health/ready", inference), \
+        "ready = every model has READY workers (the OIP agent's readiness)"
+    assert container["livenessProbe"]["exec"]["command"] == ["python3", "/app/docker/tsctl.py", "live"]
+    props = make_storage.read_properties(KSERVE_DIR / "config" / "config.properties")
+    # TorchServe binds what the env says (enable_envvars_config); the storage config agrees with it.
+    assert props["enable_envvars_config"] == "true"
+    for key, var in (("inference_address", "TS_INFERENCE_ADDRESS"), ("management_address", "TS_MANAGEMENT_ADDRESS"),
+                     ("metrics_address", "TS_METRICS_ADDRESS"), ("grpc_inference_port", "TS_GRPC_INFERENCE_PORT"),
+                     ("grpc_management_port", "TS_GRPC_MANAGEMENT_PORT")):
+        assert props[key] == env[var], f"{key}={props[key]} but the runtime sets {var}={env[var]}"
+    assert int(props["oip_grpc_port"]) == grpc
+    assert urlsplit(env["TS_MANAGEMENT_ADDRESS"]).hostname == "127.0.0.1", "management stays on the pod's loopback"
+    metrics = urlsplit(env["TS_METRICS_ADDRESS"])
+    assert str(metrics.port) == serving_runtime()["spec"]["annotations"]["prometheus.kserve.io/port"]
+    assert metrics.hostname == "0.0.0.0"
+    listening = {inference, grpc, metrics.port, urlsplit(env["TS_MANAGEMENT_ADDRESS"]).port,
+                 int(env["TS_GRPC_INFERENCE_PORT"]), int(env["TS_GRPC_MANAGEMENT_PORT"])}
+    assert len(listening) == 6, f"two servers on one port: {sorted(listening)}"
+
+
+# ---------------------------------------------------------------------------------- mesh auth
+
+ISTIO_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "security.istio.io/v1"},
+        "kind": {"enum": ["RequestAuthentication", "AuthorizationPolicy"]},
+        "metadata": {"type": "object", "required": ["name", "namespace"], "additionalProperties": False,
+                     "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}}},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "selector": {"type": "object", "required": ["matchLabels"], "additionalProperties": False,
+                             "properties": {"matchLabels": {"type": "object"}}},
+                "jwtRules": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["issuer", "jwksUri"], "additionalProperties": False,
+                    "properties": {"issuer": {"type": "string"}, "jwksUri": {"type": "string", "pattern": "^https://"},
+                                   "audiences": {"type": "array"}, "forwardOriginalToken": {"type": "boolean"}}}},
+                "action": {"enum": ["ALLOW", "DENY", "AUDIT", "CUSTOM"]},
+                "rules": {"type": "array", "items": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {
+                        "from": {"type": "array", "items": {"type": "object", "required": ["source"],
+                                                            "additionalProperties": False,
+                                                            "properties": {"source": {"type": "object", "additionalProperties": False, "properties": {
+                                                                "principals": {"type": "array"}, "notPrincipals": {"type": "array"},
+                                                                "requestPrincipals": {"type": "array"}, "notRequestPrincipals": {"type": "array"},
+                                                                "namespaces": {"type": "array"}, "notNamespaces": {"type": "array"}}}}}},
+                        "to": {"type": "array", "items": {"type": "object", "required": ["operation"],
+                                                          "additionalProperties": False,
+                                                          "properties": {"operation": {"type": "object", "additionalProperties": False, "properties": {
+                                                              "hosts": {"type": "array"}, "paths": {"type": "array"},
+                                                              "methods": {"type": "array"}, "ports": {"type": "array"}}}}}},
+                        "when": {"type": "array"},
+                    }}},
+            },
+        },
+    },
+}
+
+
+def istio_documents() -> list[dict]:
+    return [d for d in yaml.safe_load_all((KSERVE_DIR / "auth-istio.yaml").read_text()) if d]
+
+
+def test_istio_auth_manifest_is_valid_and_covers_every_inference_service():
+    import fnmatch
+
+    docs = istio_documents()
+    for doc in docs:
+        jsonschema.validate(doc, ISTIO_SCHEMA)
+    by_kind = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], []).append(doc)
+    (jwt,) = by_kind["RequestAuthentication"]
+    deny = [d for d in by_kind["AuthorizationPolicy"] if d["spec"]["action"] == "DENY"]
+    allow = [d for d in by_kind["AuthorizationPolicy"] if d["spec"]["action"] == "ALLOW"]
+    assert len(deny) == 1 and len(allow) == 1
+    (deny,), (allow,) = deny, allow
+    # JWTs are checked and required at the same gateway.
+    assert jwt["metadata"]["namespace"] == deny["metadata"]["namespace"] == "istio-system"
+    assert jwt["spec"]["selector"] == deny["spec"]["selector"]
+    (rule,) = deny["spec"]["rules"]
+    assert rule["from"] == [{"source": {"notRequestPrincipals": ["*"]}}]
+    hosts = rule["to"][0]["operation"]["hosts"]
+    namespace = allow["metadata"]["namespace"]
+    for _, isvc in kserve_services():
+        name = isvc["metadata"]["name"]
+        for host in (f"{name}.{namespace}.example.com", f"{name}-predictor.{namespace}.example.com"):
+            assert any(fnmatch.fnmatch(host, pattern) for pattern in hosts), f"{host} is not protected"
+    # Predictor pods take traffic only from the gateway and Knative (activator, probes).
+    assert allow["spec"]["rules"] == [{"from": [{"source": {"namespaces": ["istio-system", "knative-serving"]}}]}]
+
+
+def test_istio_schema_rejects_a_broken_policy():
+    policy = copy.deepcopy([d for d in istio_documents() if d["kind"] == "AuthorizationPolicy"][0])
+    policy["spec"]["rules"][0]["from"][0]["source"]["notRequestPrincipal"] = ["*"]  # misspelt
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(policy, ISTIO_SCHEMA)
 
 
 @pytest.fixture(scope="module")
@@ -301,21 +555,24 @@ def test_committed_kserve_config_is_generated(make_storage):
 
 def test_kserve_config_settings(make_storage):
     from models.registry import REGISTRY
+    from serve.package import model_config
 
     props = make_storage.read_properties(KSERVE_DIR / "config" / "config.properties")
     assert props["model_store"] == "/mnt/models/model-store"
-    assert props["enable_envvars_config"] == "true", "KServe picks the request envelope through TS_* env vars"
-    assert props["disable_token_authorization"] == "true", "KServe's wrapper calls TorchServe without a key"
-    assert props["inference_address"].endswith(":8085"), "KServe's wrapper owns port 8080"
+    assert props["enable_envvars_config"] == "true", "the runtime's TS_* env vars set the addresses"
+    assert props["disable_token_authorization"] == "true", "replicas would each demand their own random key"
+    assert props["inference_address"] == "http://0.0.0.0:8080", "KServe sends traffic to 8080"
+    assert "TS_SERVICE_ENVELOPE".lower() not in props and "service_envelope" not in props
     snapshot = json.loads(props["model_snapshot"])
     assert set(snapshot["models"]) == set(REGISTRY) and snapshot["modelCount"] == len(REGISTRY)
     for name, versions in snapshot["models"].items():
         (version, entry), = versions.items()
         assert version == REGISTRY[name].version
         assert entry["marName"] == f"{name}.mar" and entry["defaultVersion"] is True
-        assert entry["batchSize"] == 1
+        # The same workers, batching and timeouts as `make serve` (the archive's own model-config).
+        assert {k: entry[k] for k in model_config(REGISTRY[name])} == model_config(REGISTRY[name])
     root = make_storage.read_properties(REPO / "config.properties")
-    for key in ("enable_model_api", "max_request_size", "job_queue_size"):
+    for key in ("enable_model_api", "max_request_size", "job_queue_size", "vmargs", "grpc_inference_port"):
         assert props[key] == root[key], f"{key} must be carried over from the repository's config"
 
 
@@ -453,14 +710,25 @@ FAKE_TORCHSERVE = """#!/bin/sh
 # Stand-in for the torchserve launcher: --foreground runs until --stop (or exits with $FAKE_EXIT).
 pidfile="$TMPDIR/fake-ts.pid"
 case " $* " in
-  *" --stop "*) echo stop >> "$TMPDIR/calls"; kill "$(cat "$pidfile")"; exit 0 ;;
+  *" --stop "*) echo stop >> "$TMPDIR/calls"; kill "$(cat "$pidfile")" 2>/dev/null; exit 0 ;;
 esac
 echo "start $*" >> "$TMPDIR/calls"
+echo "env JDK_JAVA_OPTIONS=${JDK_JAVA_OPTIONS:-} TS_OPEN_INFERENCE_PROTOCOL=${TS_OPEN_INFERENCE_PROTOCOL:-}" >> "$TMPDIR/calls"
 if [ -n "${FAKE_EXIT:-}" ]; then exit "$FAKE_EXIT"; fi
-sleep 300 &
+sleep 300 >/dev/null 2>&1 &
 echo $! > "$pidfile"
 wait $! || true
 exit 0
+"""
+
+# Stand-in for `python3 -m serve.oip_grpc ...`: runs until SIGTERM (exit 0) or exits with $FAKE_GRPC_EXIT.
+FAKE_PYTHON = """#!/bin/sh
+echo "grpc $* PYTHONPATH=${PYTHONPATH:-}" >> "$TMPDIR/calls"
+if [ -n "${FAKE_GRPC_EXIT:-}" ]; then sleep 0.5; exit "$FAKE_GRPC_EXIT"; fi
+sleep 300 >/dev/null 2>&1 &
+child=$!
+trap 'kill $child; echo grpc-stopped >> "$TMPDIR/calls"; exit 0' TERM
+wait $child
 """
 
 
@@ -468,44 +736,138 @@ exit 0
 def entrypoint_env(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake = bin_dir / "torchserve"
-    fake.write_text(FAKE_TORCHSERVE)
-    fake.chmod(0o755)
+    for name, text in (("torchserve", FAKE_TORCHSERVE), ("python3", FAKE_PYTHON)):
+        fake = bin_dir / name
+        fake.write_text(text)
+        fake.chmod(0o755)
+    jar = tmp_path / "oip-agent.jar"
+    jar.write_bytes(b"")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_path),
-           "TS_WORKDIR": str(tmp_path)}
+           "TS_WORKDIR": str(tmp_path), "APP_DIR": "/app", "OIP_AGENT_JAR": str(jar),
+           "OIP_GRPC_LISTEN": "0.0.0.0:7070", "TS_INFERENCE_ADDRESS": "http://0.0.0.0:8080",
+           "TS_CONFIG_FILE": "/elsewhere/config.properties"}
     return env, tmp_path / "calls"
 
 
-def test_entrypoint_turns_sigterm_into_torchserve_stop(entrypoint_env):
-    env, calls = entrypoint_env
-    proc = subprocess.Popen(["sh", str(DOCKER_DIR / "entrypoint.sh")], env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 10
-    while not (calls.exists() and (calls.parent / "fake-ts.pid").exists()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=10)
-    assert proc.returncode == 0, stderr
-    assert "entrypoint: TorchServe stopped (status 0)" in stderr
-    lines = calls.read_text().splitlines()
-    assert lines[0].startswith("start --foreground") and "--model-store /app/model_store" in lines[0]
-    assert lines[1:] == ["stop"]
+def run_entrypoint(env, *args, signal_after_start=False, timeout=15):
+    """Run deploy/docker/entrypoint.sh as the image does (bash); optionally SIGTERM it once both run."""
+    calls = Path(env["TMPDIR"]) / "calls"
+    proc = subprocess.Popen(["bash", str(DOCKER_DIR / "entrypoint.sh"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if signal_after_start:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (
+                (calls.parent / "fake-ts.pid").exists() and calls.exists() and "grpc " in calls.read_text()):
+            time.sleep(0.05)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return proc.returncode, stdout, stderr, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_entrypoint_starts_both_servers_and_sigterm_stops_both(entrypoint_env):
+    env, _ = entrypoint_env
+    code, _, stderr, lines = run_entrypoint(env, signal_after_start=True)
+    assert code == 0, stderr
+    assert "entrypoint: servers stopped (status 0)" in stderr
+    (start,) = [l for l in lines if l.startswith("start ")]
+    assert start.startswith("start --foreground --ncs --log-config /app/docker/log4j2.xml")
+    assert "--ts-config /app/config.properties --model-store /app/model_store" in start
+    assert f"env JDK_JAVA_OPTIONS=-javaagent:{env['OIP_AGENT_JAR']} TS_OPEN_INFERENCE_PROTOCOL=oip" in lines
+    (grpc,) = [l for l in lines if l.startswith("grpc ")]
+    assert grpc == "grpc -m serve.oip_grpc --listen 0.0.0.0:7070 --rest http://127.0.0.1:8080 PYTHONPATH=/app"
+    assert "stop" in lines and "grpc-stopped" in lines
+
+
+def test_entrypoint_kserve_flags_replace_the_image_config(entrypoint_env):
+    """The runtime's --ts-config=/--model-store= win; an inherited TS_CONFIG_FILE would override them."""
+    env, _ = entrypoint_env
+    code, _, stderr, lines = run_entrypoint(
+        env, "--ts-config=/mnt/models/config/config.properties", "--model-store=/mnt/models/model-store",
+        signal_after_start=True)
+    assert code == 0, stderr
+    (start,) = [l for l in lines if l.startswith("start ")]
+    assert start.endswith("--ts-config=/mnt/models/config/config.properties --model-store=/mnt/models/model-store")
+    assert "/app/config.properties" not in start and "/app/model_store" not in start
 
 
 def test_entrypoint_fails_when_torchserve_exits_on_its_own(entrypoint_env):
     env, _ = entrypoint_env
-    result = subprocess.run(["sh", str(DOCKER_DIR / "entrypoint.sh")], env={**env, "FAKE_EXIT": "0"},
-                            capture_output=True, text=True, timeout=10)
-    assert result.returncode == 1 and "exited on its own" in result.stderr
+    code, _, stderr, lines = run_entrypoint({**env, "FAKE_EXIT": "0"})
+    assert code == 1 and "TorchServe exited on its own" in stderr, stderr
+    assert "grpc-stopped" in lines, "the gRPC front is stopped too"
+
+
+def test_entrypoint_fails_when_the_grpc_front_exits_on_its_own(entrypoint_env):
+    env, _ = entrypoint_env
+    code, _, stderr, lines = run_entrypoint({**env, "FAKE_GRPC_EXIT": "3"})
+    assert code == 3 and "the OIP gRPC front exited on its own" in stderr, stderr
+    assert "stop" in lines, "TorchServe is stopped too"
+
+
+def test_entrypoint_refuses_a_missing_agent_and_can_run_without_grpc(entrypoint_env):
+    env, _ = entrypoint_env
+    code, _, stderr, _ = run_entrypoint({**env, "OIP_AGENT_JAR": "/nowhere/oip-agent.jar"})
+    assert code == 1 and "OIP agent /nowhere/oip-agent.jar not found" in stderr
+    code, _, stderr, lines = run_entrypoint({**env, "OIP_GRPC_LISTEN": "off", "FAKE_EXIT": "0"})
+    assert code == 1 and not any(l.startswith("grpc ") for l in lines)
 
 
 def test_entrypoint_passes_flags_and_runs_other_commands(entrypoint_env):
-    env, calls = entrypoint_env
-    subprocess.run(["sh", str(DOCKER_DIR / "entrypoint.sh"), "--models", "mnistnet.mar"],
-                   env={**env, "FAKE_EXIT": "3"}, capture_output=True, timeout=10)
-    assert calls.read_text().rstrip().endswith("--models mnistnet.mar")
-    result = subprocess.run(["sh", str(DOCKER_DIR / "entrypoint.sh"), "echo", "hello"], env=env,
+    env, _ = entrypoint_env
+    _, _, _, lines = run_entrypoint({**env, "FAKE_EXIT": "3"}, "--models", "mnistnet.mar")
+    (start,) = [l for l in lines if l.startswith("start ")]
+    assert start.endswith("--models mnistnet.mar")
+    result = subprocess.run(["bash", str(DOCKER_DIR / "entrypoint.sh"), "echo", "hello"], env=env,
                             capture_output=True, text=True, timeout=10)
     assert result.stdout == "hello\n"
+
+
+# ----------------------------------------------------------------------------- tsctl.py live
+
+
+class FakeLive(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(self.status if self.path == "/v2/health/live" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture()
+def live_servers(monkeypatch, tmp_path):
+    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeLive)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    grpc_socket = socket.socket()
+    grpc_socket.bind(("127.0.0.1", 0))
+    grpc_socket.listen()
+    monkeypatch.setenv("TS_INFERENCE_ADDRESS", f"http://0.0.0.0:{http_server.server_address[1]}")
+    monkeypatch.setenv("OIP_GRPC_LISTEN", f"0.0.0.0:{grpc_socket.getsockname()[1]}")
+    monkeypatch.setenv("TS_WORKDIR", str(tmp_path))
+    FakeLive.status = 200
+    yield grpc_socket
+    http_server.shutdown()
+    http_server.server_close()
+    grpc_socket.close()
+
+
+def test_live_ok_when_both_servers_answer(tsctl, live_servers, capsys):
+    assert tsctl.main(["live"]) == 0, capsys.readouterr().out
+    assert "OIP gRPC front listens" in capsys.readouterr().out
+
+
+def test_live_fails_on_a_5xx_or_a_closed_grpc_port(tsctl, live_servers, capsys):
+    FakeLive.status = 503
+    assert tsctl.main(["live"]) == 1
+    assert "HTTP 503" in capsys.readouterr().out
+    FakeLive.status = 200
+    live_servers.close()
+    assert tsctl.main(["live"]) == 1
+    assert "does not accept connections" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- the real container

@@ -1,50 +1,110 @@
-#!/bin/sh
-# Container entrypoint, run by tini (PID 1): TorchServe in the foreground, logging to stdout.
+#!/bin/bash
+# Container entrypoint, run by tini (PID 1): TorchServe (REST: native, KServe v1 and the Open Inference
+# Protocol through our Java agent) and our OIP gRPC front (serve/oip_grpc.py), both in the foreground,
+# logging to stdout. The same two processes `make serve` runs (serve/server.py).
 #
-#   (no arguments)      torchserve --foreground with the image's config, model store and log config
-#   -*  (flags)         the same, with these extra torchserve flags appended (e.g. --models mnistnet.mar)
+#   (no arguments)      both servers with the image's config and model store
+#   -*  (flags)         the same, with these torchserve flags appended; --ts-config / --model-store
+#                       replace the image's (KServe's ServingRuntime passes the /mnt/models ones)
 #   anything else       run that command instead (e.g. `bash`, `python3 /app/docker/tsctl.py key`)
+#
+# Environment (defaults are the image's; deploy/kserve/servingruntime.yaml sets some of them):
+#   APP_DIR            image layout root: config.properties, model_store/, docker/, oip/   (/app)
+#   OIP_AGENT_JAR      the OIP Java agent; empty: TorchServe's own partial OIP   ($APP_DIR/oip/oip-agent.jar)
+#   OIP_GRPC_LISTEN    HOST:PORT of the OIP gRPC front; empty or "off": no gRPC front   (0.0.0.0:7070)
+#   OIP_GRPC_REST      the REST address the front forwards to   (TS_INFERENCE_ADDRESS, via loopback)
+#   PYTHON             the Python that runs the gRPC front   (python3)
 #
 # Why not exec torchserve directly: `torchserve --foreground` is a Python launcher that starts the Java
 # frontend as its child and dies on SIGTERM without stopping it; when the launcher (the container's
 # main process) exits, the kernel SIGKILLs Java and its workers mid-request. So SIGTERM/SIGINT here
-# become `torchserve --stop`, which asks Java to shut down and waits (up to 60 s) for it to exit.
-set -eu
+# stop the gRPC front (it drains its calls) and run `torchserve --stop`, which asks Java to shut down
+# and waits (up to 60 s) for it to exit. If either server exits without being asked, the other one is
+# stopped and the container exits non-zero, so restart policies and Kubernetes notice.
+set -euo pipefail
 
 if [ "$#" -gt 0 ] && [ "${1#-}" = "$1" ]; then
     exec "$@"
 fi
 
-# TorchServe writes key_file.json (the token-auth keys) into its working directory.
+APP_DIR="${APP_DIR:-/app}"
+OIP_AGENT_JAR="${OIP_AGENT_JAR-$APP_DIR/oip/oip-agent.jar}"
+OIP_GRPC_LISTEN="${OIP_GRPC_LISTEN-0.0.0.0:7070}"
+PYTHON="${PYTHON:-python3}"
+
+# The image's config and model store unless the caller passes its own (KServe: /mnt/models/...).
+defaults=()
+case " $* " in *" --ts-config "* | *" --ts-config="*) ;; *) defaults+=(--ts-config "$APP_DIR/config.properties") ;; esac
+case " $* " in *" --model-store "* | *" --model-store="*) ;; *) defaults+=(--model-store "$APP_DIR/model_store") ;; esac
+# The launcher reads TS_CONFIG_FILE before --ts-config: an inherited one would silently win.
+unset TS_CONFIG_FILE
+
+# Open Inference Protocol REST: TorchServe's OIP handler on (TS_OPEN_INFERENCE_PROTOCOL=oip) with our
+# agent's replacement classes (serve/oip_agent.py builds the jar; `make serve` adds the same flag).
+if [ -n "$OIP_AGENT_JAR" ]; then
+    if [ ! -f "$OIP_AGENT_JAR" ]; then
+        echo "entrypoint: OIP agent $OIP_AGENT_JAR not found (set OIP_AGENT_JAR= to run without it)" >&2
+        exit 1
+    fi
+    export JDK_JAVA_OPTIONS="-javaagent:$OIP_AGENT_JAR${JDK_JAVA_OPTIONS:+ $JDK_JAVA_OPTIONS}"
+    export TS_OPEN_INFERENCE_PROTOCOL=oip
+fi
+
+# The gRPC front forwards to TorchServe's inference address; a wildcard host is reached via loopback.
+inference="${TS_INFERENCE_ADDRESS:-http://127.0.0.1:8080}"
+inference="${inference/\/\/0.0.0.0:/\/\/127.0.0.1:}"
+OIP_GRPC_REST="${OIP_GRPC_REST:-$inference}"
+
+# TorchServe writes key_file.json (the token-auth keys, when auth is on) into its working directory.
 cd "${TS_WORKDIR:-/home/model-server}"
 
 stopping=no
-stop_server() {
+ts_pid=
+grpc_pid=
+stop_all() {
     stopping=yes
-    echo "entrypoint: signal received, stopping TorchServe" >&2
+    echo "entrypoint: signal received, stopping the servers" >&2
+    if [ -n "$grpc_pid" ]; then kill -TERM "$grpc_pid" 2>/dev/null || true; fi
     torchserve --stop --foreground || true
 }
-trap stop_server TERM INT
+trap stop_all TERM INT
 
 torchserve --foreground --ncs \
-    --ts-config /app/config.properties \
-    --model-store /app/model_store \
-    --log-config /app/docker/log4j2.xml \
-    "$@" &
-server=$!
+    --log-config "$APP_DIR/docker/log4j2.xml" \
+    "${defaults[@]}" "$@" &
+ts_pid=$!
 
+if [ -n "$OIP_GRPC_LISTEN" ] && [ "$OIP_GRPC_LISTEN" != off ]; then
+    PYTHONPATH="$APP_DIR${PYTHONPATH:+:$PYTHONPATH}" \
+        "$PYTHON" -m serve.oip_grpc --listen "$OIP_GRPC_LISTEN" --rest "$OIP_GRPC_REST" &
+    grpc_pid=$!
+fi
+
+# Wait for the first of the two to end (or for a signal, which interrupts the wait).
 status=0
-wait "$server" || status=$?
+finished=
+wait -n -p finished $ts_pid $grpc_pid || status=$?
 if [ "$stopping" = no ]; then
-    # Nobody asked it to stop (a crash, an OOM exit): fail, so restart policies see a failure even
-    # though the launcher itself exits 0 whatever happened to Java.
-    echo "entrypoint: TorchServe exited on its own (launcher status $status)" >&2
+    if [ "$finished" = "$ts_pid" ]; then name=TorchServe; else name="the OIP gRPC front"; fi
+    echo "entrypoint: $name exited on its own (status $status); stopping the rest" >&2
+    trap - TERM INT
+    if [ "$finished" = "$ts_pid" ]; then
+        if [ -n "$grpc_pid" ]; then kill -TERM "$grpc_pid" 2>/dev/null || true; fi
+    else
+        torchserve --stop --foreground || true
+    fi
+    wait || true
+    # The launcher exits 0 whatever happened to Java: an unasked exit is a failure either way.
     [ "$status" -ne 0 ] || status=1
     exit "$status"
 fi
-# The signal interrupted the first wait; collect the launcher's own exit status.
+# A signal interrupted the wait: collect both exit statuses (127: already reaped).
 status=0
-wait "$server" 2>/dev/null || status=$?
-[ "$status" -ne 127 ] || status=0  # 127: already reaped while stop_server ran
-echo "entrypoint: TorchServe stopped (status $status)" >&2
+for pid in $ts_pid $grpc_pid; do
+    code=0
+    wait "$pid" 2>/dev/null || code=$?
+    [ "$code" -eq 127 ] && code=0
+    [ "$code" -eq 0 ] || status=$code
+done
+echo "entrypoint: servers stopped (status $status)" >&2
 exit "$status"

@@ -8,6 +8,14 @@
         Expected models: every ``*.mar`` in the model store (``/app/model_store``), or the
         comma-separated names in env ``HEALTHCHECK_MODELS``.
 
+    python3 /app/docker/tsctl.py live
+        Exit 0 when both servers of the container answer: TorchServe's inference port answers
+        ``GET /v2/health/live`` (any answer but a 5xx: with token auth on and no valid key the frontend
+        still answers), and the OIP gRPC front (env ``OIP_GRPC_LISTEN``, default ``0.0.0.0:7070``;
+        empty or ``off``: not checked) accepts a TCP connection. Cheap: no management call, no worker
+        check. The KServe runtime's liveness probe (deploy/kserve/servingruntime.yaml): an exec probe
+        works whichever single port Knative routes to (HTTP 8080 or gRPC 7070).
+
     python3 /app/docker/tsctl.py key [inference|management|api]     (default: inference)
         Print a key from ``key_file.json``. An expired inference/management key (they live
         ``token_expiration_min`` minutes) is renewed first through the management API's
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import urllib.error
 import urllib.parse
@@ -34,6 +43,7 @@ DEFAULT_INFERENCE = "http://0.0.0.0:8080"
 DEFAULT_MANAGEMENT = "http://127.0.0.1:8081"
 DEFAULT_WORKDIR = "/home/model-server"
 DEFAULT_MODEL_STORE = "/app/model_store"
+DEFAULT_OIP_GRPC = "0.0.0.0:7070"
 KEY_SECTIONS = {"inference": "inference", "management": "management", "api": "API"}
 
 
@@ -145,16 +155,42 @@ def health() -> str:
     return f"healthy: {len(expected)} models, {ready_workers} workers READY"
 
 
+def live() -> str:
+    """One-line summary when both servers answer; raises ServerError naming the one that does not."""
+    inference = local_url(os.environ.get("TS_INFERENCE_ADDRESS", DEFAULT_INFERENCE))
+    try:
+        key = read_key("inference")
+    except (ServerError, ValueError):
+        key = None
+    status, body = request(f"{inference}/v2/health/live", key)
+    if status >= 500:
+        raise ServerError(f"GET /v2/health/live: HTTP {status} {body[:200]!r}")
+    listen = os.environ.get("OIP_GRPC_LISTEN", DEFAULT_OIP_GRPC).strip()
+    if not listen or listen == "off":
+        return f"live: TorchServe answers ({status})"
+    host, _, port = listen.rpartition(":")
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "[::]", "::") else host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as err:
+        raise ServerError(f"the OIP gRPC front does not accept connections on {host}:{port}: {err}") from None
+    return f"live: TorchServe answers ({status}), OIP gRPC front listens on {host}:{port}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("health", help="exit 0 when every expected model has READY workers")
+    sub.add_parser("live", help="exit 0 when TorchServe and the OIP gRPC front answer")
     key_cmd = sub.add_parser("key", help="print a (renewed if expired) key from key_file.json")
     key_cmd.add_argument("kind", nargs="?", default="inference", choices=sorted(KEY_SECTIONS))
     args = parser.parse_args(argv)
     try:
         if args.command == "health":
             print(health())
+        elif args.command == "live":
+            print(live())
         else:
             key = valid_key(args.kind)
             if key is None:
@@ -163,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(key)
     except (ServerError, ValueError) as err:
-        print(f"unhealthy: {err}" if args.command == "health" else f"error: {err}",
-              file=sys.stdout if args.command == "health" else sys.stderr)
+        probe = args.command in ("health", "live")
+        print(f"unhealthy: {err}" if probe else f"error: {err}", file=sys.stdout if probe else sys.stderr)
         return 1
     return 0
 

@@ -1,16 +1,20 @@
-"""Lay out this repository's archives the way KServe's TorchServe runtime reads them.
+"""Lay out this repository's archives as the storage of our KServe ServingRuntime (deploy/kserve/).
 
-KServe downloads an InferenceService's ``storageUri`` to ``/mnt/models`` and expects::
+KServe's storage-initializer downloads an InferenceService's ``storageUri`` to ``/mnt/models`` (a
+read-only volume of the predictor pod); our runtime (``servingruntime.yaml``: the project's own image)
+starts TorchServe with ``--ts-config=/mnt/models/config/config.properties
+--model-store=/mnt/models/model-store``, so the storage holds::
 
     <storageUri>/config/config.properties
     <storageUri>/model-store/<name>.mar        (one per served model)
 
-The KServe-flavoured ``config.properties`` is generated, never hand-edited, from the two sources of
-truth: the repository's ``config.properties`` (limits, queue sizes, JVM flags, metrics, model API off
-are carried over) and ``models/registry.py`` via ``serve/package.py`` (one ``model_snapshot`` entry
-per model: version, workers, timeout). KServe-specific settings replace the rest (see KSERVE_SETTINGS).
-The committed copy in ``deploy/kserve/config/config.properties`` is checked against the generator by
-``tests/test_deploy.py``.
+The KServe ``config.properties`` is generated, never hand-edited, from the two sources of truth: the
+repository's ``config.properties`` (limits, queue sizes, JVM flags, metrics, model API off, the gRPC
+ports are carried over) and ``models/registry.py`` via ``serve/package.py`` (one ``model_snapshot``
+entry per model: version, workers, batch size, batch delay, timeout: the same as ``make serve``). Only
+the cluster-specific settings in KSERVE_SETTINGS differ. The committed copy in
+``deploy/kserve/config/config.properties`` is checked against the generator by ``tests/test_deploy.py``,
+and ``tests/kserve/test_kserve_replay.py`` serves a storage laid out by this script.
 
 Usage (from the repository root, after ``make package``)::
 
@@ -37,35 +41,31 @@ COMMITTED_CONFIG = REPO_ROOT / "deploy" / "kserve" / "config" / "config.properti
 ROOT_CONFIG = REPO_ROOT / "config.properties"
 KSERVE_MODEL_STORE = "/mnt/models/model-store"
 
-# Keys of the repository config that do not apply under KServe (addresses, paths, auth); every other
-# key is carried over unchanged.
+# Keys of the repository config that do not apply in the cluster (addresses, paths, auth); every
+# other key (including the gRPC ports and oip_grpc_port) is carried over unchanged.
 DROPPED_KEYS = {
     "inference_address", "management_address", "metrics_address",
-    "grpc_inference_address", "grpc_inference_port", "grpc_management_address", "grpc_management_port",
     "model_store", "load_models", "allowed_urls", "models", "model_snapshot",
     "disable_token_authorization", "token_expiration_min", "enable_envvars_config",
 }
 
-# What KServe's TorchServe runtime needs. Its wrapper (kserve_wrapper, port 8080 in the same pod)
-# forwards to TorchServe on 127.0.0.1:8085 (REST) / :7070 (gRPC for protocolVersion grpc-v2), and
-# checks readiness on the management address, all WITHOUT a token: KServe's ingress (Istio/Knative
-# or your gateway) is where authentication belongs, so TorchServe's own token auth is off here.
-# enable_envvars_config lets the runtime pick the request envelope (TS_SERVICE_ENVELOPE=kserve or
-# kservev2, from protocolVersion). Metrics listen on all interfaces so Prometheus can scrape :8082.
+# What the cluster needs (the runtime's env in servingruntime.yaml says the same, and wins: TS_* env
+# vars override this file because enable_envvars_config is on):
+# * inference (REST: native, KServe v1 /v1/models/<m>:predict and the OIP REST surface) on 0.0.0.0:8080,
+#   the port KServe sends traffic to; metrics on 0.0.0.0:8082 for Prometheus; management on loopback;
+# * token auth OFF: TorchServe 0.12 draws random keys at every start, so each replica would demand a
+#   different key. Authentication belongs to the mesh/gateway (deploy/kserve/auth-istio.yaml);
+# * the model store is the storage-initializer's download.
+# allowed_urls is left at TorchServe's default: registration is off (enable_model_api=false), so only
+# the model_snapshot below is ever loaded, from the --model-store the runtime passes.
 KSERVE_SETTINGS = {
-    "inference_address": "http://127.0.0.1:8085",
-    "management_address": "http://127.0.0.1:8085",
+    "inference_address": "http://0.0.0.0:8080",
+    "management_address": "http://127.0.0.1:8081",
     "metrics_address": "http://0.0.0.0:8082",
-    "grpc_inference_port": "7070",
-    "grpc_management_port": "7071",
     "enable_envvars_config": "true",
     "disable_token_authorization": "true",
     "model_store": KSERVE_MODEL_STORE,
 }
-
-# TorchServe's KServe envelopes decode only the FIRST request of a batch (request_envelope/kserve.py
-# and kservev2.py), so dynamic batching would break concurrent requests: one request per batch here.
-KSERVE_BATCH_SIZE = 1
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -89,8 +89,7 @@ def model_snapshot(names: list[str]) -> dict:
     models = {}
     for name in names:
         spec = get_spec(name)
-        settings = {**model_config(spec), "batchSize": KSERVE_BATCH_SIZE}
-        models[name] = {spec.version: {"defaultVersion": True, "marName": f"{name}.mar", **settings}}
+        models[name] = {spec.version: {"defaultVersion": True, "marName": f"{name}.mar", **model_config(spec)}}
     return {"name": "startup.cfg", "modelCount": len(models), "models": models}
 
 
@@ -102,14 +101,15 @@ def kserve_config(names: list[str] | None = None, root_config: Path = ROOT_CONFI
         "# GENERATED by deploy/kserve/make_storage.py from config.properties and models/registry.py;",
         "# do not edit: regenerate with `.venv/bin/python deploy/kserve/make_storage.py --write-config`.",
         "# KServe layout: <storageUri>/config/config.properties + <storageUri>/model-store/<name>.mar",
+        "# Read by deploy/kserve/servingruntime.yaml (the project's image): see deploy/README.md, \"KServe\".",
         "",
-        "# --- KServe runtime settings ---",
+        "# --- Cluster settings (deploy/kserve/make_storage.py KSERVE_SETTINGS) ---",
         *(f"{k}={v}" for k, v in KSERVE_SETTINGS.items()),
         "",
         "# --- Carried over from the repository's config.properties ---",
         *(f"{k}={v}" for k, v in carried.items()),
         "",
-        f"# --- Models (batchSize {KSERVE_BATCH_SIZE}: TorchServe's KServe envelopes decode one request per batch) ---",
+        "# --- Models: the registry's serving settings, as `make serve` loads them ---",
         "model_snapshot=" + json.dumps(model_snapshot(names), separators=(",", ":")),
     ]
     return "\n".join(lines) + "\n"
@@ -135,7 +135,7 @@ def build_storage(out: Path, store: Path, names: list[str] | None = None) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build KServe's TorchServe storage layout.")
+    parser = argparse.ArgumentParser(description="Build the storage (storageUri) of our KServe ServingRuntime.")
     parser.add_argument("out", nargs="?", type=Path, help="output directory (config/ + model-store/)")
     parser.add_argument("--store", type=Path, default=REPO_ROOT / "model_store",
                         help="where the .mar archives are (default: model_store/)")
