@@ -714,7 +714,8 @@ case " $* " in
 esac
 echo "start $*" >> "$TMPDIR/calls"
 echo "env JDK_JAVA_OPTIONS=${JDK_JAVA_OPTIONS:-} TS_OPEN_INFERENCE_PROTOCOL=${TS_OPEN_INFERENCE_PROTOCOL:-}" >> "$TMPDIR/calls"
-if [ -n "${FAKE_EXIT:-}" ]; then exit "$FAKE_EXIT"; fi
+# Exit a moment after the start (the gRPC stand-in installs its SIGTERM trap meanwhile).
+if [ -n "${FAKE_EXIT:-}" ]; then sleep 0.5; exit "$FAKE_EXIT"; fi
 sleep 300 >/dev/null 2>&1 &
 echo $! > "$pidfile"
 wait $! || true
