@@ -27,9 +27,10 @@ otherwise), sends one binary REST request whose outputs all ask for ``binary_dat
 ``raw_output_contents``. Outputs that REST still returns as JSON ``data`` are converted too.
 
 The caller's ``authorization`` metadata goes out unchanged as the HTTP ``Authorization`` header, so
-TorchServe's token auth applies as it does to REST (no key → REST's 401 → UNAUTHENTICATED). REST
-errors map to gRPC codes with REST's ``error`` message as the details (see ``HTTP_TO_GRPC``); a REST
-surface that cannot be reached → UNAVAILABLE.
+TorchServe's token auth applies as it does to REST (no or wrong key → UNAUTHENTICATED: TorchServe 0.12's
+own token check answers 400 ``InvalidKeyException``, which maps like a 401). REST errors map to gRPC
+codes with REST's ``error`` message as the details (see ``HTTP_TO_GRPC``); a REST surface that cannot
+be reached → UNAVAILABLE.
 
 Each gRPC worker thread keeps one persistent keep-alive ``http.client.HTTPConnection`` (reconnecting
 when the server dropped it), so a call costs one REST round trip on an open connection.
@@ -157,9 +158,25 @@ def rest_error_message(status: int, reason: str, body: bytes) -> str:
     return text or f"HTTP {status} {reason}".strip()
 
 
+def is_auth_failure(response: RestResponse) -> bool:
+    """A refused token: 401, or TorchServe 0.12's own token check, which answers 400 with
+    ``"type": "InvalidKeyException"`` (its auth filter runs before any OIP code can answer 401)."""
+    if response.status == 401:
+        return True
+    if response.status != 400 or b"InvalidKeyException" not in response.body:
+        return False
+    try:
+        return json.loads(response.body).get("type") == "InvalidKeyException"
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
 def rest_failure(response: RestResponse, reason: str = "") -> OipError:
     """The gRPC error a non-2xx REST response maps to."""
-    code = HTTP_TO_GRPC.get(response.status, grpc.StatusCode.INTERNAL)
+    if is_auth_failure(response):
+        code = grpc.StatusCode.UNAUTHENTICATED
+    else:
+        code = HTTP_TO_GRPC.get(response.status, grpc.StatusCode.INTERNAL)
     return OipError(code, rest_error_message(response.status, reason, response.body))
 
 
@@ -559,7 +576,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = self._get(path, context)
         if response.status == 200:
             return True
-        if response.status in (401, 403) or not (400 <= response.status < 500 or response.status == 503):
+        if response.status in (401, 403) or is_auth_failure(response) or not (
+            400 <= response.status < 500 or response.status == 503
+        ):
             raise rest_failure(response)
         return False
 
@@ -590,7 +609,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = self._get(model_path(request.name, request.version) + "/ready", context)
         if response.status == 200:
             return pb.ModelReadyResponse(ready=True)
-        if response.status == 400:
+        if response.status == 400 and not is_auth_failure(response):
             return pb.ModelReadyResponse(ready=False)
         raise rest_failure(response)
 

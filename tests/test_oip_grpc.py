@@ -87,6 +87,7 @@ class RestStandIn:
 
     def __init__(self, port: int = 0):
         self.token: str | None = None
+        self.torchserve_auth = False  # refuse a key as TorchServe 0.12 does (400 InvalidKeyException), not 401
         self.drop_connections = False  # close each connection after its response, without saying so
         self.auth_seen: list[str | None] = []
         self.paths: list[tuple[str, str]] = []
@@ -104,6 +105,7 @@ class RestStandIn:
 
     def reset(self) -> None:
         self.token = None
+        self.torchserve_auth = False
         self.drop_connections = False
         with self._lock:
             self.auth_seen.clear()
@@ -166,7 +168,11 @@ class _StandInHandler(BaseHTTPRequestHandler):
             self.standin.paths.append((self.command, self.path))
             self.standin.peers.append(self.client_address)
         if self.standin.token and auth != f"Bearer {self.standin.token}":
-            self._error(401, "Token Authorization failed. Token either incorrect, expired, or not provided correctly")
+            message = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
+            if self.standin.torchserve_auth:
+                self._json(400, {"code": 400, "type": "InvalidKeyException", "message": message, "error": message})
+            else:
+                self._error(401, message)
             return False
         return True
 
@@ -585,8 +591,10 @@ def test_typed_and_mixed_mistakes_are_invalid_argument(stub, standin):
 # -------------------------------------------------------------------------------- auth and errors
 
 
-def test_authorization_metadata_is_forwarded_unchanged(front, standin):
+@pytest.mark.parametrize("torchserve_auth", [False, True], ids=["401", "torchserve-400-InvalidKeyException"])
+def test_authorization_metadata_is_forwarded_unchanged(front, standin, torchserve_auth):
     standin.token = TOKEN
+    standin.torchserve_auth = torchserve_auth
     x = np.ones((1, 4), dtype=np.float32)
     inp = triton.InferInput("input", [1, 4], "FP32")
     inp.set_data_from_numpy(x)
@@ -601,12 +609,13 @@ def test_authorization_metadata_is_forwarded_unchanged(front, standin):
         for headers in (None, {"authorization": "Bearer wrong"}, {"authorization": TOKEN}):
             for call in (lambda: client.infer("classifier", [inp], headers=headers),
                          lambda: client.is_server_ready(headers=headers),
+                         lambda: client.is_model_ready("loading", headers=headers),
                          lambda: client.get_model_metadata("classifier", headers=headers)):
                 with pytest.raises(InferenceServerException) as info:
                     call()
                 assert info.value.status() == "StatusCode.UNAUTHENTICATED"
                 assert info.value.message().startswith("Token Authorization failed")
-        assert standin.auth_seen == [None] * 3 + ["Bearer wrong"] * 3 + [TOKEN] * 3
+        assert standin.auth_seen == [None] * 4 + ["Bearer wrong"] * 4 + [TOKEN] * 4
 
 
 @pytest.mark.parametrize(
