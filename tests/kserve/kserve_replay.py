@@ -378,6 +378,19 @@ class Pod:
             time.sleep(1.0)
         raise AssertionError(f"not ready after {timeout:.0f} s (last probe: {detail}):\n{self.log_tail()}")
 
+    def workers_ready(self, management_port: int) -> dict[str, str]:
+        """model → its workers' states from the management API ("READY" only when all of them are)."""
+        states = {}
+        for model in requests.get(self.url(management_port, "/models"), timeout=10).json()["models"]:
+            name = model["modelName"]
+            workers = []
+            for version in requests.get(self.url(management_port, f"/models/{name}"), timeout=10).json():
+                need = max(1, version.get("minWorkers", 1))
+                statuses = [w["status"] for w in version.get("workers", [])]
+                workers += statuses if len(statuses) >= need else statuses + ["MISSING"] * (need - len(statuses))
+            states[name] = "READY" if workers and all(w == "READY" for w in workers) else ",".join(workers) or "none"
+        return states
+
     def terminate(self, grace: float) -> int | None:
         """SIGTERM the container's main process (what the kubelet does) and wait ``grace`` seconds; then
         SIGKILL the whole process group. Returns the exit code, or None if it had to be killed."""
@@ -430,6 +443,9 @@ def prepare_pod(container: dict, layout: Layout, img: Image | None = None) -> Po
     env = dict(img.env)
     env.update({item["name"]: str(item.get("value", "")) for item in container.get("env", [])})
     env = {key: map_value(value, layout.paths, ports) for key, value in env.items()}
+    for key, value in env.items():  # bare port numbers (TS_GRPC_INFERENCE_PORT=7072)
+        if key.endswith("_PORT") and value.isdigit() and int(value) in ports:
+            env[key] = str(ports[int(value)])
     # The local stand-ins for what the node provides: /tmp (TorchServe's launcher reads TMPDIR and TEMP),
     # a HOME, and the host's Java (the image installs Debian's JRE on the base PATH).
     env.update(TMPDIR=str(layout.tmpdir), TEMP=str(layout.tmpdir), HOME=str(layout.workdir))
