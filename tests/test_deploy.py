@@ -111,6 +111,9 @@ def test_dockerfile_runtime_contract():
     assert "TS_MANAGEMENT_ADDRESS=http://127.0.0.1:8081" in env
     assert "TS_METRICS_ADDRESS=http://127.0.0.1:8082" in env
     assert "OIP_GRPC_LISTEN=0.0.0.0:7070" in env
+    root = {k.strip(): v.strip() for k, _, v in (l.partition("=") for l in (REPO / "config.properties").read_text().splitlines()
+                                                  if l.strip() and not l.startswith("#"))}
+    assert root.get("oip_grpc_port") == "7070", "the image's gRPC front port is the one `make serve` uses"
     # torchserve's launcher reads TS_CONFIG_FILE before --ts-config: KServe's --ts-config would be ignored.
     assert "TS_CONFIG_FILE" not in env
 
@@ -191,9 +194,12 @@ def test_k8s_objects_are_wired_together():
 
     (container,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8080}, "only the inference port leaves the pod"
-    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(8080, "http")]
-    assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == ["http"]
+    image_env = dict(pair.split("=", 1) for ins, args in dockerfile_instructions() if ins == "ENV" for pair in args.split())
+    grpc = int(image_env["OIP_GRPC_LISTEN"].rsplit(":", 1)[1])
+    assert ports == {"http": 8080, "grpc": grpc}, "only inference REST and OIP gRPC leave the pod"
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(8080, "http"), (grpc, "grpc")]
+    assert [p.get("appProtocol") for p in service["spec"]["ports"]] == [None, "kubernetes.io/h2c"]
+    assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == ["http", "grpc"]
     assert "cpu" in container["resources"]["requests"], "the CPU HPA needs a CPU request"
 
     # Probes: readiness/startup run the image's health check; the script they name exists.
