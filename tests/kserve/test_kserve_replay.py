@@ -246,6 +246,29 @@ def test_v1_instance_as_a_28x28_image(pod, samples, reference):
     assert classes == reference("mnistnet", model_input)["predicted_class"].tolist()
 
 
+def test_v1_concurrent_requests_each_get_their_own_predictions(pod, reference):
+    """Dynamic batching (batchSize 8, the registry's) joins concurrent requests into one worker batch;
+    each request must still get exactly its own predictions (the stock envelopes answered only the first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from train.data import mnist_arrays, normalize_images
+
+    images, _ = mnist_arrays("test")
+    chunks = [images[20 + 2 * i: 22 + 2 * i] for i in range(16)]
+
+    def send(pixels):
+        body = {"instances": (pixels.astype(np.float32) / 255.0).reshape(len(pixels), -1).tolist()}
+        return _post(pod, "v1", "/v1/models/feedforwardnet:predict", json=body)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(send, chunks))
+    for pixels, response in zip(chunks, responses):
+        assert response.status_code == 200, response.text
+        classes = [p["predicted_class"] for p in response.json()["predictions"]]
+        expected = reference("feedforwardnet", normalize_images(pixels).numpy().reshape(len(pixels), -1))
+        assert classes == expected["predicted_class"].tolist()
+
+
 # ---------------------------------------------------------------------------------- OIP v2 REST
 
 
