@@ -68,52 +68,74 @@ def _read_only(path: Path, writable: bool = False) -> None:
 
 
 @pytest.fixture(scope="module")
-def pod(tmp_path_factory, weights_dir):
-    """The replayed predictor container, READY (its readiness probe passed); stopped at the end."""
+def storage(tmp_path_factory, weights_dir):
+    """/mnt/models: make_storage.py's layout of freshly built archives, read-only like the volume
+    KServe's storage-initializer fills. Yields (storage dir, archive dir, agent jar)."""
     from serve import oip_agent
 
     make_storage = kr.load_make_storage()
     root = tmp_path_factory.mktemp("kserve")
     store = _archives(weights_dir, root / "archives")
-    storage = root / "mnt-models"
-    make_storage.build_storage(storage, store)
-    _read_only(storage)  # the storage-initializer's volume is mounted read-only
+    mount = root / "mnt-models"
+    make_storage.build_storage(mount, store)
+    _read_only(mount)
     try:
         jar = oip_agent.agent_jar()
     except oip_agent.AgentBuildError as err:
         pytest.fail(f"the image's OIP agent jar cannot be built here: {err}")
+    yield mount, store, jar
+    _read_only(mount, writable=True)
+
+
+def launch(storage, protocol: str = "v1") -> kr.Pod:
+    """Start the predictor container of ``protocol``'s InferenceService on ``storage`` and wait until its
+    readiness probe passes; records the workers' states at that moment in ``pod.states_at_ready``."""
+    import tempfile
+
+    mount, store, jar = storage
     outputs = {
         ("builder", "/opt/venv"): Path(sys.prefix),
         ("builder", "/src/model_store/*.mar"): store / "*.mar",
         ("oip", "/out/oip-agent.jar"): jar,
     }
     # Short root: TorchServe's worker sockets live in $TMPDIR and unix socket paths have 107 bytes.
-    import tempfile
-
     short = Path(tempfile.mkdtemp(prefix="ksr-", dir="/tmp"))
-    layout = kr.build_layout(short, storage, outputs)
-    container = kr.predictor_container(kr.inference_service("v1"))
-    replay = kr.prepare_pod(container, layout)
+    replay = kr.prepare_pod(kr.predictor_container(kr.inference_service(protocol)), kr.build_layout(short, mount, outputs))
     replay.start()
     try:
         replay.wait_ready(timeout=420)
-        # What the management API said when the readiness probe first passed (checked by a test), then
-        # wait until every worker really is READY so that one early probe does not fail every test.
         replay.states_at_ready = replay.workers_ready(MANAGEMENT_PORT)
+    except BaseException:
+        shutdown(replay, mount.parent)
+        raise
+    return replay
+
+
+def shutdown(replay: kr.Pod, keep_log_in: Path) -> None:
+    """Stop (SIGTERM, then SIGKILL of the group), keep the container log, remove the short root."""
+    replay.terminate(grace=90)
+    replay.kill()
+    log = keep_log_in / f"container-{replay.layout.root.name}.log"
+    if replay.log.exists():
+        shutil.copy2(replay.log, log)
+    shutil.rmtree(replay.layout.root, ignore_errors=True)
+    print(f"container log: {log}")
+
+
+@pytest.fixture(scope="module")
+def pod(storage):
+    """The replayed predictor container, READY, for every test of this module; stopped at the end."""
+    replay = launch(storage)
+    try:
+        # Wait until every worker really is READY, so that an early readiness probe (its own test)
+        # does not fail every other test.
         deadline = time.monotonic() + 300
         while any(state != "READY" for state in replay.workers_ready(MANAGEMENT_PORT).values()):
             assert time.monotonic() < deadline, f"workers never READY:\n{replay.log_tail()}"
             time.sleep(1)
         yield replay
     finally:
-        replay.terminate(grace=90)
-        replay.kill()
-        _read_only(storage, writable=True)
-        log = root / "container.log"  # keep the log with pytest's temp dirs; drop the short /tmp root
-        if replay.log.exists():
-            shutil.copy2(replay.log, log)
-        shutil.rmtree(short, ignore_errors=True)
-        print(f"container log: {log}")
+        shutdown(replay, storage[0].parent)
 
 
 def _port(protocol: str) -> int:
@@ -407,6 +429,25 @@ def test_grpc_server_ready_and_bad_input(grpc_client):
 
 
 # -------------------------------------------------------------------------------------- shutdown
+
+
+def test_a_dying_grpc_front_takes_the_container_down(storage):
+    """Either server dying on its own must end the container with a failure (so the kubelet restarts it),
+    and TorchServe must be stopped, not left behind. A second, private pod: the shared one stays up."""
+    import psutil
+
+    replay = launch(storage, "grpc-v2")
+    try:
+        children = psutil.Process(replay.process.pid).children(recursive=True)
+        (front,) = [c for c in children if "serve.oip_grpc" in c.cmdline()]
+        front.kill()
+        code = replay.process.wait(timeout=90)
+        assert code != 0, f"exit code {code}:\n{replay.log_tail()}"
+        assert "the OIP gRPC front exited on its own" in replay.log_tail(), replay.log_tail()
+        psutil.wait_procs([c for c in children if c.is_running()], timeout=30)
+        assert replay.leftover_java() == [], "TorchServe outlived the container's main process"
+    finally:
+        shutdown(replay, storage[0].parent)
 
 
 def test_sigterm_stops_both_servers_cleanly(pod):
