@@ -7,11 +7,11 @@ the only one that knows request and response formats. Which one a request uses:
    binary tensor extension** (Triton's ``extension_binary_data.md``, what ``tritonclient.http`` sends):
    the body is N bytes of JSON header, then the raw little-endian row-major bytes of every input whose
    ``parameters.binary_data_size`` is set, in input order; other inputs carry JSON ``data``.
-2. header ``oip-request: v2`` (set by the ``/v2`` front for ``/v2/models/{m}[/versions/{v}]/infer``)
-   → OIP JSON; the body MUST be a JSON object with ``inputs`` (anything else → 400).
-3. otherwise a JSON object with ``inputs`` → OIP JSON (also accepted on ``/predictions``);
-   ``{"instances": [...]}`` → **KServe v1** (``/v1/models/{m}:predict``); anything else → the native
-   forms of handlers/decoding.py.
+2. a KServe route (``/v1/models/{m}:predict``, ``/v2/models/{m}[/versions/{v}]/infer``; see
+   :func:`is_kserve_route`) → ``{"instances": [...]}`` is **KServe v1**, anything else must be OIP JSON
+   with ``inputs`` (else 400): no native forms there.
+3. otherwise (``/predictions``) a JSON object with ``inputs`` → OIP JSON, ``{"instances": [...]}`` →
+   KServe v1, anything else → the native forms of handlers/decoding.py.
 
 OIP request: exactly one input ``{"name", "shape", "datatype", "data" | parameters.binary_data_size}``;
 datatype FP16/FP32/FP64, (U)INT8..64 (BOOL, BYTES → 400); shape ``[N, 784]``, ``[N, 28, 28]`` or
@@ -75,6 +75,7 @@ from handlers.decoding import (
 HEADER_LENGTH = "inference-header-content-length"  # request header names arrive lowercased
 OIP_REQUEST = "oip-request"
 EXPLAIN = "explain"
+URL_PATH = "url_path"
 RESPONSE_HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
@@ -138,15 +139,31 @@ def decode_request(request: Any, spec, headers: dict[str, str] | None = None) ->
     """Decode one TorchServe request dict for ``spec`` (a ``models.registry.ModelSpec``); see module doc."""
     headers = headers or {}
     payload = request_payload(request)
-    oip = str(headers.get(OIP_REQUEST, "")).strip().lower() == "v2"
-    if oip and str(headers.get(EXPLAIN, "")).strip().lower() == "true":
+    kserve = is_kserve_route(headers)
+    if kserve and str(headers.get(EXPLAIN, "")).strip().lower() == "true":
         raise InputError(f"model {spec.name!r} has no explainer; send the request to /v2/models/{spec.name}/infer")
     if HEADER_LENGTH in headers:
         header, binary = split_binary_body(payload, headers[HEADER_LENGTH])
         return decode_oip(header, spec, binary)
-    if oip:
-        return decode_oip(_oip_json(payload), spec)
+    if kserve:
+        body = _oip_json(payload)
+        if isinstance(body, dict) and "instances" in body and "inputs" not in body:
+            return Decoded(decode_instances(body["instances"], spec), "v1")
+        return decode_oip(body, spec)
     return decode_payload(payload, spec)
+
+
+def is_kserve_route(headers: dict[str, str]) -> bool:
+    """True for a request TorchServe routed from ``/v1/models/{m}:predict|explain`` or
+    ``/v2/models/{m}[/versions/{v}]/infer|explain``, where only the KServe protocols are spoken.
+
+    TorchServe 0.12's InferenceRequestHandler adds header ``explain`` on those routes and on
+    ``/predictions|/explanations``, but ``url_path`` only on the latter; serve/java adds ``oip-request: v2``
+    on the versioned ``/v2`` route. (Legacy ``/invocations`` and ``/{m}/predict`` add neither: native.)
+    """
+    if str(headers.get(OIP_REQUEST, "")).strip().lower() == "v2":
+        return True
+    return EXPLAIN in headers and URL_PATH not in headers
 
 
 def decode_payload(payload: Any, spec) -> Decoded:
@@ -265,7 +282,9 @@ def decode_oip(body: Any, spec, binary: memoryview | None = None) -> Decoded:
         )
     if "inputs" not in body:
         keys = ", ".join(repr(k) for k in sorted(map(str, body))) or "none"
-        raise InputError(f"the Open Inference Protocol request has no 'inputs'; got keys: {keys}")
+        raise InputError(
+            f"the Open Inference Protocol request has no 'inputs' (KServe v1 sends 'instances'); got keys: {keys}"
+        )
     inputs = body["inputs"]
     if not isinstance(inputs, list) or len(inputs) != 1:
         got = f"{len(inputs)} inputs" if isinstance(inputs, list) else _type_name(inputs)

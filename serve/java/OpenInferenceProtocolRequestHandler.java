@@ -36,6 +36,8 @@ import org.pytorch.serve.wlm.Model;
 import org.pytorch.serve.wlm.ModelManager;
 import org.pytorch.serve.wlm.ModelVersionedRefs;
 import org.pytorch.serve.wlm.WorkerInitializationException;
+import org.pytorch.serve.wlm.WorkerState;
+import org.pytorch.serve.wlm.WorkerThread;
 
 /**
  * The Open Inference Protocol REST surface on TorchServe's inference port (loaded in place of
@@ -162,7 +164,7 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
         for (Map.Entry<String, ModelVersionedRefs> entry : manager.getAllModels()) {
             for (Map.Entry<String, Model> version : entry.getValue().getAllVersions()) {
                 Model model = version.getValue();
-                int healthy = manager.getNumHealthyWorkers(model.getModelVersionName());
+                int healthy = readyWorkers(model);
                 int needed = Math.max(1, model.getMinWorkers());
                 if (healthy < needed) {
                     waiting.add(entry.getKey() + "/" + version.getKey() + " (" + healthy + " of " + needed + " workers READY)");
@@ -178,7 +180,7 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
     }
 
     private static void modelReady(ChannelHandlerContext ctx, Model model) {
-        int healthy = ModelManager.getInstance().getNumHealthyWorkers(model.getModelVersionName());
+        int healthy = readyWorkers(model);
         JsonObject body = new JsonObject();
         body.addProperty("name", model.getModelName());
         body.addProperty("version", model.getVersion());
@@ -217,6 +219,7 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
             input.updateHeaders(header.getKey(), header.getValue());
         }
         input.updateHeaders("explain", explain ? "True" : "False");
+        input.updateHeaders("oip-request", "v2"); // handlers/protocols.py: only OIP is spoken here
         input.addParameter(new InputParameter("body", NettyUtils.getBytes(req.content()), HttpUtil.getMimeType(req)));
         input.setClientExpireTS(model.getClientTimeoutInMills());
         IMetric requests = MetricCache.getInstance().getMetricFrontend("ts_inference_requests_total");
@@ -232,6 +235,17 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
     }
 
     // -------------------------------------------------------------------------------------- helpers
+
+    /** Workers that have loaded the model: what the management API reports as READY. */
+    private static int readyWorkers(Model model) {
+        int ready = 0;
+        for (WorkerThread worker : ModelManager.getInstance().getWorkers(model.getModelVersionName())) {
+            if (worker.isRunning() && worker.getState() == WorkerState.WORKER_MODEL_LOADED) {
+                ready++;
+            }
+        }
+        return ready;
+    }
 
     private static Model findModel(String name, String version) {
         try {
