@@ -150,7 +150,7 @@ def check_response(url: str, token: str | None, body: bytes, content_type: str, 
         classes = [item.get("predicted_class") for item in items if isinstance(item, dict)]
     if len(classes) != count or any(c is None for c in classes):
         raise RuntimeError(f"{url}: expected {count} predicted_class values, got: {response.text[:300]}")
-    return {"status": response.status_code, "response_bytes": len(response.content), "predicted_class": classes[0]}
+    return {"status": response.status_code, "response_bytes": len(response.content), "predicted_class": int(classes[0])}
 
 
 def sweep(url: str, token: str | None, body: bytes, content_type: str, connections, seconds: float,
