@@ -151,9 +151,9 @@ CASES = [
          "Model version: 9.9 does not exist for model: mnistnet", source="frontend"),
     Case("unknown model (v2)", "/v2/models/nosuchmodel/infer", lambda d: dict(json=v2([1, 784])), 404,
          "Model not found: nosuchmodel", source="frontend"),
-    # TorchServe 0.12 has no v2 /versions/<v>/infer route at all (also for an existing version).
-    Case("v2 versioned URL", "/v2/models/mnistnet/versions/1.0/infer", lambda d: dict(json=v2([1, 784])), 404,
-         "Requested resource is not found", source="frontend"),
+    # Versioned OIP routes are served by our Java agent (serve/java): an unknown version is its 404.
+    Case("v2 unknown version", "/v2/models/mnistnet/versions/9.9/infer", lambda d: dict(json=v2([1, 784])), 404,
+         'model "mnistnet" has no version "9.9"', source="frontend"),
     Case("unknown path", "/predict/mnistnet", lambda d: dict(json={"data": ZEROS}), 404,
          "Requested resource is not found", source="frontend"),
     # TorchServe hands GET/PUT/DELETE on /predictions to the handler like POST: no body → our 400.
@@ -179,7 +179,7 @@ CASES = [
          "'inputs' must be a list holding exactly one input tensor; got object"),
     Case("v2 N = 0", V2, lambda d: dict(json=v2([0, 784], data=[])), 400, "N = 0 samples"),
     Case("v2 N = 1025", V2, lambda d: dict(json=v2([1025, 784], "UINT8", [0] * (1025 * 784))), 413,
-         "too many samples: 1025 > 1024"),
+         "holds more than 1024 samples"),
     Case("v2 string in data", V2, lambda d: dict(json=v2([1, 784], data=["x"] * 784)), 400,
          'inputs[0].data[0] must be a number; got string "x"'),
     Case("v2 tabular shape [1, 3]", "/v2/models/mlp/infer", lambda d: dict(json=v2([1, 3])), 400,

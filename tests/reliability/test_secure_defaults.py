@@ -182,8 +182,9 @@ def test_config_binds_every_api_to_loopback(props):
 
 
 def test_running_server_listens_on_loopback_only(server):
-    frontend = psutil.Process(server.pid())
-    listening = [c for c in frontend.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    frontend, grpc_front = psutil.Process(server.pid()), psutil.Process(server.grpc_pid())
+    listening = [c for process in (frontend, grpc_front)
+                 for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     ports = {c.laddr.port for c in listening}
     print("\nlistening:", sorted((c.laddr.ip, c.laddr.port) for c in listening))
     assert set(server.ports.listening().values()) <= ports, "every API port is bound"
@@ -264,9 +265,10 @@ def test_container_runs_as_non_root():
     assert user not in ("root", "0") and (not user.isdigit() or int(user) >= 1000), users[-1]
 
 
-def test_container_publishes_only_the_inference_port():
+def test_container_publishes_only_the_inference_ports():
+    """REST (native, KServe v1, OIP) on 8080 and the OIP gRPC front on 7070; management and metrics stay inside."""
     exposed = [port for ins, args in dockerfile_runtime_stage() if ins == "EXPOSE" for port in args.split()]
-    assert exposed == ["8080"]
+    assert exposed == ["8080", "7070"]
     env = " ".join(args for ins, args in dockerfile_runtime_stage() if ins == "ENV")
     assert "TS_MANAGEMENT_ADDRESS=http://127.0.0.1:" in env and "TS_METRICS_ADDRESS=http://127.0.0.1:" in env
 
