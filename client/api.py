@@ -15,11 +15,19 @@ directory ``.serve/`` or the current directory; the management key likewise (``m
 ``TS_MANAGEMENT_KEY``, key file). A key read from the key file is re-read once when the server refuses
 it (the server was restarted or the key rotated). Every error is a :class:`TorchServeError` with the HTTP
 status and the server's message.
+
+Busy server: a 503 (TorchServe's job queue for the model is full, ``job_queue_size``) or 429 answer is
+retried up to ``retries`` times (default 4) after a jittered exponential back-off (``backoff`` seconds
+doubled per try, capped at ``max_backoff``; a ``Retry-After`` header wins when it is longer). Every call of
+this client is idempotent (predictions and reads), so a retry cannot do anything twice. ``retries=0``
+turns it off; the last busy answer is raised as a :class:`TorchServeError` with its status.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 # TorchServe answers a missing/wrong/expired key with 400 InvalidKeyException (and some proxies 401).
 AUTH_FAILURE_STATUSES = (400, 401)
+# The server is overloaded (TorchServe: 503 when a model's job queue is full) or rate-limits (429): retry later.
+BUSY_STATUSES = (429, 503)
 
 
 class TorchServeError(Exception):
@@ -171,6 +181,9 @@ class TorchServeClient:
         management_token: management key (default: ``$TS_MANAGEMENT_KEY``, else key_file.json).
         key_file: key_file.json to read keys from (default: found as the module doc says).
         timeout: seconds per request (default 30).
+        retries: how often a busy answer (503/429) is retried (default 4; 0: never).
+        backoff: seconds before the first retry, doubled each time, with jitter (default 0.25).
+        max_backoff: longest wait between two tries in seconds (default 5).
     """
 
     def __init__(
@@ -181,6 +194,9 @@ class TorchServeClient:
         management_token: str | None = None,
         key_file: Path | None = None,
         timeout: float = 30.0,
+        retries: int = 4,
+        backoff: float = 0.25,
+        max_backoff: float = 5.0,
     ):
         self.base_url = (base_url or os.environ.get("TS_INFERENCE_URL") or DEFAULT_INFERENCE_URL).rstrip("/")
         self.management_url = (
@@ -188,6 +204,8 @@ class TorchServeClient:
         ).rstrip("/")
         self.key_file = Path(key_file) if key_file else None
         self.timeout = timeout
+        self.retries, self.backoff, self.max_backoff = max(0, int(retries)), backoff, max_backoff
+        self.busy_retries = 0  # busy answers retried so far (for callers and tests)
         self.session = requests.Session()
         # kind → (key, came from the key file so may be re-read)
         self._keys = {
@@ -205,9 +223,11 @@ class TorchServeClient:
     # ----------------------------------------------------------------------------------- plumbing
 
     def _request(self, method: str, url: str, key_kind: str | None, **kwargs) -> requests.Response:
-        """Send with ``Authorization: Bearer <key>``; on an auth failure re-read a key-file key once."""
+        """Send with ``Authorization: Bearer <key>``; on an auth failure re-read a key-file key once; on a
+        busy answer (503/429) wait and retry, at most ``retries`` times."""
         kwargs.setdefault("timeout", self.timeout)
-        for attempt in (1, 2):
+        refreshed, busy = False, 0
+        while True:
             headers = dict(kwargs.pop("headers", None) or {})
             key = self._keys[key_kind][0] if key_kind else None
             if key:
@@ -220,12 +240,29 @@ class TorchServeClient:
             if response.ok:
                 return response
             message, body = error_message(response)
-            if attempt == 1 and key_kind and response.status_code in AUTH_FAILURE_STATUSES and self._refresh_key(
+            if not refreshed and key_kind and response.status_code in AUTH_FAILURE_STATUSES and self._refresh_key(
                 key_kind, body
             ):
+                refreshed = True
+                continue
+            if response.status_code in BUSY_STATUSES and busy < self.retries:
+                time.sleep(self._busy_delay(busy, response))
+                busy += 1
+                self.busy_retries += 1
                 continue
             raise TorchServeError(response.status_code, message, body, url)
-        raise AssertionError("unreachable")
+
+    def _busy_delay(self, retry: int, response: requests.Response) -> float:
+        """Seconds to wait before busy retry number ``retry`` (0-based): half of ``backoff * 2**retry``
+        (capped at ``max_backoff``) plus a random part up to the other half, so that clients refused
+        together do not come back together; a longer ``Retry-After`` (seconds) wins, within the cap."""
+        ceiling = min(self.max_backoff, self.backoff * 2**retry)
+        delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+        try:
+            delay = max(delay, min(self.max_backoff, float(response.headers.get("Retry-After", 0))))
+        except ValueError:
+            pass
+        return delay
 
     def _refresh_key(self, kind: str, body: Any) -> bool:
         """Re-read a key-file key after a token failure; True if a different key was found."""
@@ -283,6 +320,22 @@ class TorchServeClient:
         headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)}
         response = self._request("POST", url, "inference", data=payload, headers=headers)
         return parse_binary_v2_response(response.content, response.headers.get("Inference-Header-Content-Length"))
+
+    def explain(
+        self, model: str, data: Any, version: str | None = None, target: int | None = None, steps: int | None = None,
+    ) -> Any:
+        """POST ``data`` (as :meth:`predict` sends it) to ``/explanations/<model>[/<version>]``: Captum
+        Integrated Gradients (handlers/explain.py). ``target``: the class to explain (default: the
+        predicted one); ``steps``: integration steps (default 50). Returns the decoded JSON: per sample
+        ``predicted_class``, ``probabilities``, ``target``, ``attributions`` (28x28 for a digit),
+        ``convergence_delta``, ``method``, ``baseline``, ``steps``; a list for a list of samples."""
+        body, content_type = encode_input(data)
+        params = {name: value for name, value in (("target", target), ("steps", steps)) if value is not None}
+        url = f"{self.base_url}/explanations/{self._model_path(model, version)}"
+        response = self._request(
+            "POST", url, "inference", data=body, params=params, headers={"Content-Type": content_type}
+        )
+        return response.json()
 
     def model_metadata(self, model: str, version: str | None = None) -> dict:
         """``GET /v2/models/<model>[/versions/<version>]``: name, versions, platform, inputs and outputs."""
