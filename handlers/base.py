@@ -17,19 +17,28 @@ requests: envelope rows are answered with Python values for the envelope to wrap
 header is set for them (protocols.envelope_kind). Subclasses implement ``postprocess`` (model
 output → the named arrays of ``ModelSpec.outputs``) and may override ``to_native`` (named arrays →
 native JSON response).
+
+Explanation requests (header ``explain: True``: ``/explanations``, ``/v1/...:explain``,
+``/v2/.../explain``) in the same batch are validated per request (handlers/explain.py) and answered
+with Integrated Gradients, all of them in one Captum call per ``steps`` value. Every batch reports
+model-quality metrics (handlers/metrics.py): predicted classes, top-class uncertainty or regression
+outputs, refused requests by reason, and the seconds spent decoding, in the forward pass, encoding and
+explaining.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from handlers import protocols
+from handlers import explain, protocols
 from handlers.decoding import InputError
+from handlers.metrics import ModelMetrics
 from models.registry import get_spec
 
 logger = logging.getLogger(__name__)
@@ -100,6 +109,8 @@ class ServingHandler:
         self.device = torch.device("cpu")
         self.model_name = None
         self.model_version = None
+        self.metrics = ModelMetrics(None, "", "")  # off until initialize() finds the metrics declared
+        self._explainer = None
         self.initialized = False
 
     # ----------------------------------------------------------------------------------- lifecycle
@@ -127,6 +138,7 @@ class ServingHandler:
         model_info = manifest.get("model", {})
         self.model_name = model_info.get("modelName", self.spec.name)
         self.model_version = model_info.get("modelVersion", self.spec.version)
+        self.metrics = ModelMetrics(getattr(context, "metrics", None), self.model_name, self.spec.task)
         self.initialized = True
         logger.info(
             "serving %s (%s) on %s with %d thread(s)",
@@ -147,32 +159,47 @@ class ServingHandler:
 
     def handle(self, data: list, context) -> list:
         """Answer a batch of requests: one response per request, in order (see module docstring)."""
+        metrics = self.metrics
+        metrics.begin()
+        started = time.perf_counter()
         envelope = protocols.envelope_kind(data, context)  # rows from a TorchServe request envelope?
         status_context = None if envelope else context  # envelope rows are not requests: set no status
         responses: list[Any] = [None] * len(data)
-        pending = []  # (index, protocols.Decoded) of every valid request
+        pending, explaining = [], []  # (index, protocols.Decoded) of every valid prediction / explanation
         for idx, request in enumerate(data):
             try:
                 if envelope:
                     decoded = protocols.decode_envelope_row(request, self.spec, idx, envelope)
                 else:
                     decoded = protocols.decode_request(request, self.spec, protocols.request_headers(context, idx))
-                pending.append((idx, decoded))
+                if decoded.explain is not None:
+                    options = explain.options(decoded.explain, self.spec, len(decoded.samples))
+                    explaining.append((idx, decoded, options))
+                else:
+                    pending.append((idx, decoded))
             except InputError as err:
                 responses[idx] = self._error(status_context, idx, err.status, err.message)
             except Exception:
                 logger.exception("decoding request %d failed unexpectedly", idx)
                 responses[idx] = self._error(status_context, idx, 500, "internal error while reading the request")
+        metrics.stage("decode", time.perf_counter() - started)
         if pending:
             self._predict(pending, responses, context, status_context)
+        if explaining:
+            self._explain(explaining, responses, context, status_context)
         if envelope:  # Python values: the envelope wraps them into one JSON response per request
             for idx in range(len(context.request_processor or [])):
                 protocols.set_content_type(context, idx)
+            metrics.flush()
             return responses
-        return [r if isinstance(r, (bytes, bytearray)) else encode_json(r) for r in responses]
+        answers = [r if isinstance(r, (bytes, bytearray)) else encode_json(r) for r in responses]
+        metrics.flush()
+        return answers
 
     def _predict(self, pending: list, responses: list, context, status_context) -> None:
         """One forward pass over all valid requests' samples, then each request's response."""
+        metrics = self.metrics
+        started = time.perf_counter()
         try:
             outputs = self.forward(np.concatenate([decoded.samples for _, decoded in pending]))
         except Exception as err:
@@ -180,15 +207,76 @@ class ServingHandler:
             for idx, _ in pending:
                 responses[idx] = self._error(status_context, idx, 500, f"inference failed: {type(err).__name__}")
             return
+        encoding = time.perf_counter()
+        metrics.stage("forward", encoding - started)
+        answered = []  # each answered request's named outputs, for the metrics
         start = 0
         for idx, decoded in pending:
             n = len(decoded.samples)
             part, start = outputs[start : start + n], start + n
             try:
-                responses[idx] = protocols.encode_response(decoded, self.postprocess(part), self, context, idx)
+                named = self.postprocess(part)
+                responses[idx] = protocols.encode_response(decoded, named, self, context, idx)
+                answered.append(named)
             except Exception as err:
                 logger.exception("postprocessing request %d failed", idx)
                 responses[idx] = self._error(status_context, idx, 500, f"postprocessing failed: {type(err).__name__}")
+        metrics.stage("encode", time.perf_counter() - encoding)
+        metrics.predictions(answered)
+
+    def _explain(self, explaining: list, responses: list, context, status_context) -> None:
+        """Integrated Gradients for every valid explanation request of the batch, then each one's answer."""
+        metrics = self.metrics
+        started = time.perf_counter()
+        samples = np.concatenate([decoded.samples for _, decoded, _ in explaining])
+        targets, steps = [], []
+        for _, decoded, options in explaining:
+            n = len(decoded.samples)
+            targets += options.target if options.target is not None else [None] * n
+            steps += [options.steps] * n
+        try:
+            if self._explainer is None:
+                self._explainer = explain.Explainer(self.model, self.spec, self.device)
+            result = self._explainer.explain(samples, targets, steps)
+        except Exception as err:
+            logger.exception("explaining a batch of %d request(s) failed", len(explaining))
+            for idx, _, _ in explaining:
+                responses[idx] = self._error(status_context, idx, 500, f"explanation failed: {type(err).__name__}")
+            return
+        metrics.stage("explain", time.perf_counter() - started)
+        start = 0
+        for idx, decoded, options in explaining:
+            n = len(decoded.samples)
+            rows, start = slice(start, start + n), start + n
+            part = {key: value[rows] for key, value in result.items()}
+            try:
+                model_outputs = self.postprocess(torch.from_numpy(part["outputs"]))
+                responses[idx] = self._encode_explanation(decoded, options, model_outputs, part, context, idx)
+            except Exception as err:
+                logger.exception("encoding explanation %d failed", idx)
+                responses[idx] = self._error(status_context, idx, 500, f"encoding the explanation failed: {type(err).__name__}")
+
+    def _encode_explanation(self, decoded, options, model_outputs: dict, result: dict, context, idx: int) -> bytes:
+        """One explanation's body in its request's protocol (handlers/explain.py says what is in it)."""
+        if decoded.kind == "oip":
+            arrays = explain.oip_arrays(self.spec, model_outputs, result)
+            body, header_length = protocols.oip_response(
+                arrays, decoded.oip, self, context.get_request_id(idx), explain=True,
+                parameters=explain.describe(self.spec, options.steps),
+            )
+            if header_length is not None:
+                protocols.set_header(context, idx, protocols.RESPONSE_HEADER_LENGTH, str(header_length))
+                protocols.set_content_type(context, idx, protocols.BINARY_TYPE)
+            else:
+                protocols.set_content_type(context, idx, protocols.JSON_TYPE)
+            return body
+        answers = explain.sample_objects(self.spec, model_outputs, result, options.steps)
+        if decoded.kind == "v1":
+            response = {"explanations": answers}
+        else:
+            response = answers if decoded.is_list else answers[0]
+        protocols.set_content_type(context, idx, protocols.JSON_TYPE)
+        return encode_json(response)
 
     def forward(self, samples: np.ndarray) -> torch.Tensor:
         """The model's output for float32 ``samples`` (N, *input_shape), on the CPU."""
@@ -207,10 +295,10 @@ class ServingHandler:
         """Native JSON response; default ``{name: values as nested lists}`` for every output."""
         return {name: array.tolist() for name, array in outputs.items()}
 
-    @staticmethod
-    def _error(context, idx: int, status: int, message: str) -> dict:
+    def _error(self, context, idx: int, status: int, message: str) -> dict:
         """Mark request ``idx`` failed with ``status`` (when the context has that request) and return
         its JSON error body."""
+        self.metrics.rejected(status, message)
         if protocols.has_request(context, idx):
             # The message doubles as the HTTP reason phrase: keep it one printable ASCII line.
             phrase = " ".join(message.encode("ascii", "replace").decode().split())[:200]

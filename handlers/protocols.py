@@ -28,7 +28,9 @@ request id. An output is binary when its ``parameters.binary_data`` is true, els
 instead of ``data``, the body is the JSON header followed by the binary outputs' bytes in output order,
 with response headers ``Inference-Header-Content-Length: <JSON length>`` and Content-Type
 ``application/octet-stream``. Without binary outputs: plain JSON, ``application/json``.
-Header ``explain: True`` (``/explain``) → 400: these models have no explainer.
+Header ``explain: True`` (``/explanations``, ``/v1/models/{m}:explain``, ``/v2/models/{m}/explain``) →
+an explanation (handlers/explain.py): the request decodes as above and ``Decoded.explain`` carries its
+parameters (``target``, ``steps``); OIP explanations answer the outputs of ``explain.oip_outputs``.
 
 KServe v1: ``{"instances": [i0, i1, ...]}`` → ``{"predictions": [p0, p1, ...]}``, one per instance, in
 order. Image instance: one 28x28 image or 784 intensities, or ``{"data"|"b64": "<base64 PNG/JPEG>"}``.
@@ -102,12 +104,15 @@ class Decoded:
 
     ``kind``: ``native`` (``is_list`` False when a single sample was sent), ``oip`` (``oip`` set),
     ``v1`` (KServe v1), or ``instance``/``tensor`` (one row of a TorchServe request envelope).
+    ``explain``: None for a prediction; for an explanation request its raw parameters (a dict, maybe
+    empty), validated later by ``explain.options``.
     """
 
     samples: np.ndarray
     kind: str
     is_list: bool = True
     oip: OipRequest | None = field(default=None)
+    explain: dict | None = field(default=None)
 
 
 # --------------------------------------------------------------------------------------- requests
@@ -140,17 +145,41 @@ def decode_request(request: Any, spec, headers: dict[str, str] | None = None) ->
     headers = headers or {}
     payload = request_payload(request)
     kserve = is_kserve_route(headers)
-    if kserve and str(headers.get(EXPLAIN, "")).strip().lower() == "true":
-        raise InputError(f"model {spec.name!r} has no explainer; send the request to /v2/models/{spec.name}/infer")
+    explain = is_explain(headers)
     if HEADER_LENGTH in headers:
         header, binary = split_binary_body(payload, headers[HEADER_LENGTH])
-        return decode_oip(header, spec, binary)
-    if kserve:
+        decoded, body = decode_oip(header, spec, binary, explain=explain), header
+    elif kserve:
         body = _oip_json(payload)
         if isinstance(body, dict) and "instances" in body and "inputs" not in body:
-            return Decoded(decode_instances(body["instances"], spec), "v1")
-        return decode_oip(body, spec)
-    return decode_payload(payload, spec)
+            decoded = Decoded(decode_instances(body["instances"], spec), "v1")
+        else:
+            decoded = decode_oip(body, spec, explain=explain)
+    else:
+        decoded, body = _decode_payload(payload, spec, explain=explain)
+    if explain:
+        decoded.explain = explain_parameters(decoded, body, request)
+    return decoded
+
+
+def is_explain(headers: dict[str, str]) -> bool:
+    """True for a request TorchServe routed from an explanation URL (header ``explain: True``)."""
+    return str(headers.get(EXPLAIN, "")).strip().lower() == "true"
+
+
+def explain_parameters(decoded: Decoded, body: Any, request: Any) -> dict:
+    """An explanation request's raw parameters: OIP ``parameters``; KServe v1 ``parameters`` or top-level
+    keys; native JSON object's keys; else (an image body, a bare list) the query string."""
+    from handlers import explain
+
+    found = explain.query_parameters(request)
+    if decoded.kind == "oip":
+        found.update(explain.read_parameters(body.get("parameters"), "'parameters'"))
+    elif isinstance(body, dict):
+        found.update(explain.read_parameters(body, "the request"))
+        if decoded.kind == "v1" and "parameters" in body:
+            found.update(explain.read_parameters(body["parameters"], "'parameters'"))
+    return found
 
 
 def is_kserve_route(headers: dict[str, str]) -> bool:
@@ -168,13 +197,18 @@ def is_kserve_route(headers: dict[str, str]) -> bool:
 
 def decode_payload(payload: Any, spec) -> Decoded:
     """Decode a body that came without protocol headers: OIP JSON, KServe v1 or a native form."""
+    return _decode_payload(payload, spec)[0]
+
+
+def _decode_payload(payload: Any, spec, explain: bool = False) -> tuple[Decoded, Any]:
+    """:func:`decode_payload`, also returning the parsed body (image bytes for an image)."""
     body = parse_payload(payload)
     if is_v2_request(body):
-        return decode_oip(body, spec)
+        return decode_oip(body, spec, explain=explain), body
     if isinstance(body, dict) and "instances" in body:
-        return Decoded(decode_instances(body["instances"], spec), "v1")
+        return Decoded(decode_instances(body["instances"], spec), "v1"), body
     samples, is_list = decode_native(body, spec)
-    return Decoded(samples, "native", is_list)
+    return Decoded(samples, "native", is_list), body
 
 
 def is_v2_request(body: Any) -> bool:
@@ -274,7 +308,7 @@ def _binary_sizes(inputs: list, binary: memoryview | None) -> list[int | None]:
 # -------------------------------------------------------------------------------- OIP decoding
 
 
-def decode_oip(body: Any, spec, binary: memoryview | None = None) -> Decoded:
+def decode_oip(body: Any, spec, binary: memoryview | None = None, explain: bool = False) -> Decoded:
     """Decode an OIP request (JSON header ``body``, plus its ``binary`` section for the binary extension)."""
     if not isinstance(body, dict):
         raise InputError(
@@ -290,19 +324,20 @@ def decode_oip(body: Any, spec, binary: memoryview | None = None) -> Decoded:
         got = f"{len(inputs)} inputs" if isinstance(inputs, list) else _type_name(inputs)
         raise InputError(f"'inputs' must be a list holding exactly one input tensor; got {got}")
     (size,) = _binary_sizes(inputs, binary)
-    request = _oip_request(body, spec)
+    request = _oip_request(body, spec, explain)
     return Decoded(_decode_tensor(inputs[0], spec, binary if size is not None else None), "oip", oip=request)
 
 
-def _oip_request(body: dict, spec) -> OipRequest:
-    """The request's id and its requested outputs (name, binary?), checked against ``spec.outputs``."""
+def _oip_request(body: dict, spec, explain: bool = False) -> OipRequest:
+    """The request's id and its requested outputs (name, binary?), checked against ``spec.outputs``
+    (an explanation's: ``explain.oip_outputs(spec)``)."""
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InputError(f"'parameters' must be an object; got {_what(parameters)}")
     binary_all = parameters.get("binary_data_output", False)
     if not isinstance(binary_all, bool):
         raise InputError(f"parameters.binary_data_output must be true or false; got {_what(binary_all)}")
-    known = [name for name, _, _ in spec.outputs]
+    known = [name for name, _, _ in output_specs(spec, explain)]
     requested = body.get("outputs")
     if requested is None:
         return OipRequest(body.get("id"), [(name, binary_all) for name in known])
@@ -519,9 +554,22 @@ def encode_response(decoded: Decoded, outputs: dict[str, np.ndarray], handler, c
     return encode_json(response)
 
 
-def oip_response(outputs: dict[str, np.ndarray], request: OipRequest, handler, fallback_id) -> tuple[bytes, int | None]:
-    """``(body, JSON header length or None)`` of an OIP response; None means the body is plain JSON."""
-    specs = {name: (datatype, shape) for name, datatype, shape in handler.spec.outputs}
+def output_specs(spec, explain: bool = False) -> tuple:
+    """``(name, datatype, sample shape)`` of every OIP output of a prediction, or of an explanation."""
+    if explain:
+        from handlers import explain as explanations
+
+        return explanations.oip_outputs(spec)
+    return spec.outputs
+
+
+def oip_response(
+    outputs: dict[str, np.ndarray], request: OipRequest, handler, fallback_id, explain: bool = False,
+    parameters: dict | None = None,
+) -> tuple[bytes, int | None]:
+    """``(body, JSON header length or None)`` of an OIP response; None means the body is plain JSON.
+    ``explain``: the outputs are an explanation's; ``parameters``: the response's ``parameters`` object."""
+    specs = {name: (datatype, shape) for name, datatype, shape in output_specs(handler.spec, explain)}
     entries, blobs = [], []
     for name, binary in request.outputs:
         datatype, sample_shape = specs[name]
@@ -543,6 +591,8 @@ def oip_response(outputs: dict[str, np.ndarray], request: OipRequest, handler, f
         "id": request.id if request.id is not None else fallback_id,
         "outputs": entries,
     }
+    if parameters:
+        response["parameters"] = parameters
     header = encode_json(response)
     if not blobs:
         return header, None

@@ -257,8 +257,9 @@ MALFORMED = [
     pytest.param({"data": [0.0] * 784}, OIP, 400, ["no 'inputs'", "'data'"], id="oip-native-body"),
     pytest.param(json.dumps(_mnist_header()).encode(), OIP, 400, ["no Inference-Header-Content-Length header"],
                  id="binary-size-without-header"),
-    pytest.param({"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": [0.0] * 784}]},
-                 {**OIP, "explain": "True"}, 400, ["no explainer"], id="explain"),
+    pytest.param({"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": [0.0] * 784}],
+                  "parameters": {"target": 12}},
+                 {**OIP, "explain": "True"}, 400, ["cannot explain target 12"], id="explain-bad-target"),
 ]
 
 
