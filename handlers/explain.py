@@ -9,10 +9,13 @@ request body is any input the model's prediction route takes, plus optional para
   Regression nets have one output: ``target`` may only be 0 (or absent).
 * ``steps``: Integrated Gradients steps (Gauss-Legendre points), 1..MAX_STEPS, default DEFAULT_STEPS.
 
-Where the parameters go: native JSON ``{"data": X, "target": 3, "steps": 64}``; a PNG/JPEG body (or a
-bare JSON list) takes them from the query string (``/explanations/mnistnet?target=3&steps=64``);
-KServe v1 ``{"instances": [...], "parameters": {"target": 3}}`` (top-level keys work too); Open
-Inference Protocol ``{"inputs": [...], "parameters": {"target": 3, "steps": 64}}``.
+Where the parameters go: native JSON ``{"data": X, "target": 3, "steps": 64}``; KServe v1
+``{"instances": [...], "parameters": {"target": 3}}`` (top-level keys work too); Open Inference
+Protocol ``{"inputs": [...], "parameters": {"target": 3, "steps": 64}}``; for any body (a PNG/JPEG, a
+bare JSON list) the request headers ``X-Explain-Target`` / ``X-Explain-Steps`` or multipart form fields
+``target`` / ``steps`` next to ``data``. (TorchServe 0.12 does not hand the query string of
+``/predictions`` or ``/explanations`` to the handler, so ``?target=3`` cannot work.) The JSON body wins
+over form fields, which win over headers.
 
 Attribution: Integrated Gradients of the model's raw output for the target (the class **logit** for
 the digit classifiers, p(class 1) for ``mlp`` (p(class 0) = 1 - p for target 0), the prediction for
@@ -39,6 +42,7 @@ Responses (per sample; images ``attributions`` is 28x28, tabular a row of W):
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +57,7 @@ MAX_EXPLAIN_SAMPLES = 64  # samples one explanation request may carry; more → 
 INTERNAL_BATCH_ROWS = 8192  # interpolated rows per forward/backward chunk (bounds memory per batch)
 METHOD = "integrated_gradients"
 PARAMETER_NAMES = ("target", "steps")
+HEADERS = {"target": "x-explain-target", "steps": "x-explain-steps"}  # lowercased, as request_headers gives them
 
 
 @dataclass
@@ -95,24 +100,25 @@ def read_parameters(source: Any, where: str) -> dict:
     return {name: source[name] for name in PARAMETER_NAMES if name in source}
 
 
-def query_parameters(request: Any) -> dict:
-    """Parameters TorchServe handed over as request fields (the query string: ``?target=3&steps=64``)."""
-    if not isinstance(request, dict):
-        return {}
+def text_parameters(request: Any, headers: dict[str, str] | None = None) -> dict:
+    """Parameters sent as headers (``X-Explain-Target: 3``) or multipart form fields (``target``,
+    ``steps``; TorchServe hands form fields to the handler as request fields), as integers."""
     found = {}
     for name in PARAMETER_NAMES:
-        value = request.get(name)
-        if value is None:
-            continue
-        if isinstance(value, (bytes, bytearray)):
-            value = bytes(value).decode("utf-8", "replace")
-        if isinstance(value, str):
-            text = value.strip()
-            try:
+        sources = [(f"header {HEADERS[name].title()}", (headers or {}).get(HEADERS[name]))]
+        if isinstance(request, dict):
+            sources.append((f"form field {name!r}", request.get(name)))
+        for where, value in sources:
+            if value is None:
+                continue
+            if isinstance(value, (bytes, bytearray)):
+                value = bytes(value).decode("utf-8", "replace")
+            if isinstance(value, str):
+                text = value.strip()
+                if not re.fullmatch(r"[+-]?\d{1,6}", text):
+                    raise InputError(f"{where} must be an integer; got {_short(text)}")
                 value = int(text)
-            except ValueError:
-                raise InputError(f"query parameter {name!r} must be an integer; got {_short(text)}") from None
-        found[name] = value
+            found[name] = value
     return found
 
 

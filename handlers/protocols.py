@@ -158,7 +158,7 @@ def decode_request(request: Any, spec, headers: dict[str, str] | None = None) ->
     else:
         decoded, body = _decode_payload(payload, spec, explain=explain)
     if explain:
-        decoded.explain = explain_parameters(decoded, body, request)
+        decoded.explain = explain_parameters(decoded, body, request, headers)
     return decoded
 
 
@@ -167,12 +167,13 @@ def is_explain(headers: dict[str, str]) -> bool:
     return str(headers.get(EXPLAIN, "")).strip().lower() == "true"
 
 
-def explain_parameters(decoded: Decoded, body: Any, request: Any) -> dict:
+def explain_parameters(decoded: Decoded, body: Any, request: Any, headers: dict[str, str] | None = None) -> dict:
     """An explanation request's raw parameters: OIP ``parameters``; KServe v1 ``parameters`` or top-level
-    keys; native JSON object's keys; else (an image body, a bare list) the query string."""
+    keys; a native JSON object's keys; over form fields ``target``/``steps``; over headers
+    ``X-Explain-Target``/``X-Explain-Steps`` (any body, e.g. a PNG)."""
     from handlers import explain
 
-    found = explain.query_parameters(request)
+    found = explain.text_parameters(request, headers)
     if decoded.kind == "oip":
         found.update(explain.read_parameters(body.get("parameters"), "'parameters'"))
     elif isinstance(body, dict):

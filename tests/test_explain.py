@@ -73,7 +73,7 @@ def test_a_batch_mixes_explanations_predictions_and_errors(mnist, digits):
         {"body": png(digits[0])},                                   # prediction
         {"body": {"data": images, "target": [1, 2, 3]}},            # 3 explanations, one target each
         {"body": {"data": images[0], "target": 10}},                # cannot be explained: 400
-        {"body": png(digits[4]), "target": bytearray(b"5")},        # target in the query string
+        {"body": png(digits[4]), "target": bytearray(b"5")},        # target as a multipart form field
         {"body": {"data": images[:2], "steps": 8}},                 # other steps: a second Captum call
         {"body": {"data": [[0.5] * 5]}},                            # bad input: 400 like a prediction
     ]
@@ -110,10 +110,18 @@ def test_explanations_that_cannot_be_computed_are_4xx(mnist, body, status, fragm
     assert answer["code"] == status and fragment in answer["error"], answer
 
 
-def test_bad_query_parameter(mnist, digits):
+def test_parameters_in_headers_and_form_fields(mnist, digits):
     handler, context, _ = mnist
-    (answer,) = run_batch(handler, context, [{"body": png(digits[0]), "steps": b"many"}], [NATIVE])
-    assert statuses(context, 1) == [400] and "query parameter 'steps' must be an integer" in answer["error"]
+    answers = run_batch(handler, context, [
+        {"body": png(digits[0])}, {"body": png(digits[0]), "steps": b"many"}, {"body": png(digits[0])},
+        {"body": {"data": (digits[0] / 255.0).tolist(), "target": 6}},
+    ], [{**NATIVE, "X-Explain-Target": "2", "X-Explain-Steps": "12"}, NATIVE,
+        {**NATIVE, "x-explain-target": "1e3"}, {**NATIVE, "X-Explain-Target": "2"}])
+    assert statuses(context, 4) == [200, 400, 400, 200]
+    assert (answers[0]["target"], answers[0]["steps"]) == (2, 12)
+    assert "form field 'steps' must be an integer" in answers[1]["error"]
+    assert "header X-Explain-Target must be an integer" in answers[2]["error"]
+    assert answers[3]["target"] == 6  # the JSON body wins over the header
 
 
 def test_kserve_v1_explain(mnist, digits):
