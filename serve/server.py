@@ -38,6 +38,9 @@ DEFAULT_CONFIG = REPO_ROOT / "config.properties"
 DEFAULT_WORKDIR = REPO_ROOT / ".serve"
 DEFAULT_LOG_DIR = REPO_ROOT / "logs"
 DEFAULT_LOG_CONFIG = REPO_ROOT / "serve" / "log4j2.xml"
+# TorchServe's metrics YAML with the handlers' model-quality metrics (handlers/metrics.py), unless the
+# config names its own metrics_config.
+DEFAULT_METRICS_CONFIG = REPO_ROOT / "serve" / "metrics.yaml"
 KEY_FILE = "key_file.json"
 PID_FILE = ".model_server.pid"  # written by torchserve's launcher into $TMPDIR
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
@@ -160,6 +163,7 @@ def effective_config(base: dict[str, str], ports: Ports, model_store: Path) -> d
         # Java regex, doubled backslashes for the properties format: only archives of this store.
         allowed_urls="file://" + re.escape(str(model_store)).replace("\\", "\\\\") + "/[^/]+\\\\.mar",
     )
+    props.setdefault("metrics_config", str(DEFAULT_METRICS_CONFIG))
     return props
 
 
