@@ -4,6 +4,8 @@
     python -m client predict mnistnet --json examples/digit_7.json [--v2 | --binary] [--version 1.0]
     python -m client predict mnistnet --npy batch.npy          # (28, 28), (784,), (N, 28, 28) or (N, 784)
     python -m client predict regressionnet --data '[[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]]'
+    python -m client explain mnistnet --png examples/digit_7.png --out heat.png [--target 7] [--steps 50]
+    python -m client page [--port 8765] [--model mnistnet]   # a local digit page (draw, see probabilities + saliency)
     python -m client models | describe mnistnet | health
     python -m client sample-digits --out examples/              # real MNIST test digits as PNG + JSON
 
@@ -72,6 +74,31 @@ def cmd_predict(client: TorchServeClient, args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- explain
+
+def cmd_explain(client: TorchServeClient, args: argparse.Namespace) -> int:
+    """Ask for an Integrated Gradients explanation; print it (without the map) and write the overlay PNG(s)."""
+    from client.heatmap import digit_pixels, write_overlay
+
+    payload = load_input(args)
+    result = client.explain(args.model, payload, version=args.version, target=args.target, steps=args.steps)
+    answers = result if isinstance(result, list) else [result]
+    for i, answer in enumerate(answers):
+        summary = {key: value for key, value in answer.items() if key not in ("attributions", "probabilities")}
+        print(json.dumps(summary))
+    if args.out and answers and np.size(answers[0].get("attributions")) == 784:
+        out = Path(args.out)
+        if len(answers) == 1:
+            paths = [write_overlay(out, digit_pixels(payload), answers[0])]
+        else:  # one picture per image: heat_0.png, heat_1.png, ...
+            images = payload.get("data", payload) if isinstance(payload, dict) else payload
+            paths = [write_overlay(out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}"), digit_pixels(image), answer)
+                     for i, (image, answer) in enumerate(zip(images, answers))]
+        for path in paths:
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 # -------------------------------------------------------------------------------- sample digits
 
 def sample_digits(out: Path, digits: list[int]) -> list[Path]:
@@ -125,6 +152,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     predict.add_argument("--binary", action="store_true",
                          help="v2 with binary tensors (the binary tensor data extension) both ways")
 
+    explain = commands.add_parser("explain", help="Integrated Gradients explanation from /explanations/<model>")
+    explain.add_argument("model")
+    source = explain.add_mutually_exclusive_group(required=True)
+    source.add_argument("--png", help="PNG/JPEG file, sent as the raw body")
+    source.add_argument("--npy", help=".npy array, sent as {\"data\": ...}")
+    source.add_argument("--json", help="JSON file, sent as is")
+    source.add_argument("--data", help="JSON text, sent as is")
+    explain.add_argument("--out", help="write the digit with the heatmap over it to this PNG (digit models)")
+    explain.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
+    explain.add_argument("--steps", type=int, help="integration steps (default 50, at most 256)")
+    explain.add_argument("--version", help="model version, e.g. 1.0 (default: the default version)")
+
+    page = commands.add_parser("page", help="local digit page: draw or drop a digit, see probabilities and saliency")
+    page.add_argument("--model", default="mnistnet", help="digit model to ask (default mnistnet)")
+    page.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    page.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+
     commands.add_parser("models", help="list the served models")
     describe = commands.add_parser("describe", help="workers and settings of one model")
     describe.add_argument("model")
@@ -144,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return cmd_predict(client, args)
+        if args.command == "explain":
+            return cmd_explain(client, args)
+        if args.command == "page":
+            from client.page import serve_page
+
+            return serve_page(client, args.model, args.host, args.port)
         if args.command == "models":
             for model in client.list_models():
                 print(f"{model['modelName']:16s} {model['modelUrl']}")

@@ -330,12 +330,13 @@ class TorchServeClient:
         ``predicted_class``, ``probabilities``, ``target``, ``attributions`` (28x28 for a digit),
         ``convergence_delta``, ``method``, ``baseline``, ``steps``; a list for a list of samples."""
         body, content_type = encode_input(data)
-        params = {name: value for name, value in (("target", target), ("steps", steps)) if value is not None}
+        headers = {"Content-Type": content_type}
+        if target is not None:
+            headers["X-Explain-Target"] = str(int(target))
+        if steps is not None:
+            headers["X-Explain-Steps"] = str(int(steps))
         url = f"{self.base_url}/explanations/{self._model_path(model, version)}"
-        response = self._request(
-            "POST", url, "inference", data=body, params=params, headers={"Content-Type": content_type}
-        )
-        return response.json()
+        return self._request("POST", url, "inference", data=body, headers=headers).json()
 
     def model_metadata(self, model: str, version: str | None = None) -> dict:
         """``GET /v2/models/<model>[/versions/<version>]``: name, versions, platform, inputs and outputs."""
