@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from serve import REPO_ROOT
-from serve.server import DEFAULT_CONFIG, DEFAULT_LOG_DIR, DEFAULT_WORKDIR, Server, ServerError
+from serve.server import DEFAULT_CONFIG, DEFAULT_LOG_DIR, DEFAULT_WORKDIR, PID_FILE, Server, ServerError
 
 EXAMPLE_PNG = REPO_ROOT / "examples" / "digit_7.png"
 
@@ -97,7 +97,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     except BaseException:
         # Stop only a server this call launched (never one that was already running).
         if server.launched and server.is_running():
-            print("TorchServe did not become ready; stopping it.", file=sys.stderr)
+            print("TorchServe did not become ready; stopping it.", flush=True)  # stderr: the cause only
             server.stop()
         raise
     print(usage_text(server, descriptions), flush=True)
@@ -115,19 +115,33 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     server = Server(config=args.config, models=[], workdir=args.workdir, log_dir=args.log_dir)
+    grpc_pid, stale = server.grpc_pid(), server.stale_pid()
     if server.stop():
         print("TorchServe stopped.")
     else:
         print(f"TorchServe is not running (no live server for TMPDIR {_relative(server.tmpdir)}).")
+        if stale is not None:
+            (server.tmpdir / PID_FILE).unlink(missing_ok=True)
+            print(f"  removed the stale pid file (pid {stale} had died)")
+        if grpc_pid is not None:
+            print(f"  stopped the OIP gRPC front it left behind (pid {grpc_pid})")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Exit code 0 when running with every served model READY, 1 when some are not, 3 when not running."""
+    """Exit code 0 when running with every served model READY, 1 when some are not, 3 when not running
+    (also when it died: a pid file whose process is gone is reported as such)."""
     server = Server(config=args.config, models=[], workdir=args.workdir, log_dir=args.log_dir)
     pid = server.pid()
     if pid is None:
-        print("TorchServe is not running.")
+        stale, grpc_pid = server.stale_pid(), server.grpc_pid()
+        if stale is not None:
+            print(f"TorchServe is NOT running: it died (stale pid file, pid {stale} is gone)"
+                  + (f"; its OIP gRPC front (pid {grpc_pid}) is still up" if grpc_pid else "")
+                  + f". See {_relative(server.log_dir)}/ts_log.log; run `{_python()} -m serve stop`, then start it again.")
+        else:
+            print("TorchServe is not running." + (f" (its OIP gRPC front, pid {grpc_pid}, is: "
+                                                  f"`{_python()} -m serve stop` stops it)" if grpc_pid else ""))
         return 3
     print(f"TorchServe is running (pid {pid}); inference {server.inference_url}, management {server.management_url}")
     print(f"  OIP REST  {server.inference_url}/v2")

@@ -25,6 +25,8 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -226,6 +228,43 @@ def read_keys(workdir: Path) -> dict[str, str]:
     return {name: key for name, key in keys.items() if key}
 
 
+def check_archive(path: Path, name: str) -> None:
+    """Raise a one-line ``ServerError`` unless ``path`` is a readable model archive for ``name``: a zip
+    file whose ``MAR-INF/MANIFEST.json`` names a handler and weights that the archive holds, every entry
+    intact (CRC). TorchServe itself would log a corrupt archive and go on without the model."""
+    fix = f"rebuild it with `python -m serve.package --models {name} --rebuild`"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            if "MAR-INF/MANIFEST.json" not in names:
+                raise ServerError(f"{path} has no MAR-INF/MANIFEST.json, so it is not a model archive; {fix}")
+            model = json.loads(archive.read("MAR-INF/MANIFEST.json")).get("model", {})
+            for field in ("handler", "serializedFile"):
+                member = model.get(field)
+                if member and (member.endswith(".py") or field == "serializedFile") and member not in names:
+                    what = "weights" if field == "serializedFile" else "handler"
+                    raise ServerError(f"{path} lacks its {what} {member} (named by its manifest); {fix}")
+            bad = archive.testzip()
+            if bad is not None:
+                raise ServerError(f"{path} is corrupt ({bad} fails its CRC check); {fix}")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, ValueError, EOFError, OSError) as err:
+        raise ServerError(f"{path} is not a readable model archive ({err}: truncated or corrupt); {fix}") from None
+
+
+def _writable_dir(directory: Path, what: str, option: str) -> None:
+    """Create ``directory`` if needed and prove it writable; one-line ``ServerError`` naming the fix if not."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ServerError(
+            f"the {what} {directory} is not writable ({err.strerror or err}); "
+            f"fix its permissions or pick another one with {option}"
+        ) from None
+
+
 def _torchserve_command() -> list[str]:
     """The venv's ``torchserve`` launcher (its module if the console script is missing)."""
     script = Path(sys.executable).parent / "torchserve"
@@ -281,6 +320,7 @@ class Server:
         self.extra_env = dict(env or {})
         self._launcher: subprocess.Popen | None = None
         self._grpc: subprocess.Popen | None = None
+        self._log_offsets: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------ addresses/keys
 
@@ -327,6 +367,15 @@ class Server:
     def is_running(self) -> bool:
         return self.pid() is not None
 
+    def stale_pid(self) -> int | None:
+        """The pid in ``$TMPDIR/.model_server.pid`` when no TorchServe runs under it any more (the frontend
+        died without ``torchserve --stop``, e.g. SIGKILL or an OOM kill), else None."""
+        try:
+            pid = int((self.tmpdir / PID_FILE).read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return None if self.pid() == pid else pid
+
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
         # Each worker is a process; one torch thread each keeps 7 workers from fighting over 2 cores.
@@ -360,6 +409,8 @@ class Server:
         socket_path = self.tmpdir / f".ts.sock.{self.ports.worker + 999}"
         if len(str(socket_path)) > MAX_SOCKET_PATH:
             raise ServerError(f"TMPDIR {self.tmpdir} is too long for unix socket paths; use a shorter one")
+        for name in self.models:  # last: reads every archive through
+            check_archive(self.model_store / f"{name}.mar", name)
 
     def start(self, foreground: bool = False) -> None:
         """Launch TorchServe in the background (returns once the frontend process exists).
@@ -369,8 +420,14 @@ class Server:
         already running, port busy, launcher failed) with the reason.
         """
         self._check_can_start()
-        for directory in (self.workdir, self.tmpdir, self.log_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+        _writable_dir(self.log_dir, "log folder", "--log-dir")
+        _writable_dir(self.workdir, "working directory", "--workdir")
+        _writable_dir(self.tmpdir, "TMPDIR", "--workdir")
+        # Where this start's lines begin in the logs (load_failure reads only those).
+        self._log_offsets = {
+            log: (self.log_dir / log).stat().st_size if (self.log_dir / log).is_file() else 0
+            for log in ("model_log.log", "ts_log.log")
+        }
         self.key_file.unlink(missing_ok=True)  # a stale key file would hand out dead keys
         ts_config = self.workdir / "ts-config.properties"
         try:
@@ -497,6 +554,39 @@ class Server:
 
     # ---------------------------------------------------------------------------------- readiness
 
+    def _log_since_start(self, log: str) -> list[str]:
+        """Lines written to ``<log_dir>/<log>`` since :meth:`start` (all of it if not started here)."""
+        try:
+            with open(self.log_dir / log, "rb") as file:
+                file.seek(self._log_offsets.get(log, 0))
+                return file.read().decode(errors="replace").splitlines()
+        except OSError:
+            return []
+
+    def load_failure(self, name: str) -> str | None:
+        """Why ``name`` failed to load since :meth:`start`, read from the logs, or None if it did not.
+
+        A handler that raises while loading (missing or corrupt weights, an import error) makes its worker
+        exit; TorchServe then restarts it forever, with back-off, so waiting only ends at the timeout.
+        The worker's lines in model_log.log (``W-<port>-<name>_<version>-stdout MODEL_LOG - ...``) say so.
+        """
+        thread = re.compile(rf" W-\d+-{re.escape(name)}_\S*-std(?:out|err) MODEL_LOG - (.*)$")
+        died, reason = False, None
+        for line in self._log_since_start("model_log.log"):
+            match = thread.search(line)
+            if not match:
+                continue
+            message = match.group(1).strip()
+            if message.startswith("Failed to load model ") or "Backend worker process died." in message:
+                died = True
+            elif died and reason is None and re.match(r"[A-Za-z_][\w.]*(Error|Exception)(: .*)?$", message):
+                reason = message  # the first exception named after the failure: the original cause
+        for line in self._log_since_start("ts_log.log"):
+            match = re.search(rf"Load model failed: {re.escape(name)}, error: (.*)$", line)
+            if match:
+                died, reason = True, reason or match.group(1).strip()
+        return (reason or "its worker died while loading") if died else None
+
     def _management_get(self, path: str, timeout: float = 5.0, **params) -> object:
         """GET ``path`` from the management API with the management key; raises for an error status."""
         headers = {}
@@ -538,6 +628,7 @@ class Server:
         deadline = time.monotonic() + timeout
         ready: dict[str, dict] = {}
         last_status: dict[str, str] = {}
+        failed_before: dict[str, int] = {}
         bar = tqdm(total=len(self.models), desc="models ready", unit="model", disable=not progress, file=sys.stdout)
         try:
             while len(ready) < len(self.models):
@@ -557,6 +648,17 @@ class Server:
                         ready[name] = description
                         bar.update(1)
                         bar.set_postfix_str(name)
+                    else:
+                        failure = self.load_failure(name)
+                        # The exception line may trail the "died" line (async logging): one more poll.
+                        generic = failure == "its worker died while loading"
+                        failed_before[name] = failed_before.get(name, 0) + 1 if failure else 0
+                        if failure and (not generic or failed_before[name] > 1):
+                            raise ServerError(
+                                f"model {name} failed to load: {failure[:300]}; fix or rebuild its archive "
+                                f"(`python -m serve.package --models {name} --rebuild`); "
+                                f"details in {self.log_dir / 'model_log.log'}"
+                            )
                 if len(ready) < len(self.models):
                     if time.monotonic() > deadline:
                         waiting = ", ".join(f"{n} [{last_status.get(n, '?')}]" for n in self.models if n not in ready)
