@@ -1,0 +1,578 @@
+"""Fault matrix against real TorchServe servers: what a user gets for each fault, and what is (not) lost.
+
+Cases (docs/reliability.md has the table these tests print at the end of the module):
+
+1. overload: far more concurrent 256-image requests than ``job_queue_size`` holds → 200 or 503 with a
+   JSON body, never a 500, a hang or a reset; the same workers serve normally right after; the project's
+   client (bounded, jittered retries on 503/429) gets every answer through the same overload;
+2. hung worker: a test-only handler that never returns (``fault_handler.py``, ``responseTimeout`` 3 s)
+   → answered after the timeout with a JSON error, worker replaced (new pid, READY again), readiness
+   probe non-200 meanwhile, the other model untouched; time to recovery measured;
+3. dead JVM: ``python -m serve status`` says it died (stale pid) and exits non-zero, ``serve stop``
+   still stops the OIP gRPC front; the container entrypoint exits non-zero when the JVM dies;
+4. bad start: corrupt / truncated archive, missing or broken weights, port in use, unwritable log
+   folder → ``python -m serve start`` fails fast with one line naming cause and fix, no stray process;
+5. keys: rotated and expired inference keys get 400 InvalidKeyException; the client re-reads the key file;
+6. workflow registration cannot load anything: outside the store, or a .war inside it.
+
+One server (``fault_server``: mnistnet + faulty, ``job_queue_size`` small) serves cases 1, 2, 5 and 6;
+a second, short-lived one (keys that expire in 3 s) serves the expiry and JVM-death cases.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+import yaml
+
+from client.api import TorchServeClient, TorchServeError
+from serve import REPO_ROOT
+from serve.server import Ports, Server, effective_config, load_properties, write_properties
+
+from .support import JSON, error_message, manage, send, worker_pids
+
+pytestmark = [pytest.mark.e2e]
+
+HERE = Path(__file__).resolve().parent
+FAULT_MODELS = ("mnistnet", "faulty")
+QUEUE = 2  # job_queue_size of the fault server: mnistnet holds one batch of 8 plus 2 queued requests
+RESPONSE_TIMEOUT_S = 3  # the faulty model's responseTimeout
+IMAGES_PER_REQUEST = 256
+OVERLOAD_REQUESTS = 48
+READY_TIMEOUT_S = 300
+
+
+# ------------------------------------------------------------------------------------ the table
+
+
+@pytest.fixture(scope="module")
+def matrix(request, tmp_path_factory):
+    """Rows ``case | what the user gets | what is lost | recovery``; printed (even without -s) and written
+    to ``<basetemp>/fault-matrix.txt`` at the end of the module."""
+    rows: list[str] = []
+    yield rows
+    text = "\n".join(["fault matrix (case | user gets | lost | recovery):", *rows])
+    (tmp_path_factory.getbasetemp() / "fault-matrix.txt").write_text(text + "\n")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # shown with or without -s
+            reporter.write_line("")
+            for line in text.splitlines():
+                reporter.write_line(line)
+
+
+def record(matrix: list, case: str, gets: str, lost: str, recovery: str) -> None:
+    row = f"{case:<26} | {gets} | lost: {lost} | recovery: {recovery}"
+    matrix.append(row)
+    print("\n" + row)
+
+
+# ------------------------------------------------------------------------------------ archives
+
+
+def write_fault_archive(path: Path, response_timeout: int = RESPONSE_TIMEOUT_S) -> Path:
+    """``faulty.mar``: fault_handler.py and its model-config.yaml (one worker, batch 1), no weights."""
+    manifest = {"createdOn": time.strftime("%d/%m/%Y %H:%M:%S"), "runtime": "python", "archiverVersion": "0.12.0",
+                "model": {"modelName": "faulty", "handler": "fault_handler.py", "modelVersion": "1.0",
+                          "configFile": "model-config.yaml"}}
+    config = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1,
+              "responseTimeout": response_timeout, "startupTimeout": 60}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", json.dumps(manifest, indent=1))
+        archive.writestr("model-config.yaml", yaml.safe_dump(config))
+        archive.write(HERE / "fault_handler.py", "fault_handler.py")
+    return path
+
+
+def rewrite_archive(source: Path, target: Path, replace: dict[str, bytes | None]) -> Path:
+    """A copy of ``source`` with the members in ``replace`` swapped for new bytes (None: left out)."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as new:
+        for info in old.infolist():
+            if info.filename in replace:
+                if replace[info.filename] is not None:
+                    new.writestr(info.filename, replace[info.filename])
+            else:
+                new.writestr(info, old.read(info.filename))
+    return target
+
+
+def server_config(path: Path, ports: Ports, store: Path, **settings: str) -> Path:
+    """The repository's config.properties with these ports, this store and ``settings`` on top."""
+    props = effective_config(load_properties(REPO_ROOT / "config.properties"), ports, store)
+    props.update(settings)
+    write_properties(props, path, "test config (tests/reliability/test_faults.py)")
+    return path
+
+
+def make_server(root: Path, store: Path, models, **settings: str) -> Server:
+    """A Server whose config file names its ports, so ``python -m serve --config ...`` finds it too."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = server_config(root / "config.properties", Ports.free(), store, **settings)
+    (root / "control").mkdir(exist_ok=True)
+    return Server(config=config, workdir=root / "work", log_dir=root / "logs", model_store=store,
+                  models=list(models), env={"FAULT_CONTROL_DIR": str(root / "control")})
+
+
+def serve_cli(*args: str, timeout: float = 120) -> tuple[int, str, str, float]:
+    """``python -m serve ARGS`` → (exit code, stdout, stderr, seconds)."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "serve", *args], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=timeout)
+    return result.returncode, result.stdout, result.stderr, time.monotonic() - started
+
+
+def processes_mentioning(*needles: str) -> list[str]:
+    """Live processes whose command line mentions any of ``needles`` (stray-process check)."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            line = " ".join(process.info["cmdline"] or [])
+            if process.info["status"] != psutil.STATUS_ZOMBIE and any(n in line for n in needles):
+                found.append(f"{process.info['pid']}: {line[:160]}")
+        except psutil.Error:
+            pass
+    return found
+
+
+# ------------------------------------------------------------------------------------ the server
+
+
+@pytest.fixture(scope="module")
+def fault_store(store, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("fault-store").resolve()
+    shutil.copy2(store / "mnistnet.mar", directory / "mnistnet.mar")
+    write_fault_archive(directory / "faulty.mar")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def fault_server(fault_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults").resolve()
+    server = make_server(root, fault_store, FAULT_MODELS, job_queue_size=str(QUEUE))
+    try:
+        server.start()
+        server.wait_ready(timeout=READY_TIMEOUT_S, progress=False)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def batch_body(digits) -> bytes:
+    images, _ = digits
+    return json.dumps({"data": (images[:IMAGES_PER_REQUEST] / 255.0).round(3).tolist()}).encode()
+
+
+# ------------------------------------------------------------------------------------ 1. overload
+
+
+def test_overload_answers_200_or_busy_and_keeps_the_workers(fault_server, batch_body, digits, matrix):
+    server = fault_server
+    before = worker_pids(server, FAULT_MODELS)
+    _, labels = digits
+    key = server.keys()["inference"]
+    url = f"{server.inference_url}/predictions/mnistnet"
+
+    def one(_):
+        started = time.monotonic()
+        try:
+            response = requests.post(url, data=batch_body, timeout=120,
+                                     headers={**JSON, "Authorization": f"Bearer {key}"})
+            return response, time.monotonic() - started
+        except requests.RequestException as err:
+            return err, time.monotonic() - started
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(OVERLOAD_REQUESTS) as pool:
+        results = list(pool.map(one, range(OVERLOAD_REQUESTS)))
+    burst_s = time.monotonic() - started
+    errors = [r for r, _ in results if not isinstance(r, requests.Response)]
+    assert not errors, f"connection errors / timeouts: {errors[:3]}"
+    statuses = [r.status_code for r, _ in results]
+    busy = [r for r, _ in results if r.status_code in (429, 503)]
+    assert set(statuses) <= {200, 429, 503}, statuses
+    assert busy, f"{OVERLOAD_REQUESTS} requests never overflowed a queue of {QUEUE}: {statuses}"
+    assert statuses.count(200) >= 1
+    for response in busy:
+        body = response.json()
+        assert body["code"] == response.status_code and body["type"] == "ServiceUnavailableException", body
+        assert "mnistnet" in error_message(response)
+    for response, _ in results:
+        if response.status_code == 200:
+            answer = response.json()
+            assert len(answer) == IMAGES_PER_REQUEST
+            accuracy = np.mean([a["predicted_class"] == y for a, y in zip(answer, labels)])
+            assert accuracy > 0.95
+    slowest_busy = max(s for r, s in results if r.status_code != 200)
+    assert worker_pids(server, FAULT_MODELS) == before, "the same workers serve on"
+    after = send(server, "POST", "/predictions/mnistnet", data=batch_body, headers=JSON)
+    assert after.status_code == 200 and len(after.json()) == IMAGES_PER_REQUEST
+    record(matrix, "overload (queue 2, 48x256)",
+           f"{statuses.count(200)}x200 + {len(busy)}x503 JSON {error_message(busy[0])[:60]!r}... "
+           f"(slowest 503 after {slowest_busy:.2f} s, burst {burst_s:.1f} s)",
+           "nothing: refused requests were never queued; workers unchanged", "none needed (immediate)")
+
+
+def test_client_retries_busy_answers_through_the_overload(fault_server, batch_body, matrix):
+    server = fault_server
+    images = json.loads(batch_body)["data"]
+    clients = [TorchServeClient(server.inference_url, server.management_url, key_file=server.key_file,
+                                retries=12, backoff=0.2, max_backoff=2.0, timeout=120) for _ in range(16)]
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(clients)) as pool:
+        answers = list(pool.map(lambda c: c.predict("mnistnet", {"data": images}), clients))
+    elapsed = time.monotonic() - started
+    retried = sum(c.busy_retries for c in clients)
+    assert all(len(a) == IMAGES_PER_REQUEST for a in answers)
+    assert retried > 0, "16 concurrent 256-image requests should overflow a queue of 2"
+    # Without retries the same overload is a clear 503 error for the caller.
+    plain = [TorchServeClient(server.inference_url, key_file=server.key_file, retries=0, timeout=120)
+             for _ in range(16)]
+
+    def no_retry(client):
+        try:
+            client.predict("mnistnet", {"data": images})
+            return 200
+        except TorchServeError as err:
+            return err.status
+    with ThreadPoolExecutor(len(plain)) as pool:
+        codes = list(pool.map(no_retry, plain))
+    assert set(codes) <= {200, 503} and 503 in codes, codes
+    record(matrix, "overload + client retries",
+           f"16/16 answered ({retried} busy answers retried, {elapsed:.1f} s); retries=0: "
+           f"{codes.count(503)}/16 get TorchServeError 503", "nothing", f"{elapsed:.1f} s for all 16")
+
+
+# ------------------------------------------------------------------------------------ 2. hung worker
+
+
+def test_hung_worker_is_answered_and_replaced(fault_server, batch_body, matrix):
+    server = fault_server
+    before = worker_pids(server, FAULT_MODELS)
+    old_pid = before["faulty"][0][1]
+    assert send(server, "POST", "/predictions/faulty", data=b"hello").json()["pid"] == old_pid
+    control = Path(server.extra_env["FAULT_CONTROL_DIR"])
+    (control / "slow_load").write_text("2")  # the replacement loads for 2 s: readiness must say so
+    hung: dict = {}
+
+    def hang():
+        started = time.monotonic()
+        hung["response"] = send(server, "POST", "/predictions/faulty", data=b"please hang", timeout=60)
+        hung["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=hang)
+    sent_at = time.monotonic()
+    thread.start()
+    try:
+        time.sleep(0.5)
+        other = send(server, "POST", "/predictions/mnistnet", data=batch_body, headers=JSON)
+        assert other.status_code == 200, "the other model answers while one worker hangs"
+        thread.join(timeout=RESPONSE_TIMEOUT_S + 30)
+        assert not thread.is_alive(), "no answer for the hung request"
+        response = hung["response"]
+        assert response.status_code >= 400, response.text
+        message = error_message(response)  # a JSON body with a message
+        assert hung["seconds"] < RESPONSE_TIMEOUT_S + 3, hung["seconds"]
+        not_ready = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            ready = send(server, "GET", "/v2/health/ready", timeout=10)
+            pids = [w.get("pid") for w in server.describe("faulty").get("workers", [])]
+            if ready.status_code != 200:
+                not_ready = not_ready or (ready.status_code, ready.text[:120])
+            elif not_ready and pids and pids[0] not in (None, old_pid) and send(
+                    server, "POST", "/predictions/faulty", data=b"hello").status_code == 200:
+                break
+            time.sleep(0.1)
+        recovery_s = time.monotonic() - sent_at
+    finally:
+        (control / "slow_load").unlink(missing_ok=True)
+    assert not_ready is not None, "readiness never reported the hung/restarting worker"
+    new = worker_pids(server, FAULT_MODELS)
+    assert new["faulty"][0][1] != old_pid
+    assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE, \
+        "the hung worker process is gone"
+    assert new["mnistnet"] == before["mnistnet"], "the other model's worker is untouched"
+    answer = send(server, "POST", "/predictions/faulty", data=b"hello")
+    assert answer.status_code == 200 and answer.json()["pid"] == new["faulty"][0][1]
+    record(matrix, "hung worker (timeout 3 s)",
+           f"{response.status_code} JSON {message[:50]!r} after {hung['seconds']:.1f} s; "
+           f"/v2/health/ready {not_ready[0]} meanwhile", "the hung request only; mnistnet served throughout",
+           f"{recovery_s:.1f} s to a new READY worker (incl. 2 s slow load)")
+
+
+# ------------------------------------------------------------------------------------ 5. keys
+
+
+def test_rotated_key_is_refused_and_the_client_rereads_it(fault_server, matrix):
+    server = fault_server
+    client = TorchServeClient(server.inference_url, server.management_url, key_file=server.key_file)
+    assert client.predict("faulty", {"x": 1})["ok"]
+    old = server.keys()["inference"]
+    rotate = manage(server, "POST", "/token", key="api", params={"type": "inference"})
+    assert rotate.status_code == 200, rotate.text
+    assert server.keys()["inference"] != old
+    refused = requests.post(f"{server.inference_url}/predictions/faulty", data=b"x", timeout=10,
+                            headers={"Authorization": f"Bearer {old}"})
+    assert refused.status_code in (400, 401)
+    assert "InvalidKeyException" in refused.text and "Token Authorization failed" in error_message(refused)
+    assert client.predict("faulty", {"x": 2})["ok"], "the client re-reads the rotated key"
+    assert client._keys["inference"][0] == server.keys()["inference"]
+    record(matrix, "rotated inference key", f"{refused.status_code} InvalidKeyException "
+           f"{error_message(refused)[:40]!r}...; client re-reads key_file.json and succeeds",
+           "nothing", "next request (client)")
+
+
+# ------------------------------------------------------------------------------------ 6. workflows
+
+
+def test_workflow_registration_loads_nothing(fault_server, tmp_path, matrix):
+    server = fault_server
+    outside = tmp_path / "wf.war"
+    outside.write_bytes(b"PK\x05\x06" + b"\x00" * 18)  # an (empty) zip: refused before it is opened
+    inside = server.model_store / "wf.war"
+    shutil.copy2(outside, inside)
+    traversal = os.path.relpath(outside, server.model_store)  # ../../…/wf.war, relative to the store
+    try:
+        answers = {}
+        for url in (f"file://{outside}", f"file://{inside}", traversal, "http://127.0.0.1:9/wf.war", "wf.war"):
+            response = manage(server, "POST", "/workflows", params={"url": url})
+            answers[url] = (response.status_code, error_message(response))
+            assert response.status_code >= 400, (url, response.text)
+        assert manage(server, "GET", "/workflows").json() == {"workflows": []}
+    finally:
+        inside.unlink()
+    for url in (f"file://{outside}", f"file://{inside}", "http://127.0.0.1:9/wf.war"):
+        assert "does not match any allowed URL(s)" in answers[url][1], answers
+    assert "not allowed" in answers[traversal][1].lower() or "allowed url" in answers[traversal][1].lower(), answers
+    print("\n".join(f"  POST /workflows?url={url}: {code} {message[:100]}" for url, (code, message) in answers.items()))
+    record(matrix, "workflow registration", "refused for every URL outside the store (file://, ../, http://): "
+           f"{answers[f'file://{outside}'][0]} 'does not match any allowed URL(s)'; a .war in the store by name: "
+           f"{answers['wf.war'][0]} {answers['wf.war'][1][:50]!r}", "nothing registered", "-")
+
+
+# ------------------------------------------------------------------------------------ 5b + 3. expiry, JVM death
+
+
+@pytest.fixture(scope="module")
+def short_key_server(fault_store, tmp_path_factory):
+    """Keys valid for 3 s; its JVM is killed by the last test (not waited READY: the management key expires)."""
+    root = tmp_path_factory.mktemp("short").resolve()
+    server = make_server(root, fault_store, ["faulty"], token_expiration_min="0.05")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_expired_key_gets_a_clear_refusal(short_key_server, matrix):
+    server = short_key_server
+    deadline = time.monotonic() + 60
+    while True:  # the management API comes up a moment after the frontend process
+        try:
+            if server.keys().get("api"):
+                rotate = manage(server, "POST", "/token", key="api", params={"type": "inference"})
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, server.output_tail()
+        time.sleep(0.2)
+    assert rotate.status_code == 200, rotate.text
+    client = TorchServeClient(server.inference_url, server.management_url, key_file=server.key_file, retries=0)
+    assert client.health() == {"status": "Healthy"}
+    time.sleep(3.5)
+    with pytest.raises(TorchServeError) as refused:
+        client.health()
+    assert refused.value.status in (400, 401) and "expired" in refused.value.message, refused.value
+    assert "InvalidKeyException" in json.dumps(refused.value.body)
+    renewed = manage(server, "POST", "/token", key="api", params={"type": "inference"})
+    assert renewed.status_code == 200
+    assert client.health() == {"status": "Healthy"}, "the client re-reads the renewed key"
+    record(matrix, "expired inference key", f"{refused.value.status} InvalidKeyException "
+           f"{refused.value.message[:40]!r}...; renew with the API key (POST /token), client re-reads",
+           "nothing", "one POST /token")
+
+
+def test_dead_jvm_is_reported_and_stop_cleans_up(short_key_server, matrix):
+    server = short_key_server
+    pid, grpc_pid = server.pid(), server.grpc_pid()
+    assert pid and grpc_pid
+    frontend = psutil.Process(pid)
+    workers = frontend.children(recursive=True)
+    cli = ["--config", str(server.config), "--workdir", str(server.workdir), "--log-dir", str(server.log_dir)]
+    os.kill(pid, signal.SIGKILL)
+    psutil.wait_procs([frontend], timeout=10)
+    code, out, err, _ = serve_cli("status", *cli, timeout=60)
+    assert code == 3, (code, out, err)
+    assert "NOT running" in out and f"stale pid file, pid {pid} is gone" in out and f"pid {grpc_pid}" in out, out
+    assert "serve stop" in out
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"workers outlived their frontend: {alive}"
+    code, out, err, _ = serve_cli("stop", *cli, timeout=60)
+    assert code == 0, err
+    assert f"stopped the OIP gRPC front it left behind (pid {grpc_pid})" in out, out
+    assert not psutil.pid_exists(grpc_pid) or psutil.Process(grpc_pid).status() == psutil.STATUS_ZOMBIE
+    code, out, _, _ = serve_cli("status", *cli, timeout=60)
+    assert code == 3 and out.startswith("TorchServe is not running."), out
+    assert processes_mentioning(str(server.workdir)) == []
+    record(matrix, "JVM SIGKILL (serve start)", "`serve status`: exit 3 'NOT running: it died (stale pid file …)'; "
+           "workers exit with it; `serve stop` stops the orphaned gRPC front",
+           "every in-flight and queued request", "manual `serve stop` + `serve start` (or a supervisor)")
+
+
+# ------------------------------------------------------------------------------------ 3b. container entrypoint
+
+
+def test_entrypoint_exits_non_zero_when_the_jvm_dies(tmp_path, matrix):
+    """deploy/docker/entrypoint.sh with the real torchserve launcher and gRPC front (no models, no agent)."""
+    app = tmp_path / "app"
+    (app / "docker").mkdir(parents=True)
+    (app / "model_store").mkdir()
+    shutil.copy2(REPO_ROOT / "deploy" / "docker" / "log4j2.xml", app / "docker" / "log4j2.xml")
+    ports = Ports.free()
+    server_config(app / "config.properties", ports, app / "model_store")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "t").mkdir()
+    env = {**os.environ, "APP_DIR": str(app), "OIP_AGENT_JAR": "", "PYTHON": sys.executable,
+           "OIP_GRPC_LISTEN": f"127.0.0.1:{ports.oip_grpc}", "TS_WORKDIR": str(tmp_path / "work"),
+           "TMPDIR": str(tmp_path / "t"), "TEMP": str(tmp_path / "t"), "PYTHONPATH": str(REPO_ROOT),
+           "OIP_GRPC_REST": f"http://127.0.0.1:{ports.inference}",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    env.pop("TS_CONFIG_FILE", None)
+    with open(tmp_path / "entrypoint.out", "wb") as out:
+        entry = subprocess.Popen(["bash", str(REPO_ROOT / "deploy" / "docker" / "entrypoint.sh")], env=env,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        pid_file = tmp_path / "t" / ".model_server.pid"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not pid_file.is_file() or not pid_file.read_text().strip()
+                                               or port_free(ports.inference) or port_free(ports.oip_grpc)):
+            assert entry.poll() is None, (tmp_path / "entrypoint.out").read_text()[-2000:]
+            time.sleep(0.2)
+        java = int(pid_file.read_text())
+        grpc = [p for p in psutil.Process(entry.pid).children(recursive=True)
+                if "serve.oip_grpc" in " ".join(p.cmdline())]
+        assert grpc, "the gRPC front runs"
+        killed_at = time.monotonic()
+        os.kill(java, signal.SIGKILL)
+        code = entry.wait(timeout=60)
+        exit_s = time.monotonic() - killed_at
+    finally:
+        if entry.poll() is None:
+            os.killpg(entry.pid, signal.SIGKILL)
+            entry.wait()
+    output = (tmp_path / "entrypoint.out").read_text()
+    assert code != 0, output[-2000:]
+    assert "TorchServe exited on its own" in output
+    _, alive = psutil.wait_procs(grpc, timeout=10)
+    assert not alive, "the gRPC front is stopped with the container"
+    record(matrix, "JVM SIGKILL (container)", f"entrypoint exits {code} after {exit_s:.1f} s "
+           "('TorchServe exited on its own'), gRPC front stopped", "every in-flight and queued request",
+           "the runtime restarts the container (restart policy / kubelet)")
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+# ------------------------------------------------------------------------------------ 4. bad start
+
+
+@pytest.fixture(scope="module")
+def bad_starts(tmp_path_factory) -> Path:
+    """The folder under which each bad start gets its own store, config, workdir and logs."""
+    return tmp_path_factory.mktemp("bad-starts").resolve()
+
+
+def bad_start(root: Path, store: Path, archive_bytes: bytes | None = None, rewrite: dict | None = None,
+              log_dir: Path | None = None, ports: Ports | None = None) -> tuple[list[str], Ports]:
+    model_store = root / "store"
+    model_store.mkdir(parents=True)
+    target = model_store / "mnistnet.mar"
+    if archive_bytes is not None:
+        target.write_bytes(archive_bytes)
+    elif rewrite is not None:
+        rewrite_archive(store / "mnistnet.mar", target, rewrite)
+    else:
+        shutil.copy2(store / "mnistnet.mar", target)
+    ports = ports or Ports.free()
+    config = server_config(root / "config.properties", ports, model_store)
+    args = ["start", "--models", "mnistnet", "--timeout", "120", "--config", str(config),
+            "--workdir", str(root / "work"), "--log-dir", str(log_dir or root / "logs")]
+    return args, ports
+
+
+BAD_STARTS = {
+    # case: (how, words the one line must contain)
+    "truncated archive": ("truncated", ["not a readable model archive", "--rebuild"]),
+    "corrupt archive": ("corrupt", ["corrupt", "--rebuild"]),
+    "archive without weights": ("no-weights", ["lacks its weights mnistnet.pt", "--rebuild"]),
+    "broken weights": ("garbage-weights", ["failed to load", "--rebuild", "model_log.log"]),
+    "port in use": ("port", ["already in use", "(inference)", "pick other ports"]),
+    "unwritable log folder": ("log-dir", ["log folder", "not writable", "--log-dir"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STARTS))
+def test_bad_start_fails_fast_with_one_line(case, bad_starts, store, matrix):
+    how, words = BAD_STARTS[case]
+    root = bad_starts / how
+    good = (store / "mnistnet.mar").read_bytes()
+    listener = None
+    if how == "truncated":
+        args, ports = bad_start(root, store, archive_bytes=good[: len(good) // 2])
+    elif how == "corrupt":
+        with zipfile.ZipFile(store / "mnistnet.mar") as archive:
+            info = archive.getinfo("mnistnet.pt")
+        corrupt = bytearray(good)
+        middle = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
+        corrupt[middle:middle + 64] = bytes(b ^ 0xFF for b in corrupt[middle:middle + 64])
+        args, ports = bad_start(root, store, archive_bytes=bytes(corrupt))
+    elif how == "no-weights":
+        args, ports = bad_start(root, store, rewrite={"mnistnet.pt": None})
+    elif how == "garbage-weights":
+        args, ports = bad_start(root, store, rewrite={"mnistnet.pt": b"these are not weights" * 100})
+    elif how == "port":
+        args, ports = bad_start(root, store)
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", ports.inference))
+        listener.listen()
+    else:
+        blocker = root.parent / f"{how}-file"
+        blocker.write_text("a file where the log folder should be\n")
+        args, ports = bad_start(root, store, log_dir=blocker / "logs")
+    try:
+        code, out, err, seconds = serve_cli(*args, timeout=180)
+    finally:
+        if listener is not None:
+            listener.close()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1, (code, out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert "Traceback" not in out + err
+    time.sleep(0.5)
+    stray = processes_mentioning(str(root), f"127.0.0.1:{ports.oip_grpc}")
+    assert stray == [], stray
+    limit = 90 if how == "garbage-weights" else 30
+    assert seconds < limit, f"{case}: {seconds:.1f} s"
+    record(matrix, f"bad start: {case}", f"exit 1 in {seconds:.1f} s: {lines[0].replace(str(root), '…')[:150]}",
+           "-", "fix + start again")
