@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup train package serve stop status test bench clean
+.PHONY: setup train package serve stop status test bench gpu-check clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -36,6 +36,11 @@ test: setup
 # Serving benchmark, stock TorchServe vs ours vs in-process (bench/README.md; needs `apt-get install -y wrk`).
 bench: setup
 	$(PY) -m bench.serving $(BENCH_ARGS)
+
+# GPU check (scripts/gpu_check.py, README "GPU check"): handlers on the GPU in process and, with Java, TorchServe's
+# GPU workers; parity with the CPU and throughput. Without a GPU it says so and exits 0. GPU_CHECK_ARGS: its options.
+gpu-check: setup
+	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf weights model_store/*.mar build logs
