@@ -89,19 +89,26 @@ class ModelMetrics:
         self.enabled = declared(metrics_cache)
         self.hostname = socket.gethostname()
         self.lines: list[str] = []
+        self._parts: dict[tuple, tuple[str, str]] = {}  # (name, labels) → (line head, line tail before hostname)
 
     def begin(self) -> None:
         self.lines = []
 
-    def _add(self, name: str, value: float, labels: tuple[str, ...] = ()) -> None:
-        kind, unit, dims = DECLARED[name]
-        values = (self.model_name, *labels)
-        dimensions = ",".join(f"{d}:{v}" for d, v in zip(dims, values))
-        self.lines.append(f"[METRICS]{name}.{unit}:{value}|#{dimensions}|#type:{kind.upper()}")
+    def _line_parts(self, name: str, labels: tuple[str, ...]) -> tuple[str, str]:
+        parts = self._parts.get((name, labels))
+        if parts is None:
+            kind, unit, dims = DECLARED[name]
+            dimensions = ",".join(f"{d}:{v}" for d, v in zip(dims, (self.model_name, *labels)))
+            parts = self._parts[(name, labels)] = (f"[METRICS]{name}.{unit}:", f"|#{dimensions}|#type:{kind.upper()}")
+        return parts
+
+    def _add(self, name: str, value, labels: tuple[str, ...] = ()) -> None:
+        head, tail = self._line_parts(name, labels)
+        self.lines.append(f"{head}{value}{tail}")
 
     def stage(self, stage: str, seconds: float) -> None:
         if self.enabled:
-            self._add(STAGE_SECONDS, round(seconds, 9), (stage,))
+            self._add(STAGE_SECONDS, f"{seconds:.9f}", (stage,))
 
     def rejected(self, status: int, message: str) -> None:
         if self.enabled:
@@ -112,25 +119,25 @@ class ModelMetrics:
         answered requests' named outputs (handlers' ``postprocess``)."""
         if not self.enabled or not answered:
             return
-        outputs = {name: np.concatenate([np.asarray(named[name]) for named in answered]) for name in answered[0]}
-        if "predicted_class" in outputs:
-            for cls, count in sorted(Counter(np.asarray(outputs["predicted_class"]).ravel().tolist()).items()):
+        if "predicted_class" in answered[0]:
+            classes = np.concatenate([named["predicted_class"] for named in answered])
+            for cls, count in sorted(Counter(classes.tolist()).items()):
                 self._add(PREDICTED_CLASS, count, (str(cls),))
-            p = np.asarray(outputs["probabilities"], dtype=np.float64)
+            p = np.concatenate([named["probabilities"] for named in answered]).astype(np.float64)
             top = p.max(axis=1) if p.ndim == 2 else np.maximum(p, 1 - p)
-            for value in (1.0 - top).tolist():
-                self._add(UNCERTAINTY, f"{max(value, 0.0):.6g}")
-        elif "predictions" in outputs:
-            for value in np.asarray(outputs["predictions"], dtype=np.float64).ravel().tolist():
-                if np.isfinite(value):
-                    self._add(REGRESSION_OUTPUT, f"{value:.6g}")
+            head, tail = self._line_parts(UNCERTAINTY, ())
+            self.lines += [f"{head}{value:.6g}{tail}" for value in np.maximum(1.0 - top, 0.0).tolist()]
+        elif "predictions" in answered[0]:
+            values = np.concatenate([np.ravel(named["predictions"]) for named in answered]).astype(np.float64)
+            head, tail = self._line_parts(REGRESSION_OUTPUT, ())
+            self.lines += [f"{head}{value:.6g}{tail}" for value in values[np.isfinite(values)].tolist()]
 
     def flush(self) -> None:
         """Write the batch's observations: one record, one ``[METRICS]`` line each."""
         if not self.lines:
             return
-        suffix = f"|#hostname:{self.hostname},{int(time.time())}"
-        logger.info("\n".join(line + suffix for line in self.lines))
+        suffix = f"|#hostname:{self.hostname},{int(time.time())}\n"
+        logger.info(suffix.join(self.lines) + suffix[:-1])
         self.lines = []
 
 
