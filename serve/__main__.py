@@ -115,7 +115,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     server = Server(config=args.config, models=[], workdir=args.workdir, log_dir=args.log_dir)
-    grpc_pid, stale = server.grpc_pid(), server.stale_pid()
+    grpc_pid, stale, orphans = server.grpc_pid(), server.stale_pid(), server.orphan_workers()
     if server.stop():
         print("TorchServe stopped.")
     else:
@@ -125,6 +125,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
             print(f"  removed the stale pid file (pid {stale} had died)")
         if grpc_pid is not None:
             print(f"  stopped the OIP gRPC front it left behind (pid {grpc_pid})")
+        if orphans:
+            print(f"  killed {len(orphans)} backend worker(s) it left behind (pids "
+                  f"{', '.join(str(p.pid) for p in orphans)})")
     return 0
 
 
@@ -134,10 +137,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     server = Server(config=args.config, models=[], workdir=args.workdir, log_dir=args.log_dir)
     pid = server.pid()
     if pid is None:
-        stale, grpc_pid = server.stale_pid(), server.grpc_pid()
+        stale, grpc_pid, orphans = server.stale_pid(), server.grpc_pid(), server.orphan_workers()
         if stale is not None:
             print(f"TorchServe is NOT running: it died (stale pid file, pid {stale} is gone)"
                   + (f"; its OIP gRPC front (pid {grpc_pid}) is still up" if grpc_pid else "")
+                  + (f"; {len(orphans)} of its backend workers are still up" if orphans else "")
                   + f". See {_relative(server.log_dir)}/ts_log.log; run `{_python()} -m serve stop`, then start it again.")
         else:
             print("TorchServe is not running." + (f" (its OIP gRPC front, pid {grpc_pid}, is: "

@@ -265,6 +265,27 @@ def _writable_dir(directory: Path, what: str, option: str) -> None:
         ) from None
 
 
+def _wait_exited(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to ``timeout`` s for ``processes`` to exit; returns those still running. A zombie counts as
+    exited: a process another parent started (e.g. the gRPC front of a ``serve start`` that is still
+    running in the same test) stays a zombie until that parent reaps it, and ``psutil.wait_procs`` would
+    wait out the whole timeout for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for process in processes:
+            try:
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(process)
+            except psutil.NoSuchProcess:
+                pass
+            except psutil.Error:
+                alive.append(process)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
 def _torchserve_command() -> list[str]:
     """The venv's ``torchserve`` launcher (its module if the console script is missing)."""
     script = Path(sys.executable).parent / "torchserve"
@@ -375,6 +396,22 @@ class Server:
         except (FileNotFoundError, ValueError):
             return None
         return None if self.pid() == pid else pid
+
+    def orphan_workers(self) -> list[psutil.Process]:
+        """Backend workers of this server's TMPDIR that are alive while its frontend is not (it died: a
+        worker still waiting for its frontend's connection lives on until its 30 s accept timeout)."""
+        if self.pid() is not None:
+            return []
+        needle = str(self.tmpdir / ".ts.sock.")
+        orphans = []
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                line = " ".join(process.info["cmdline"] or [])
+            except psutil.Error:
+                continue
+            if "model_service_worker" in line and needle in line:
+                orphans.append(process)
+        return orphans
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -522,7 +559,7 @@ class Server:
             try:
                 process = psutil.Process(pid)
                 process.terminate()
-                _, alive = psutil.wait_procs([process], timeout=timeout)
+                alive = _wait_exited([process], timeout)
                 for process in alive:
                     process.kill()
             except psutil.Error:
@@ -679,6 +716,13 @@ class Server:
         self._stop_grpc()
         pid = self.pid()
         if pid is None:
+            orphans = self.orphan_workers()
+            for process in orphans:
+                try:
+                    process.kill()
+                except psutil.Error:
+                    pass
+            _wait_exited(orphans, 10)
             self.key_file.unlink(missing_ok=True)
             return False
         try:

@@ -27,7 +27,9 @@ def handle(data, context):
         slow = os.path.join(control, "slow_load") if control else None
         if slow and os.path.isfile(slow):
             with open(slow) as file:
-                time.sleep(float(file.read().strip() or 0))
+                seconds = float(file.read().strip() or 0)
+            print(f"fault_handler: loading for {seconds:g} s", flush=True)  # model_log.log: tests wait for it
+            time.sleep(seconds)
         return None
     answers = []
     for row in data:

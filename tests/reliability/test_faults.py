@@ -311,7 +311,7 @@ def test_hung_worker_is_answered_and_replaced(fault_server, batch_body, matrix):
     answer = send(server, "POST", "/predictions/faulty", data=b"hello")
     assert answer.status_code == 200 and answer.json()["pid"] == new["faulty"][0][1]
     record(matrix, "hung worker (timeout 3 s)",
-           f"{response.status_code} JSON {message[:50]!r} after {hung['seconds']:.1f} s; "
+           f"{response.status_code} {response.json().get('type')} {message[:50]!r} after {hung['seconds']:.1f} s; "
            f"/v2/health/ready {not_ready[0]} meanwhile", "the hung request only; mnistnet served throughout",
            f"{recovery_s:.1f} s to a new READY worker (incl. 2 s slow load)")
 
@@ -371,9 +371,11 @@ def test_workflow_registration_loads_nothing(fault_server, tmp_path, matrix):
 
 @pytest.fixture(scope="module")
 def short_key_server(fault_store, tmp_path_factory):
-    """Keys valid for 3 s; its JVM is killed by the last test (not waited READY: the management key expires)."""
+    """Keys valid for 3 s; its JVM is killed by the last test (not waited READY: the management key expires).
+    Its one worker loads for 5 minutes, so that it is caught mid-load when the JVM dies."""
     root = tmp_path_factory.mktemp("short").resolve()
     server = make_server(root, fault_store, ["faulty"], token_expiration_min="0.05")
+    (root / "control" / "slow_load").write_text("300")
     try:
         server.start()
         yield server
@@ -414,25 +416,38 @@ def test_dead_jvm_is_reported_and_stop_cleans_up(short_key_server, matrix):
     pid, grpc_pid = server.pid(), server.grpc_pid()
     assert pid and grpc_pid
     frontend = psutil.Process(pid)
-    workers = frontend.children(recursive=True)
+    deadline = time.monotonic() + 60
+    while "fault_handler: loading for" not in "\n".join(server._log_since_start("model_log.log")):
+        assert time.monotonic() < deadline, "the faulty model's worker never started loading"
+        time.sleep(0.2)
+    workers = [w for w in frontend.children(recursive=True) if "model_service_worker" in " ".join(w.cmdline())]
+    assert len(workers) == 1
     cli = ["--config", str(server.config), "--workdir", str(server.workdir), "--log-dir", str(server.log_dir)]
+    killed_at = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     psutil.wait_procs([frontend], timeout=10)
-    code, out, err, _ = serve_cli("status", *cli, timeout=60)
+    code, out, err, status_s = serve_cli("status", *cli, timeout=60)
     assert code == 3, (code, out, err)
     assert "NOT running" in out and f"stale pid file, pid {pid} is gone" in out and f"pid {grpc_pid}" in out, out
-    assert "serve stop" in out
-    _, alive = psutil.wait_procs(workers, timeout=15)
-    assert not alive, f"workers outlived their frontend: {alive}"
-    code, out, err, _ = serve_cli("stop", *cli, timeout=60)
+    assert "serve stop" in out and "1 of its backend workers are still up" in out, out
+    _, orphans = psutil.wait_procs(workers, timeout=max(0.0, killed_at + 3 - time.monotonic()))
+    assert orphans, "a worker caught loading outlives its frontend (until its load ends)"
+    status_line = out.strip().splitlines()[0]
+    code, out, err, stop_s = serve_cli("stop", *cli, timeout=60)
+    stopped_s = time.monotonic() - killed_at
     assert code == 0, err
     assert f"stopped the OIP gRPC front it left behind (pid {grpc_pid})" in out, out
+    assert not orphans or f"killed {len(orphans)} backend worker(s) it left behind" in out, out
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, f"workers outlived `serve stop`: {alive}"
     assert not psutil.pid_exists(grpc_pid) or psutil.Process(grpc_pid).status() == psutil.STATUS_ZOMBIE
     code, out, _, _ = serve_cli("status", *cli, timeout=60)
     assert code == 3 and out.startswith("TorchServe is not running."), out
     assert processes_mentioning(str(server.workdir)) == []
+    print(f"  serve status after the kill ({status_s:.1f} s): {status_line}\n  serve stop: {stop_s:.1f} s")
     record(matrix, "JVM SIGKILL (serve start)", "`serve status`: exit 3 'NOT running: it died (stale pid file …)'; "
-           "workers exit with it; `serve stop` stops the orphaned gRPC front",
+           f"a worker caught loading is orphaned (still up 3 s later); `serve stop` kills it and the orphaned "
+           f"gRPC front ({stopped_s:.1f} s after the kill)",
            "every in-flight and queued request", "manual `serve stop` + `serve start` (or a supervisor)")
 
 
