@@ -542,12 +542,15 @@ BAD_STARTS = {
     "broken weights": ("garbage-weights", ["failed to load", "--rebuild", "model_log.log"]),
     "port in use": ("port", ["already in use", "(inference)", "pick other ports"]),
     "unwritable log folder": ("log-dir", ["log folder", "not writable", "--log-dir"]),
+    "read-only log folder": ("log-dir-mode", ["log folder", "not writable (Permission denied)", "--log-dir"]),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_STARTS))
 def test_bad_start_fails_fast_with_one_line(case, bad_starts, store, matrix):
     how, words = BAD_STARTS[case]
+    if how == "log-dir-mode" and os.geteuid() == 0:
+        pytest.skip("root writes into a mode-0500 folder anyway (the 'unwritable log folder' case covers root)")
     root = bad_starts / how
     good = (store / "mnistnet.mar").read_bytes()
     listener = None
@@ -569,6 +572,10 @@ def test_bad_start_fails_fast_with_one_line(case, bad_starts, store, matrix):
         listener = socket.socket()
         listener.bind(("127.0.0.1", ports.inference))
         listener.listen()
+    elif how == "log-dir-mode":
+        read_only = root.parent / f"{how}-logs"
+        read_only.mkdir(mode=0o500)
+        args, ports = bad_start(root, store, log_dir=read_only)
     else:
         blocker = root.parent / f"{how}-file"
         blocker.write_text("a file where the log folder should be\n")
