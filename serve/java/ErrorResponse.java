@@ -22,8 +22,23 @@ public class ErrorResponse {
     public ErrorResponse(int code, String type, String message) {
         this.code = code;
         this.type = type;
-        this.message = message;
-        this.error = message;
+        this.message = busyMessage(code, message);
+        this.error = this.message;
+    }
+
+    /**
+     * TorchServe answers a full job queue with 503 "Model X has no worker to serve inference request.
+     * Please use scale workers API to add workers...", which sends users looking for dead workers when
+     * the model is merely busy: say what happened and what to do.
+     */
+    static String busyMessage(int code, String message) {
+        String marker = " has no worker to serve inference request";
+        if (code != 503 || message == null || !message.contains(marker)) {
+            return message;
+        }
+        String model = message.substring(0, message.indexOf(marker)).replaceFirst("^Model ", "");
+        return "model " + model + " is busy: its job queue (job_queue_size) is full or no worker is READY;"
+                + " retry with backoff";
     }
 
     public int getCode() {
