@@ -83,7 +83,7 @@ def cmd_explain(client: TorchServeClient, args: argparse.Namespace) -> int:
     payload = load_input(args)
     result = client.explain(args.model, payload, version=args.version, target=args.target, steps=args.steps)
     answers = result if isinstance(result, list) else [result]
-    for i, answer in enumerate(answers):
+    for answer in answers:
         summary = {key: value for key, value in answer.items() if key not in ("attributions", "probabilities")}
         print(json.dumps(summary))
     if args.out and answers and np.size(answers[0].get("attributions")) == 784:
