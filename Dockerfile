@@ -90,7 +90,8 @@ RUN { grep -v '^enable_envvars_config=' /app/config.properties.repo; \
 
 # Inference (REST) and the OIP gRPC front on all interfaces (publish them with -p); management and
 # metrics stay on the container's loopback unless overridden, e.g. -e TS_METRICS_ADDRESS=http://0.0.0.0:8082.
-# APP_DIR, OIP_AGENT_JAR and OIP_GRPC_LISTEN are read by deploy/docker/entrypoint.sh.
+# APP_DIR, OIP_AGENT_JAR and OIP_GRPC_LISTEN are read by deploy/docker/entrypoint.sh; TS_METRICS_CONFIG
+# declares the handlers' model-quality metrics (serve/metrics.yaml; `serve start` passes the same file).
 ENV PATH=/opt/venv/bin:$PATH \
     APP_DIR=/app \
     OIP_AGENT_JAR=/app/oip/oip-agent.jar \
@@ -101,6 +102,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TS_INFERENCE_ADDRESS=http://0.0.0.0:8080 \
     TS_MANAGEMENT_ADDRESS=http://127.0.0.1:8081 \
     TS_METRICS_ADDRESS=http://127.0.0.1:8082 \
+    TS_METRICS_CONFIG=/app/serve/metrics.yaml \
     TS_WORKDIR=/home/model-server
 
 USER 10001:10001
