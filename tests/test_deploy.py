@@ -11,7 +11,6 @@ import http.server
 import importlib.util
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -25,6 +24,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from dockerfile_support import dockerfile_instructions
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -57,18 +57,6 @@ def k8s_object(kind: str) -> dict:
     matches = [doc for _, doc in k8s_documents() if doc["kind"] == kind]
     assert len(matches) == 1, f"expected one {kind} in deploy/k8s, found {len(matches)}"
     return matches[0]
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the Dockerfile with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    result = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            instruction, _, args = line.partition(" ")
-            result.append((instruction.upper(), args.strip()))
-    return result
 
 
 # ------------------------------------------------------------------------------------------ hadolint

@@ -42,11 +42,11 @@ from pathlib import Path
 
 import requests
 import yaml
+from dockerfile_support import runtime_stage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 KSERVE_DIR = REPO / "deploy" / "kserve"
 RUNTIME_FILE = KSERVE_DIR / "servingruntime.yaml"
-DOCKERFILE = REPO / "Dockerfile"
 # KServe's constants: the predictor's default port and where storage-initializer puts storageUri.
 KSERVE_DEFAULT_PORT = 8080
 MODEL_MOUNT = "/mnt/models"
@@ -141,25 +141,6 @@ def serving_ports(container: dict) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------- Dockerfile
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    result = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            instruction, _, args = line.partition(" ")
-            result.append((instruction.upper(), args.strip()))
-    return result
-
-
-def runtime_stage() -> list[tuple[str, str]]:
-    """The instructions of the Dockerfile's last stage (the image that runs)."""
-    instructions = dockerfile_instructions()
-    start = max(i for i, (ins, _) in enumerate(instructions) if ins == "FROM")
-    return instructions[start:]
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,11 @@ from serve import REPO_ROOT
 from serve.server import load_properties
 
 from .support import JSON, PNG, crafted_png, error_message, manage, send, worker_processes
+from dockerfile_support import runtime_stage
 
 pytestmark = [pytest.mark.e2e]
 
 CONFIG = REPO_ROOT / "config.properties"
-DOCKERFILE = REPO_ROOT / "Dockerfile"
 AUTH_REFUSED = (400, 401)  # TorchServe 0.12 answers 400 InvalidKeyException; proxies may say 401
 ADDRESS_KEYS = ("inference_address", "management_address", "metrics_address")
 GRPC_KEYS = ("grpc_inference_address", "grpc_management_address")
@@ -249,17 +249,8 @@ def test_queue_and_timeouts_are_bounded(props):
 # ------------------------------------------------------------------------------------------ container
 
 
-def dockerfile_runtime_stage() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the Dockerfile's last stage, continuation lines joined."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-    instructions = [(line.split(None, 1)[0].upper(), (line.split(None, 1) + [""])[1]) for line in lines]
-    last_from = max(i for i, (ins, _) in enumerate(instructions) if ins == "FROM")
-    return instructions[last_from:]
-
-
 def test_container_runs_as_non_root():
-    users = [args for ins, args in dockerfile_runtime_stage() if ins == "USER"]
+    users = [args for ins, args in runtime_stage() if ins == "USER"]
     assert users, "the runtime stage sets no USER: it would run as root"
     user = users[-1].split(":")[0]
     assert user not in ("root", "0") and (not user.isdigit() or int(user) >= 1000), users[-1]
@@ -267,16 +258,16 @@ def test_container_runs_as_non_root():
 
 def test_container_publishes_only_the_inference_ports():
     """REST (native, KServe v1, OIP) on 8080 and the OIP gRPC front on 7070; management and metrics stay inside."""
-    exposed = [port for ins, args in dockerfile_runtime_stage() if ins == "EXPOSE" for port in args.split()]
+    exposed = [port for ins, args in runtime_stage() if ins == "EXPOSE" for port in args.split()]
     assert exposed == ["8080", "7070"]
-    env = " ".join(args for ins, args in dockerfile_runtime_stage() if ins == "ENV")
+    env = " ".join(args for ins, args in runtime_stage() if ins == "ENV")
     assert "TS_MANAGEMENT_ADDRESS=http://127.0.0.1:" in env and "TS_METRICS_ADDRESS=http://127.0.0.1:" in env
 
 
 def test_container_keeps_auth_on_and_model_api_off():
     """The image's config is config.properties (plus enable_envvars_config); nothing re-enables the
     model API or disables token auth through the environment."""
-    stage = dockerfile_runtime_stage()
+    stage = runtime_stage()
     assert any(ins == "COPY" and args.startswith("config.properties ") for ins, args in stage)
     env = " ".join(args for ins, args in stage if ins == "ENV").upper()
     assert "TS_ENABLE_MODEL_API" not in env and "TS_DISABLE_TOKEN_AUTHORIZATION" not in env
