@@ -132,6 +132,15 @@ def sample_digits(out: Path, digits: list[int]) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------ CLI
 
+def add_input_source(command: argparse.ArgumentParser) -> None:
+    """The one required input of ``predict`` and ``explain``: an image file, a .npy array or JSON."""
+    source = command.add_mutually_exclusive_group(required=True)
+    source.add_argument("--png", help="PNG/JPEG file, sent as the raw body")
+    source.add_argument("--npy", help=".npy array, sent as {\"data\": ...}")
+    source.add_argument("--json", help="JSON file, sent as is")
+    source.add_argument("--data", help="JSON text, sent as is, e.g. '[[0.5, 0.5]]'")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m client", description="Client for the TorchServe service.")
     parser.add_argument("--url", help="inference API (default $TS_INFERENCE_URL or http://127.0.0.1:8080)")
@@ -142,11 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     predict = commands.add_parser("predict", help="send one request to /predictions/<model>")
     predict.add_argument("model")
-    source = predict.add_mutually_exclusive_group(required=True)
-    source.add_argument("--png", help="PNG/JPEG file, sent as the raw body")
-    source.add_argument("--npy", help=".npy array, sent as {\"data\": ...}")
-    source.add_argument("--json", help="JSON file, sent as is")
-    source.add_argument("--data", help="JSON text, sent as is, e.g. '[[0.5, 0.5]]'")
+    add_input_source(predict)
     predict.add_argument("--version", help="model version, e.g. 1.0 (default: the default version)")
     predict.add_argument("--v2", action="store_true", help="send as an Open Inference Protocol v2 request")
     predict.add_argument("--binary", action="store_true",
@@ -154,11 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     explain = commands.add_parser("explain", help="Integrated Gradients explanation from /explanations/<model>")
     explain.add_argument("model")
-    source = explain.add_mutually_exclusive_group(required=True)
-    source.add_argument("--png", help="PNG/JPEG file, sent as the raw body")
-    source.add_argument("--npy", help=".npy array, sent as {\"data\": ...}")
-    source.add_argument("--json", help="JSON file, sent as is")
-    source.add_argument("--data", help="JSON text, sent as is")
+    add_input_source(explain)
     explain.add_argument("--out", help="write the digit with the heatmap over it to this PNG (digit models)")
     explain.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
     explain.add_argument("--steps", type=int, help="integration steps (default 50, at most 256)")
