@@ -257,39 +257,8 @@ def context_api(minimal: bool = False) -> tuple[type, type, str]:
 
 
 def oip_codec():
-    """``(binary_v2_request, parse_binary_v2_response)`` from client/api.py; where that cannot be
-    imported (it needs ``requests``), the same wire format (extension_binary_data) written out here."""
-    try:
-        from client.api import binary_v2_request, parse_binary_v2_response
-
-        return binary_v2_request, parse_binary_v2_response
-    except ImportError:
-        pass
-    import numpy as np
-
-    dtypes = {"FP32": "<f4", "UINT8": "u1", "INT64": "<i8"}
-
-    def binary_v2_request(array, name="input-0", datatype=None, request_id=None):
-        array = np.asarray(array)
-        raw = np.ascontiguousarray(array, dtype=dtypes[datatype]).tobytes()
-        header = json.dumps({"inputs": [{"name": name, "shape": list(array.shape), "datatype": datatype,
-                                         "parameters": {"binary_data_size": len(raw)}}],
-                             "parameters": {"binary_data_output": True}}, separators=(",", ":")).encode()
-        return header + raw, len(header)
-
-    def parse_binary_v2_response(body, header_length):
-        if header_length is None:
-            return json.loads(body)
-        length = int(header_length)
-        response, offset = json.loads(body[:length]), length
-        for output in response.get("outputs", []):
-            size = (output.get("parameters") or {}).get("binary_data_size")
-            if size is not None:
-                dtype = np.dtype(dtypes[output["datatype"]])
-                output["data"] = np.frombuffer(body, dtype, count=int(size) // dtype.itemsize,
-                                               offset=offset).reshape(output["shape"])
-                offset += int(size)
-        return response
+    """``(binary_v2_request, parse_binary_v2_response)`` from client/oip.py (numpy and the standard library only)."""
+    from client.oip import binary_v2_request, parse_binary_v2_response
 
     return binary_v2_request, parse_binary_v2_response
 
