@@ -239,7 +239,9 @@ def test_good_neighbours_in_a_batch_with_bad_requests_get_200(server, baseline, 
     their correct answer."""
     images, _ = digits
     bad = [case for case in CASES if case.path == MNIST and case.source == "handler" and case.method == "POST"]
-    busy_body = json.dumps({"data": (images[:1024] / 255.0).reshape(1024, 784).tolist()}).encode()
+    # The busy request: a 64-image, 256-step explanation keeps the one mnistnet worker computing for
+    # ~0.5-1 s (a 1024-image prediction became too quick to hold the 8 requests below back reliably).
+    busy_body = json.dumps({"data": (images[:64] / 255.0).reshape(64, 784).tolist(), "steps": 256}).encode()
     for attempt in range(3):
         jobs = []
         for i in range(4):
@@ -254,9 +256,9 @@ def test_good_neighbours_in_a_batch_with_bad_requests_get_200(server, baseline, 
 
         with ThreadPoolExecutor(max_workers=len(jobs) + 1) as pool:
             start = count_log_lines(server, BATCH_RECEIVED, "mnistnet")
-            busy = pool.submit(send, server, "POST", MNIST, data=busy_body, headers=JSON)
-            # Once the worker has received the 1024-image batch it is busy for a while (~1 s): the 8
-            # requests below queue up meanwhile and the next batch takes them all (batch size 8).
+            busy = pool.submit(send, server, "POST", "/explanations/mnistnet", data=busy_body, headers=JSON)
+            # Once the worker has received the explanation it is busy for a while: the 8 requests below
+            # queue up meanwhile and the next batch takes them all (batch size 8).
             before = wait_for_log_count(server, BATCH_RECEIVED, "mnistnet", start + 1)
             futures = [pool.submit(fire, job) for job in jobs]
             barrier.wait()
