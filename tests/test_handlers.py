@@ -342,6 +342,20 @@ def _frame_request(request_id: str, headers: dict, parameters: list[tuple[str, s
     return frame + struct.pack("!i", -1)
 
 
+def _through_worker_socket(frames: list[bytes]) -> tuple[bytes, dict]:
+    """An inference batch of framed requests sent over a real socket pair and read back by TorchServe's
+    own ``retrieve_msg``, as a worker reads it from the frontend; returns ``(command, message)``."""
+    wire = b"I" + b"".join(frames) + struct.pack("!i", -1)
+    sender, receiver = socket.socketpair()
+    writer = threading.Thread(target=sender.sendall, args=(wire,))
+    writer.start()
+    try:
+        return retrieve_msg(receiver)
+    finally:
+        writer.join()
+        sender.close(), receiver.close()
+
+
 def _parse_predict_response(message: bytes) -> list[dict]:
     """Per-request (id, status, phrase, content type, body) from a worker's predict response frame."""
     offset = 0
@@ -383,14 +397,8 @@ def test_worker_wire_protocol(tmp_path, digits):
         ("e", [("data", "image/png", png(digits[2])), ("note", "text/plain", b"hi")]),
         ("f", [("body", "application/json", b"null")]),
     ]
-    wire = b"I" + b"".join(_frame_request(rid, {"Content-Type": "x"}, params) for rid, params in batch)
-    wire += struct.pack("!i", -1)
-    sender, receiver = socket.socketpair()
-    writer = threading.Thread(target=sender.sendall, args=(wire,))
-    writer.start()
-    command, message = retrieve_msg(receiver)
-    writer.join()
-    sender.close(), receiver.close()
+    frames = [_frame_request(rid, {"Content-Type": "x"}, params) for rid, params in batch]
+    command, message = _through_worker_socket(frames)
     assert command == b"I"
 
     headers, inputs, request_ids = Service.retrieve_data_for_inference(message)

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import struct
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
-from test_handlers import _frame_request, png, serve, softmax_of
+from test_handlers import _frame_request, _through_worker_socket, png, serve, softmax_of
 from ts.context import RequestProcessor
-from ts.protocol.otf_message_handler import create_predict_response, retrieve_msg
+from ts.protocol.otf_message_handler import create_predict_response
 from ts.service import Service
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
@@ -442,13 +440,7 @@ def test_binary_response_through_the_worker_wire_protocol(mnist, digits):
     TorchServe's own protocol code: status, content type, Inference-Header-Content-Length and body arrive."""
     handler, context, reference = mnist
     body, headers = triton_request(digits[:2].reshape(2, 784), "UINT8")
-    wire = b"I" + _frame_request("bin", headers, [("body", "application/octet-stream", body)]) + struct.pack("!i", -1)
-    sender, receiver = socket.socketpair()
-    writer = threading.Thread(target=sender.sendall, args=(wire,))
-    writer.start()
-    _, message = retrieve_msg(receiver)
-    writer.join()
-    sender.close(), receiver.close()
+    _, message = _through_worker_socket([_frame_request("bin", headers, [("body", "application/octet-stream", body)])])
     request_headers_, inputs, request_ids = Service.retrieve_data_for_inference(message)
     context.request_processor, context.request_ids = request_headers_, request_ids
     response = create_predict_response(handler.handle(inputs, context), request_ids, "ok", 200, context)
