@@ -79,16 +79,12 @@ def baseline_description(spec) -> str:
 
 
 def attribution_of(spec) -> str:
-    return {
-        "classification": "logit of the target class",
-        "binary": "probability of the target class (class 1: sigmoid output p; class 0: 1 - p)",
-        "regression": "predicted value",
-    }[spec.task]
+    return spec.task_info.attribution_of
 
 
 def output_count(spec) -> int:
     """How many classes a target may name: num_classes, 2 for binary, 1 for regression."""
-    return {"classification": spec.num_classes or 0, "binary": 2, "regression": 1}[spec.task]
+    return spec.target_count
 
 
 def read_parameters(source: Any, where: str) -> dict:

@@ -11,3 +11,8 @@ class LinearRegression(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x)
+
+    def learned(self) -> dict[str, list[float]]:
+        """The fitted weight and bias, which training records in ``<name>.json`` (they should be 2 and 1)."""
+        return {"weight": self.linear.weight.detach().cpu().flatten().tolist(),
+                "bias": self.linear.bias.detach().cpu().flatten().tolist()}

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
+import torch
 from torch import nn
 
 from models.deep_net import DeepNet
@@ -20,7 +21,63 @@ from models.mnist_net import MNISTNet
 from models.regression_net import Net
 from models.smoothstep_net import SmoothStepNet
 
-Task = Literal["classification", "regression", "binary"]
+TaskName = Literal["classification", "regression", "binary"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a task means to every stage; ``TASKS`` below has one row per task and nothing else branches on it.
+
+    Attributes:
+        loss: training loss class (the binary nets already end in a Sigmoid, hence ``BCELoss``).
+        metric: the held-out headline number, ``accuracy`` or ``r2``; ``metric_label`` is how logs and plots say it.
+        predict: output head, network output → predicted label (``None`` for regression: the output is the answer).
+        report: the held-out results written into ``<name>.json``, evaluation key → JSON key (a
+            ``confusion_matrix`` entry makes training compute and plot one).
+        handler: the TorchServe handler file, relative to the repository root.
+        outputs: the named outputs of one request, ``(name, OIP datatype, shape of one sample)``.
+        targets: how many classes an explanation may target (``-1``: the spec's ``num_classes``).
+        attribution_of: what an explanation attributes.
+    """
+
+    loss: type[nn.Module]
+    metric: str
+    metric_label: str
+    predict: Callable[[torch.Tensor], torch.Tensor] | None
+    report: dict[str, str]
+    handler: str
+    outputs: Callable[["ModelSpec"], tuple[tuple[str, str, tuple[int, ...]], ...]]
+    targets: int
+    attribution_of: str
+
+
+BINARY_THRESHOLD = 0.5  # p(class 1) >= this → class 1, in training metrics and in the served answer
+
+TASKS: dict[str, Task] = {
+    "classification": Task(
+        loss=nn.CrossEntropyLoss, metric="accuracy", metric_label="accuracy",
+        predict=lambda out: out.argmax(dim=1),
+        report={"accuracy": "test_accuracy", "loss": "test_loss", "confusion_matrix": "confusion_matrix"},
+        handler="handlers/image_classifier.py",
+        outputs=lambda spec: (("probabilities", "FP32", (spec.num_classes,)), ("predicted_class", "INT64", ())),
+        targets=-1, attribution_of="logit of the target class",
+    ),
+    "binary": Task(
+        loss=nn.BCELoss, metric="accuracy", metric_label="accuracy",
+        predict=lambda out: (out >= BINARY_THRESHOLD).to(out.dtype),
+        report={"accuracy": "held_out_accuracy", "loss": "held_out_loss"},
+        handler="handlers/tabular.py",
+        outputs=lambda spec: (("probabilities", "FP32", ()), ("predicted_class", "INT64", ())),
+        targets=2, attribution_of="probability of the target class (class 1: sigmoid output p; class 0: 1 - p)",
+    ),
+    "regression": Task(
+        loss=nn.MSELoss, metric="r2", metric_label="R²", predict=None,
+        report={"mse": "held_out_mse", "r2": "held_out_r2", "baseline_mse": "baseline_mse"},
+        handler="handlers/tabular.py",
+        outputs=lambda spec: (("predictions", "FP32", ()),),
+        targets=1, attribution_of="predicted value",
+    ),
+}
 
 # MNIST pixel statistics after scaling to [0, 1], measured on the 60,000 training images
 # (data/mnist/README.md); training and serving normalise with exactly these numbers.
@@ -66,7 +123,7 @@ class ModelSpec:
     name: str
     model_class: type[nn.Module]
     input_shape: tuple[int, ...]
-    task: Task
+    task: TaskName
     dataset: str
     init_kwargs: dict = field(default_factory=dict)
     normalize: tuple[float, float] | None = None
@@ -96,16 +153,26 @@ class ModelSpec:
         return self.model_class.__module__.replace(".", "/") + ".py"
 
     @property
+    def task_info(self) -> Task:
+        """This spec's row of ``TASKS``."""
+        return TASKS[self.task]
+
+    @property
     def handler(self) -> str:
-        """TorchServe handler file serving this model, relative to the repository root: image models
-        use ``handlers/image_classifier.py``, every other model ``handlers/tabular.py``."""
-        return "handlers/image_classifier.py" if self.is_image_model else "handlers/tabular.py"
+        """TorchServe handler file serving this model, relative to the repository root (per task)."""
+        return self.task_info.handler
 
     @property
     def outputs(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
         """The named outputs of one request, ``(name, OIP datatype, shape of one sample)``; the handlers'
         ``postprocess`` returns exactly these and the Open Inference Protocol metadata lists them."""
-        return TASK_OUTPUTS[self.task](self)
+        return self.task_info.outputs(self)
+
+    @property
+    def target_count(self) -> int:
+        """How many classes an explanation may target: num_classes, 2 for binary, 1 for regression."""
+        targets = self.task_info.targets
+        return (self.num_classes or 0) if targets == -1 else targets
 
     def oip_metadata(self) -> dict:
         """Open Inference Protocol model metadata (``GET /v2/models/<name>``); -1 is the batch dimension."""
@@ -128,13 +195,6 @@ class ModelSpec:
         changes = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
 
-
-# Per task: the outputs of one request (name, OIP datatype, shape of one sample).
-TASK_OUTPUTS = {
-    "classification": lambda spec: (("probabilities", "FP32", (spec.num_classes,)), ("predicted_class", "INT64", ())),
-    "regression": lambda spec: (("predictions", "FP32", ()),),
-    "binary": lambda spec: (("probabilities", "FP32", ()), ("predicted_class", "INT64", ())),
-}
 
 # Tuned on this 2-core CPU (10 epochs, seeds 0-4): batch 64, Adam lr 1e-3 with per-step cosine decay to 0,
 # and every training image shifted by a random -1..+1 px in x and y. MNISTNet's test accuracy went from

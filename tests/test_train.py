@@ -15,7 +15,7 @@ from models.registry import REGISTRY, TrainConfig, get_spec
 from train import __main__ as cli
 from train import trainer
 from train.data import load_dataset
-from train.trainer import LOSSES, evaluate, load_trained, shift_images, train_model
+from train.trainer import evaluate, load_trained, shift_images, train_model
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -46,7 +46,7 @@ def initial_held_out_loss(spec, limit):
     data = load_dataset(spec.dataset, limit=limit)
     torch.manual_seed(spec.train.seed)
     model = spec.build()
-    return evaluate(model, spec.task, data.x_test, data.y_test, LOSSES[spec.task]())["loss"]
+    return evaluate(model, spec.task, data.x_test, data.y_test, spec.task_info.loss())["loss"]
 
 
 # ------------------------------------------------------------------------------------ training itself

@@ -4,8 +4,8 @@
 
 1. load the spec's data set (``train/data.py``) into tensors on the device (CUDA when available);
 2. train with Adam (``spec.train``: lr, weight decay, batch size, epochs, optional cosine decay and
-   random-shift augmentation), shuffling with a seeded ``torch.randperm`` each epoch; the loss is
-   CrossEntropy (classification), MSE (regression) or BCE (binary: the net already ends in a Sigmoid);
+   random-shift augmentation), shuffling with a seeded ``torch.randperm`` each epoch; the loss, the
+   held-out metric and what ``<name>.json`` reports come from the task's row of ``models.registry.TASKS``;
 3. after every epoch evaluate on the held-out set (``model.eval()``, ``torch.no_grad()``);
 4. write ``<name>.json`` (metrics), ``<name>_curves.png``, for classifiers ``<name>_confusion.png``,
    and last ``<name>.pt`` (a plain ``state_dict``), each atomically (temp file + ``os.replace``), so an
@@ -56,13 +56,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.registry import ModelSpec, TrainConfig
+from models.registry import TASKS, ModelSpec, TrainConfig
 from train.data import REPO_ROOT, load_dataset
 from train.plots import confusion_png, curves_png
 
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "weights"
-LOSSES = {"classification": nn.CrossEntropyLoss, "regression": nn.MSELoss, "binary": nn.BCELoss}
-METRIC_NAMES = {"classification": "accuracy", "regression": "R²", "binary": "accuracy"}
 
 
 def default_device() -> torch.device:
@@ -134,21 +132,22 @@ def train_one_epoch(model, x, y, loss_fn, optimizer, scheduler, config: TrainCon
 @torch.no_grad()
 def evaluate(model: nn.Module, task: str, x: Tensor, y: Tensor, loss_fn, train_mean: float | None = None,
              batch_size: int = 4096) -> dict:
-    """Held-out metrics: ``loss`` plus ``accuracy`` (classification, binary) or ``mse``/``r2``/``baseline_mse``.
+    """Held-out metrics: ``loss``, plus ``accuracy`` (and a ``confusion_matrix`` for class labels) where the
+    task has an output head, else ``mse``/``r2``/``baseline_mse``.
 
     ``baseline_mse`` is the MSE of always predicting ``train_mean`` (the training targets' mean).
     """
     model.eval()
     outputs = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
     result = {"loss": loss_fn(outputs, y).item()}
-    if task == "classification":
-        predicted = outputs.argmax(dim=1)
+    info = TASKS[task]
+    if info.predict is not None:
+        predicted = info.predict(outputs)
         result["accuracy"] = (predicted == y).float().mean().item()
-        classes = outputs.shape[1]
-        counts = torch.bincount(y * classes + predicted, minlength=classes * classes)
-        result["confusion_matrix"] = counts.reshape(classes, classes).tolist()
-    elif task == "binary":
-        result["accuracy"] = ((outputs >= 0.5).float() == y).float().mean().item()
+        if "confusion_matrix" in info.report:
+            classes = outputs.shape[1]
+            counts = torch.bincount(y * classes + predicted, minlength=classes * classes)
+            result["confusion_matrix"] = counts.reshape(classes, classes).tolist()
     else:
         mse = torch.mean((outputs - y) ** 2).item()
         variance = torch.mean((y - y.mean()) ** 2).item()
@@ -156,11 +155,6 @@ def evaluate(model: nn.Module, task: str, x: Tensor, y: Tensor, loss_fn, train_m
         if train_mean is not None:
             result["baseline_mse"] = torch.mean((y - train_mean) ** 2).item()
     return result
-
-
-def headline(task: str, result: dict) -> float:
-    """The per-epoch held-out number: accuracy, or R² for regression."""
-    return result["r2"] if task == "regression" else result["accuracy"]
 
 
 def train_model(spec: ModelSpec, output_dir: str | Path = DEFAULT_OUTPUT_DIR, *, limit: int | None = None,
@@ -175,7 +169,7 @@ def train_model(spec: ModelSpec, output_dir: str | Path = DEFAULT_OUTPUT_DIR, *,
         device: default CUDA when available, else CPU.
         progress: show a tqdm bar per epoch; ``log`` receives the one-line-per-epoch summaries.
     """
-    config, task = spec.train, spec.task
+    config, task, info = spec.train, spec.task, spec.task_info
     device = torch.device(device) if device is not None else default_device()
     data = load_dataset(spec.dataset, limit=limit, mnist_root=mnist_root)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
@@ -184,15 +178,15 @@ def train_model(spec: ModelSpec, output_dir: str | Path = DEFAULT_OUTPUT_DIR, *,
     fill = -spec.normalize[0] / spec.normalize[1] if spec.is_image_model and spec.normalize else None
     if config.augment_shift and fill is None:
         raise ValueError(f"{spec.name}: augment_shift needs an image model with normalize set")
-    history = {"train_loss": [], "held_out_loss": [], "held_out_" + _key(task): [], "epoch_seconds": []}
+    history = {"train_loss": [], "held_out_loss": [], "held_out_" + info.metric: [], "epoch_seconds": []}
     steps = math.ceil(len(x_train) / config.batch_size)
-    train_mean = y_train.mean().item() if task == "regression" else None
+    train_mean = y_train.mean().item() if info.predict is None else None
 
     with deterministic(config.seed):
         model = spec.build().to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         scheduler = make_scheduler(optimizer, config, steps * config.epochs)
-        loss_fn = LOSSES[task]()
+        loss_fn = info.loss()
         generator = torch.Generator().manual_seed(config.seed)  # shuffling and augmentation
         started = time.perf_counter()
         for epoch in range(1, config.epochs + 1):
@@ -204,20 +198,16 @@ def train_model(spec: ModelSpec, output_dir: str | Path = DEFAULT_OUTPUT_DIR, *,
             result = evaluate(model, task, x_test, y_test, loss_fn, train_mean)
             history["train_loss"].append(train_loss)
             history["held_out_loss"].append(result["loss"])
-            history["held_out_" + _key(task)].append(headline(task, result))
+            history["held_out_" + info.metric].append(result[info.metric])
             history["epoch_seconds"].append(time.perf_counter() - epoch_start)
             log(f"{spec.name} epoch {epoch}/{config.epochs}: train loss {train_loss:.4f}, held-out loss "
-                f"{result['loss']:.4f}, held-out {METRIC_NAMES[task]} {headline(task, result):.4f} "
+                f"{result['loss']:.4f}, held-out {info.metric_label} {result[info.metric]:.4f} "
                 f"({history['epoch_seconds'][-1]:.1f}s)")
         seconds = time.perf_counter() - started
 
     metrics = build_metrics(spec, model, data.info, result, history, seconds, device, limit)
     write_outputs(spec, model, metrics, Path(output_dir))
     return metrics
-
-
-def _key(task: str) -> str:
-    return "r2" if task == "regression" else "accuracy"
 
 
 def build_metrics(spec, model, data_info, final, history, seconds, device, limit) -> dict:
@@ -243,17 +233,9 @@ def build_metrics(spec, model, data_info, final, history, seconds, device, limit
         "data": data_info,
         "history": history,
     }
-    if task == "classification":
-        metrics.update(test_accuracy=final["accuracy"], test_loss=final["loss"],
-                       confusion_matrix=final["confusion_matrix"])
-    elif task == "binary":
-        metrics.update(held_out_accuracy=final["accuracy"], held_out_loss=final["loss"])
-    else:
-        metrics.update(held_out_mse=final["mse"], held_out_r2=final["r2"], baseline_mse=final["baseline_mse"])
-    if spec.name == "linearregression":
-        linear = model.linear
-        metrics["learned"] = {"weight": linear.weight.detach().cpu().flatten().tolist(),
-                              "bias": linear.bias.detach().cpu().flatten().tolist()}
+    metrics.update({json_key: final[key] for key, json_key in spec.task_info.report.items()})
+    if hasattr(model, "learned"):  # a model whose parameters mean something (a line's weight and bias)
+        metrics["learned"] = model.learned()
     return metrics
 
 
@@ -276,11 +258,11 @@ def write_outputs(spec: ModelSpec, model: nn.Module, metrics: dict, output_dir: 
     """Metrics and plots first, the ``.pt`` last: a run cut short leaves no weights file behind."""
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(output_dir / f"{spec.name}.json", (json.dumps(metrics, indent=2) + "\n").encode())
-    metric = "accuracy" if spec.task != "regression" else "R²"
+    info = spec.task_info
     atomic_write(output_dir / f"{spec.name}_curves.png",
                  curves_png(spec.name, metrics["history"]["train_loss"],
-                            metrics["history"]["held_out_" + _key(spec.task)], metric))
-    if spec.task == "classification":
+                            metrics["history"]["held_out_" + info.metric], info.metric_label))
+    if "confusion_matrix" in metrics:
         title = f"{spec.name}: test accuracy {metrics['test_accuracy']:.2%}"
         atomic_write(output_dir / f"{spec.name}_confusion.png",
                      confusion_png(title, metrics["confusion_matrix"]))
