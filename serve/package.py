@@ -108,19 +108,23 @@ def stage_packages(staging: Path, root: Path = REPO_ROOT) -> None:
 
 
 def archiver_command(
-    spec: ModelSpec, weights: Path, staging: Path, config_file: Path, export_dir: Path, root: Path = REPO_ROOT
+    spec: ModelSpec, weights: Path, staging: Path, config_file: Path | None, export_dir: Path, root: Path = REPO_ROOT,
+    name: str | None = None, handler: Path | None = None,
 ) -> list[str]:
-    """The ``torch-model-archiver`` command line that builds ``<export_dir>/<name>.mar``."""
+    """The ``torch-model-archiver`` command line that builds ``<export_dir>/<name>.mar``.
+
+    ``name``/``handler`` default to the spec's; ``config_file`` None builds without a model-config YAML.
+    """
     venv_tool = Path(sys.executable).parent / "torch-model-archiver"
     tool = [str(venv_tool)] if venv_tool.exists() else [sys.executable, "-m", "model_archiver.model_packaging"]
     return tool + [
-        "--model-name", spec.name,
+        "--model-name", name or spec.name,
         "--version", spec.version,
         "--model-file", str(root / spec.model_file),
         "--serialized-file", str(weights),
-        "--handler", str(root / spec.handler),
+        "--handler", str(handler or root / spec.handler),
         "--extra-files", str(staging),
-        "--config-file", str(config_file),
+        *(["--config-file", str(config_file)] if config_file is not None else []),
         "--export-path", str(export_dir),
         "--force",
     ]
@@ -134,39 +138,49 @@ def archive_is_current(archive: Path, weights: Path, root: Path = REPO_ROOT) -> 
     return archive.stat().st_mtime > max(p.stat().st_mtime for p in inputs)
 
 
-def build_archive(spec: ModelSpec, weights: Path, store: Path, root: Path = REPO_ROOT) -> Path:
+def build_archive(
+    spec: ModelSpec, weights: Path, store: Path, root: Path = REPO_ROOT, *,
+    name: str | None = None, handler: Path | None = None, config: dict | None = None,
+) -> Path:
     """Build ``<store>/<name>.mar`` from ``weights`` atomically and return its path.
 
+    The benchmark's variants use the keywords: ``name`` (archive/model name, default the spec's),
+    ``handler`` (handler file, default the spec's), ``config`` (the model-config YAML; default
+    :func:`model_config`, ``{}`` for none, i.e. TorchServe's defaults).
     Raises ``PackagingError`` with the archiver's output if it fails; an existing archive is kept then.
     """
-    for needed in (root / spec.model_file, root / spec.handler):
+    name = name or spec.name
+    for needed in (root / spec.model_file, Path(handler or root / spec.handler)):
         if not needed.is_file():
-            raise PackagingError(f"{spec.name}: {needed.relative_to(root)} does not exist")
+            shown = needed.relative_to(root) if needed.is_relative_to(root) else needed
+            raise PackagingError(f"{name}: {shown} does not exist")
     store.mkdir(parents=True, exist_ok=True)
-    target = store / f"{spec.name}.mar"
-    with tempfile.TemporaryDirectory(prefix=f"package-{spec.name}-") as tmp:
+    target = store / f"{name}.mar"
+    config = model_config(spec) if config is None else config
+    with tempfile.TemporaryDirectory(prefix=f"package-{name}-") as tmp:
         tmp = Path(tmp)
         staging = tmp / "extra"
         stage_packages(staging, root)
         # GET /v2/models/<name> answers this file (serve/java/OpenInferenceProtocolRequestHandler.java).
         (staging / "oip_metadata.json").write_text(json.dumps(spec.oip_metadata(), indent=1) + "\n")
-        config_file = tmp / "model-config.yaml"
-        config_file.write_text(yaml.safe_dump(model_config(spec), sort_keys=False))
+        config_file = tmp / "model-config.yaml" if config else None
+        if config_file is not None:
+            config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         # The archiver assembles files in $TMPDIR/<model-name>: give it a private one so two builds of
         # the same model (e.g. `make serve` and the e2e tests) never mix their files.
         archiver_tmp = tmp / "archiver-tmp"
         archiver_tmp.mkdir()
         # Export next to the target so os.replace is a same-filesystem rename.
-        export_dir = Path(tempfile.mkdtemp(prefix=f".build-{spec.name}-", dir=store))
+        export_dir = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=store))
         try:
-            cmd = archiver_command(spec, weights, staging, config_file, export_dir, root)
+            cmd = archiver_command(spec, weights, staging, config_file, export_dir, root, name, handler)
             env = {**os.environ, "TMPDIR": str(archiver_tmp)}
             result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-            built = export_dir / f"{spec.name}.mar"
+            built = export_dir / f"{name}.mar"
             if result.returncode != 0 or not built.is_file():
                 output = (result.stdout + result.stderr).strip()
                 raise PackagingError(
-                    f"torch-model-archiver failed for {spec.name} (exit code {result.returncode}):\n{output}"
+                    f"torch-model-archiver failed for {name} (exit code {result.returncode}):\n{output}"
                 )
             os.replace(built, target)
         finally:
