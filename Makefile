@@ -8,10 +8,11 @@ PY := $(VENV)/bin/python
 .PHONY: setup train package serve stop status test bench gpu-check clean
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@command -v javac >/dev/null || { echo "TorchServe needs Java 17, and its OIP agent (serve/java) a JDK: install it first (Debian: apt-get install -y openjdk-17-jdk-headless)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 train: setup
@@ -40,7 +41,7 @@ bench: setup
 # GPU check (scripts/gpu_check.py, README "GPU check"): handlers on the GPU in process and, with Java, TorchServe's
 # GPU workers; parity with the CPU and throughput. Without a GPU it says so and exits 0. GPU_CHECK_ARGS: its options.
 gpu-check: setup
-	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
+	$(PY) -m scripts.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf weights model_store/*.mar build logs

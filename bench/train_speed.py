@@ -25,15 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # allow `python bench/train_speed.py` as well as `-m bench.train_speed`
-    sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from models.registry import REGISTRY, get_spec  # noqa: E402
-from train.data import load_dataset  # noqa: E402
-from train.trainer import default_device, train_model  # noqa: E402
+from models.registry import REGISTRY, get_spec
+from serve import REPO_ROOT as REPO
+from train.data import load_dataset
+from train.trainer import default_device, train_model
 
 GOAL_MODEL, GOAL_EPOCHS, GOAL_SECONDS = "mnistnet", 10, 60.0
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "train_speed.json"

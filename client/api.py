@@ -35,8 +35,7 @@ import numpy as np
 import requests
 
 from client.oip import binary_v2_request, parse_binary_v2_response  # noqa: F401  (re-exported)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from serve import REPO_ROOT
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
 KEY_FILE_CANDIDATES = (REPO_ROOT / ".serve" / "key_file.json", Path("key_file.json"))
@@ -71,15 +70,25 @@ def find_key_file(candidates: tuple[Path, ...] = KEY_FILE_CANDIDATES) -> Path | 
     return next((path for path in candidates if path.is_file()), None)
 
 
-def read_key(kind: str, key_file: Path | None = None) -> str | None:
-    """The ``kind`` key (``inference``, ``management`` or ``API``) from a TorchServe key_file.json."""
-    path = key_file or find_key_file()
-    if path is None:
-        return None
+def read_keys(key_file: Path) -> dict[str, str]:
+    """The keys in a TorchServe ``key_file.json``: ``inference``, ``management`` and ``api`` (the API key only
+    rotates the other two, ``POST /token?type=...``); empty when the file is missing or unreadable.
+
+    The one reader of key files (``serve``, the client, loadtest and bench use it); the container's stdlib-only
+    health script deploy/docker/tsctl.py keeps its own because the image has no copy of this package.
+    """
     try:
-        return json.loads(Path(path).read_text()).get(kind, {}).get("key")
+        raw = json.loads(Path(key_file).read_text())
+        keys = {kind.lower(): entry.get("key") for kind, entry in raw.items() if isinstance(entry, dict)}
     except (OSError, ValueError, AttributeError):
-        return None
+        return {}
+    return {kind: key for kind, key in keys.items() if kind in ("inference", "management", "api") and key}
+
+
+def read_key(kind: str, key_file: Path | None = None) -> str | None:
+    """The ``kind`` key (``inference``, ``management`` or ``api``) from ``key_file`` or the one :func:`find_key_file` finds."""
+    path = key_file or find_key_file()
+    return read_keys(path).get(kind.lower()) if path else None
 
 
 def error_message(response: requests.Response) -> tuple[str, Any]:
@@ -135,7 +144,8 @@ class TorchServeClient:
         management_url: management API (default ``$TS_MANAGEMENT_URL`` or http://127.0.0.1:8081).
         token: inference key (default: ``$TS_INFERENCE_KEY``, else key_file.json, see module doc).
         management_token: management key (default: ``$TS_MANAGEMENT_KEY``, else key_file.json).
-        key_file: key_file.json to read keys from (default: found as the module doc says).
+        key_file: key_file.json to read keys from; beats the environment variables (default: found as the
+            module doc says).
         timeout: seconds per request (default 30).
         retries: how often a busy answer (503/429) is retried (default 4; 0: never).
         backoff: seconds before the first retry, doubled each time, with jitter (default 0.25).
@@ -170,9 +180,10 @@ class TorchServeClient:
         }
 
     def _initial_key(self, kind: str, explicit: str | None, env_var: str) -> tuple[str | None, bool]:
+        """The first of: the argument, an explicit ``key_file``, the environment, a key file found by default."""
         if explicit:
             return explicit, False
-        if os.environ.get(env_var):
+        if os.environ.get(env_var) and self.key_file is None:
             return os.environ[env_var], False
         return read_key(kind, self.key_file), True
 

@@ -26,17 +26,12 @@ import json
 import os
 import random
 import sys
-from pathlib import Path
 
 from locust import FastHttpUser, between, events, task
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # locust imports this file by path; make the repo importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-from bench import payloads  # noqa: E402
-from models.registry import get_spec  # noqa: E402
-from client.api import read_key  # noqa: E402
+from bench import payloads
+from client.api import read_key
+from models.registry import get_spec
 
 IMAGE_MODEL = os.environ.get("LOADTEST_IMAGE_MODEL", "mnistnet")
 TABULAR_MODELS = [m for m in os.environ.get("LOADTEST_TABULAR_MODELS", "mlp,regressionnet").split(",") if m]

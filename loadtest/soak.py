@@ -30,15 +30,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(REPO_ROOT))
+import psutil
+from tqdm import tqdm
 
-import psutil  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from models.registry import get_spec  # noqa: E402
-from serve.server import Ports, Server  # noqa: E402
+from models.registry import get_spec
+from serve import REPO_ROOT
+from serve.server import Ports, Server
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -141,7 +138,6 @@ def locust_env(config: SoakConfig, key: str) -> dict[str, str]:
         "TS_INFERENCE_KEY": key,
         "LOADTEST_IMAGE_MODEL": next(s.name for s in specs if s.is_image_model),
         "LOADTEST_TABULAR_MODELS": ",".join(s.name for s in specs if not s.is_image_model),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     }
 
 

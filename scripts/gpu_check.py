@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU check (issue 15): prove on a machine with CUDA that the project's serving path works on the GPU.
 
-    python3 scripts/gpu_check.py [--weights DIR] [--out FILE] [--models all|a,b] [--seconds S] [--no-server]
+    python3 -m scripts.gpu_check [--weights DIR] [--out FILE] [--models all|a,b] [--seconds S] [--no-server]
     make gpu-check                     # the same with the repository's .venv (GPU_CHECK_ARGS=... for options)
 
 Run it from anywhere; it finds the repository from its own path. What it does depends on the machine:
@@ -51,9 +51,7 @@ import time
 import types
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+REPO_ROOT = Path(__file__).resolve().parent.parent  # not serve.REPO_ROOT: run as `python -m scripts.gpu_check`
 
 NO_GPU_MESSAGE = "no GPU (torch.cuda.is_available() is False): nothing to check"
 PROB_TOLERANCE = 1e-4  # max |GPU - CPU| of a probability (issue 15)
@@ -777,7 +775,7 @@ def run_served(report: Report, names: list[str], weights: dict[str, Path], devic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="scripts/gpu_check.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m scripts.gpu_check", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, default=REPO_ROOT / "weights",
                         help="directory of <name>.pt state_dicts (default: weights/); missing ones are trained")

@@ -31,9 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
-import requests
 from tqdm import tqdm
 
+from client.api import TorchServeClient, TorchServeError
+from client.api import read_keys as read_key_file
 from serve import REPO_ROOT, oip_agent
 
 DEFAULT_CONFIG = REPO_ROOT / "config.properties"
@@ -212,20 +213,9 @@ def check_java() -> str:
 
 
 def read_keys(workdir: Path) -> dict[str, str]:
-    """The token-auth keys TorchServe wrote to ``<workdir>/key_file.json``.
-
-    Returns ``{"inference": ..., "management": ..., "api": ...}``: the inference key for the inference
-    API, the management key for the management API, and the API key that only rotates the other two
-    (``POST /token?type=inference|management`` on the management port). Empty if the file is absent.
-    """
-    path = Path(workdir) / KEY_FILE
-    try:
-        raw = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-    keys = {name: raw.get(name, {}).get("key") for name in ("inference", "management")}
-    keys["api"] = raw.get("API", {}).get("key")
-    return {name: key for name, key in keys.items() if key}
+    """The token-auth keys TorchServe wrote to ``<workdir>/key_file.json`` (``client.api.read_keys``):
+    ``inference``, ``management`` and ``api``; empty if the file is absent."""
+    return read_key_file(Path(workdir) / KEY_FILE)
 
 
 def check_archive(path: Path, name: str) -> None:
@@ -342,6 +332,7 @@ class Server:
         self._launcher: subprocess.Popen | None = None
         self._grpc: subprocess.Popen | None = None
         self._log_offsets: dict[str, int] = {}
+        self._client: TorchServeClient | None = None
 
     # ------------------------------------------------------------------------------ addresses/keys
 
@@ -624,29 +615,22 @@ class Server:
                 died, reason = True, reason or match.group(1).strip()
         return (reason or "its worker died while loading") if died else None
 
-    def _management_get(self, path: str, timeout: float = 5.0, **params) -> object:
-        """GET ``path`` from the management API with the management key; raises for an error status."""
-        headers = {}
-        key = self.keys().get("management")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        response = requests.get(f"{self.management_url}{path}", headers=headers, params=params, timeout=timeout)
-        response.raise_for_status()
-        return response.json()
+    @property
+    def client(self) -> TorchServeClient:
+        """The project's TorchServe client for this server, reading this server's key file; no busy retries
+        (callers poll) and short timeouts. Raises :class:`client.api.TorchServeError`."""
+        if self._client is None:
+            self._client = TorchServeClient(self.inference_url, self.management_url,
+                                            key_file=self.workdir / KEY_FILE, timeout=5.0, retries=0)
+        return self._client
 
-    def describe(self, model: str, timeout: float = 5.0) -> dict:
+    def describe(self, model: str) -> dict:
         """The management API's description of ``model`` (its default version), with the management key."""
-        return self._management_get(f"/models/{model}", timeout)[0]
+        return self.client.describe(model)[0]
 
     def served_models(self) -> list[str]:
         """Names of the models the running server has registered (whatever it was started with)."""
-        names, token = [], None
-        while True:
-            page = self._management_get("/models", limit=100, **({"next_page_token": token} if token else {}))
-            names += [model["modelName"] for model in page.get("models", [])]
-            token = page.get("nextPageToken")
-            if not token:
-                return names
+        return [model["modelName"] for model in self.client.list_models()]
 
     @staticmethod
     def workers_ready(description: dict) -> bool:
@@ -676,7 +660,7 @@ class Server:
                         continue
                     try:
                         description = self.describe(name)
-                    except (requests.RequestException, ValueError, IndexError) as exc:
+                    except (TorchServeError, ValueError, IndexError) as exc:
                         last_status[name] = f"not answering ({type(exc).__name__})"
                         continue
                     statuses = [w.get("status") for w in description.get("workers", [])]

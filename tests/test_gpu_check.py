@@ -69,8 +69,8 @@ def run_summary(argv) -> tuple[int, dict]:
 def test_the_command_without_a_gpu_says_so_and_exits_0(tmp_path):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, also on a machine that has one
-    result = subprocess.run([sys.executable, str(SCRIPT), "--weights", str(tmp_path / "none"), "--out", str(out)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "scripts.gpu_check", "--weights", str(tmp_path / "none"),
+                             "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "no GPU (torch.cuda.is_available() is False): nothing to check"
     assert json.loads(out.read_text()) == {"gpu": False, "message": gpu_check.NO_GPU_MESSAGE, "ok": True, "checks": []}

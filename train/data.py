@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from models.registry import MNIST_MEAN, MNIST_STD
+from serve import REPO_ROOT  # the one repository root (serve/__init__.py imports nothing heavy)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MNIST_ROOT = REPO_ROOT / "data" / "mnist"
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

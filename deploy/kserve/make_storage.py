@@ -30,12 +30,9 @@ import shutil
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `models` and `serve` importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-from models.registry import REGISTRY, get_spec  # noqa: E402
-from serve.package import model_config  # noqa: E402
+from models.registry import REGISTRY, get_spec
+from serve import REPO_ROOT
+from serve.package import model_config
 
 COMMITTED_CONFIG = REPO_ROOT / "deploy" / "kserve" / "config" / "config.properties"
 ROOT_CONFIG = REPO_ROOT / "config.properties"

@@ -15,6 +15,7 @@ import requests
 import torch
 from PIL import Image
 
+from client.api import TorchServeError
 from models.registry import get_spec
 from api_requests import api_request
 from serve.server import Server
@@ -68,7 +69,7 @@ def all_ready(server: Server, models=MODELS) -> bool:
     """True when every model's workers are READY."""
     try:
         return all(Server.workers_ready(server.describe(name)) for name in models)
-    except (requests.RequestException, ValueError, IndexError):
+    except (TorchServeError, ValueError, IndexError):
         return False
 
 

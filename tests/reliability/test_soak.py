@@ -3,13 +3,11 @@ server of its own; no request may fail, no worker may restart and no worker's me
 the soak's tolerance. The recorded 60 s run and its numbers are in loadtest/README.md."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from serve import REPO_ROOT
+from loadtest import soak
 
 from .support import MODELS
 
@@ -18,17 +16,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 DURATION_S = 25.0  # two non-overlapping 10 s RSS windows, and a short CI run
 
 
-def load_soak():
-    """loadtest/soak.py as a module (loadtest/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("loadtest_soak", REPO_ROOT / "loadtest" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_short_soak_has_no_failures_restarts_or_memory_growth(start_server, tmp_path):
-    soak = load_soak()
     server = start_server("soak")
     config = soak.SoakConfig(duration=DURATION_S, users=32, models=MODELS, out_dir=tmp_path, name="soak-short")
     try:
