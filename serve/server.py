@@ -66,12 +66,15 @@ class ServerError(RuntimeError):
 # ------------------------------------------------------------------------------------ configuration
 
 def load_properties(path: Path) -> dict[str, str]:
-    """``key=value`` pairs of a Java properties file (``#``/``!`` comments and blank lines skipped)."""
+    """``key=value`` pairs of a TorchServe config.properties, in file order (``#``/``!`` comments and blank
+    lines skipped); the one reader of these files. A line without ``=`` raises ``ValueError`` naming it."""
     props = {}
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line or line[0] in "#!" or "=" not in line:
+    for number, raw in enumerate(Path(path).read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line[0] in "#!":
             continue
+        if "=" not in line:
+            raise ValueError(f"{path}:{number}: expected key=value, got {raw!r}")
         key, value = line.split("=", 1)
         props[key.strip()] = value.strip()
     return props
@@ -315,7 +318,10 @@ class Server:
         self.config = Path(config).resolve()
         if not self.config.is_file():
             raise ServerError(f"config file {self.config} does not exist")
-        self.base_props = load_properties(self.config)
+        try:
+            self.base_props = load_properties(self.config)
+        except ValueError as err:
+            raise ServerError(f"{err}: fix the config file") from None
         self.ports = ports or Ports.from_properties(self.base_props)
         self.workdir = Path(workdir).resolve()
         self.tmpdir = Path(tmpdir).resolve() if tmpdir else self.workdir / "tmp"

@@ -33,6 +33,7 @@ from pathlib import Path
 from models.registry import REGISTRY, get_spec
 from serve import REPO_ROOT
 from serve.package import model_config
+from serve.server import load_properties
 
 COMMITTED_CONFIG = REPO_ROOT / "deploy" / "kserve" / "config" / "config.properties"
 ROOT_CONFIG = REPO_ROOT / "config.properties"
@@ -66,19 +67,10 @@ KSERVE_SETTINGS = {
 
 
 def read_properties(path: Path) -> dict[str, str]:
-    """``key=value`` pairs of a Java properties file in file order (comments and blank lines skipped)."""
+    """``key=value`` pairs of a Java properties file in file order (``serve.server.load_properties``)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the KServe config is generated from it")
-    props: dict[str, str] = {}
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith(("#", "!")):
-            continue
-        if "=" not in line:
-            raise ValueError(f"{path}:{number}: expected key=value, got {raw!r}")
-        key, value = line.split("=", 1)
-        props[key.strip()] = value.strip()
-    return props
+    return load_properties(path)
 
 
 def model_snapshot(names: list[str]) -> dict:
