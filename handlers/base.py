@@ -27,7 +27,6 @@ explaining.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -45,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 THREADS_ENV = "HANDLER_NUM_THREADS"
 DEFAULT_THREADS = 1
-SETUP_CONFIG = "setup_config.json"
 
 def select_device(gpu_id: int | None, cuda_available: bool) -> torch.device:
     """``cuda:<gpu_id>`` when CUDA is available and TorchServe assigned a GPU, else ``cpu``.
@@ -79,19 +77,13 @@ def thread_count(handler_config: dict | None = None, environ: dict | None = None
     return threads
 
 
-def resolve_model_name(manifest: dict, model_dir: str, handler_config: dict | None = None) -> str:
-    """Registry name of the network to serve, first found of: ``model_name`` in the model-config
-    YAML's ``handler:`` section, ``model_name`` in the archive's ``setup_config.json`` extra file,
-    the manifest's ``modelName`` (what ``torch-model-archiver --model-name`` wrote).
+def resolve_model_name(manifest: dict, handler_config: dict | None = None) -> str:
+    """Registry name of the network to serve: ``model_name`` in the model-config YAML's ``handler:`` section
+    (an archive served under another name, e.g. a canary), else the manifest's ``modelName`` (what
+    ``torch-model-archiver --model-name`` wrote, which serve/package.py sets to the registry name).
     """
     if (handler_config or {}).get("model_name"):
         return str(handler_config["model_name"])
-    setup_path = os.path.join(model_dir or "", SETUP_CONFIG)
-    if os.path.isfile(setup_path):
-        with open(setup_path) as f:
-            name = json.load(f).get("model_name")
-        if name:
-            return str(name)
     name = (manifest or {}).get("model", {}).get("modelName")
     if not name:
         raise RuntimeError("cannot tell which model to serve: the archive names none (manifest modelName)")
@@ -128,7 +120,7 @@ class ServingHandler:
 
         torch.set_num_threads(thread_count(handler_config))
         self.device = select_device(properties.get("gpu_id"), torch.cuda.is_available())
-        self.spec = get_spec(resolve_model_name(manifest, model_dir, handler_config))
+        self.spec = get_spec(resolve_model_name(manifest, handler_config))
         if self.tasks and self.spec.task not in self.tasks:
             raise RuntimeError(
                 f"{type(self).__name__} serves {'/'.join(self.tasks)} models; "

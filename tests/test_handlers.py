@@ -130,14 +130,12 @@ def test_thread_count_default_config_and_env():
             thread_count({}, environ={"HANDLER_NUM_THREADS": bad})
 
 
-def test_model_name_comes_from_yaml_then_setup_config_then_manifest(tmp_path):
+def test_model_name_comes_from_yaml_then_manifest():
     manifest = {"model": {"modelName": "mnistnet"}}
-    assert resolve_model_name(manifest, str(tmp_path)) == "mnistnet"
-    (tmp_path / "setup_config.json").write_text(json.dumps({"model_name": "deepnet"}))
-    assert resolve_model_name(manifest, str(tmp_path)) == "deepnet"
-    assert resolve_model_name(manifest, str(tmp_path), {"model_name": "feedforwardnet"}) == "feedforwardnet"
+    assert resolve_model_name(manifest) == "mnistnet"
+    assert resolve_model_name(manifest, {"model_name": "feedforwardnet"}) == "feedforwardnet"
     with pytest.raises(RuntimeError, match="cannot tell which model to serve"):
-        resolve_model_name({"model": {}}, str(tmp_path / "missing"))
+        resolve_model_name({"model": {}})
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
