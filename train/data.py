@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from models.registry import MNIST_MEAN, MNIST_STD
+from models.smoothstep import smootherstep  # the target curve of the smoothstep data set
 from serve import REPO_ROOT  # the one repository root (serve/__init__.py imports nothing heavy)
 
 DEFAULT_MNIST_ROOT = REPO_ROOT / "data" / "mnist"
@@ -238,12 +239,6 @@ def make_moons(n_samples: int = 2000, noise: float = 0.1, scale: float = 2.0, te
     x = scale * (torch.cat([upper, lower]) + noise * torch.randn(n_samples, 2, generator=gen))
     y = torch.cat([torch.zeros(n_upper), torch.ones(n_lower)]).unsqueeze(1)
     return _split(x, y, test_fraction, gen)
-
-
-def smootherstep(z: Tensor) -> Tensor:
-    """``S(z) = z³(6z² − 15z + 10)`` on [0, 1], 0 below, 1 above (the same curve as SmoothStep)."""
-    z = z.clamp(0.0, 1.0)
-    return z * z * z * (z * (6.0 * z - 15.0) + 10.0)
 
 
 def make_smoothstep(n_samples: int = 4000, noise: float = 0.02, test_fraction: float = 0.2,
