@@ -34,7 +34,12 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 class StockServer(Server):
     """``Server`` that leaves the worker environment as TorchServe would get it from a plain shell:
-    it does not add ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` (kept only if the caller's environment has them)."""
+    it does not add ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` (kept only if the caller's environment has them),
+    and every worker is a fresh ``python`` that imports torch itself (no fork server)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("fork_workers", False)
+        super().__init__(*args, **kwargs)
 
     def _environment(self) -> dict[str, str]:
         env = super()._environment()

@@ -9,10 +9,12 @@ A :class:`Server` owns everything one TorchServe needs to be independent of any 
 * its log directory (``torchserve.out`` gets the launcher's stdout/stderr; log4j writes ``ts_log.log``,
   ``model_log.log`` there).
 
-``Server.start()`` launches ``torchserve --start`` with its output redirected to a file (never a pipe:
-the Java child would keep a pipe open forever), ``wait_ready()`` polls the management API until every
-model's workers are READY (``/ping`` says Healthy long before that), ``stop()`` runs
-``torchserve --stop`` with the same ``TMPDIR`` and waits until the frontend and its workers are gone.
+``Server.start()`` starts the fork server (serve/forkserver.py: one process that imports torch once and
+forks every backend worker from it, instead of each worker importing torch itself) and then
+``torchserve --start`` with its output redirected to a file (never a pipe: the Java child would keep a
+pipe open forever), ``wait_ready()`` polls the management API until every model's workers are READY
+(``/ping`` says Healthy long before that), ``stop()`` runs ``torchserve --stop`` with the same ``TMPDIR``
+and waits until the frontend, its workers and the fork server are gone.
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ PID_FILE = ".model_server.pid"  # written by torchserve's launcher into $TMPDIR
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 # Unix socket paths are limited to 107 bytes; TorchServe puts $TMPDIR/.ts.sock.<port> there.
 MAX_SOCKET_PATH = 107
+FORKSERVER = REPO_ROOT / "serve" / "forkserver.py"
+WORKER_PYTHON = REPO_ROOT / "serve" / "worker_python"  # the workers' "python" with the fork server
+FORKSERVER_SOCKET = ".ts.fork.sock"  # in $TMPDIR (no longer than the workers' .ts.sock.<port>)
 
 JAVA_HELP = (
     "TorchServe needs Java 17 (a JRE is enough) on PATH or in JAVA_HOME. Install it with\n"
@@ -279,8 +284,12 @@ def _wait_exited(processes: list[psutil.Process], timeout: float) -> list[psutil
         time.sleep(0.05)
 
 
-def _torchserve_command() -> list[str]:
-    """The venv's ``torchserve`` launcher (its module if the console script is missing)."""
+def _torchserve_command(worker_python: Path | None = None) -> list[str]:
+    """The venv's ``torchserve`` launcher (its module if the console script is missing). The launcher hands
+    its own ``sys.executable`` to the frontend as the workers' ``python``; ``worker_python`` replaces it."""
+    if worker_python is not None:
+        launch = "import sys; sys.executable = sys.argv.pop(1); from ts.model_server import start; start()"
+        return [sys.executable, "-c", launch, str(worker_python)]
     script = Path(sys.executable).parent / "torchserve"
     return [str(script)] if script.exists() else [sys.executable, "-m", "ts.model_server"]
 
@@ -301,6 +310,8 @@ class Server:
         log_dir: where ``torchserve.out`` and the log4j files go (default: ``logs/``).
         log_config: log4j2 XML (default: ``serve/log4j2.xml``, WARN to size-capped files).
         env: extra environment for the frontend and its workers (``OMP_NUM_THREADS`` defaults to 1).
+        fork_workers: start the backend workers from the fork server (serve/forkserver.py); default on
+            unless the environment says ``SERVE_FORK_WORKERS=0``.
     """
 
     def __init__(
@@ -314,6 +325,7 @@ class Server:
         log_dir: Path = DEFAULT_LOG_DIR,
         log_config: Path = DEFAULT_LOG_CONFIG,
         env: dict[str, str] | None = None,
+        fork_workers: bool | None = None,
     ):
         self.config = Path(config).resolve()
         if not self.config.is_file():
@@ -335,8 +347,12 @@ class Server:
         self.log_dir = Path(log_dir).resolve()
         self.log_config = Path(log_config).resolve()
         self.extra_env = dict(env or {})
+        if fork_workers is None:
+            fork_workers = os.environ.get("SERVE_FORK_WORKERS", "1") != "0"
+        self.fork_workers = fork_workers
         self._launcher: subprocess.Popen | None = None
         self._grpc: subprocess.Popen | None = None
+        self._forkserver: subprocess.Popen | None = None
         self._log_offsets: dict[str, int] = {}
         self._client: TorchServeClient | None = None
 
@@ -422,6 +438,8 @@ class Server:
             LOG_LOCATION=str(self.log_dir),
             METRICS_LOCATION=str(self.log_dir),
         )
+        if self.fork_workers:  # read by serve/worker_python and the client in serve/forkserver.py
+            env.update(SERVE_FORKSERVER=str(self.forkserver_socket), SERVE_WORKER_PYTHON=sys.executable)
         return env
 
     def _check_can_start(self) -> None:
@@ -457,6 +475,17 @@ class Server:
         _writable_dir(self.log_dir, "log folder", "--log-dir")
         _writable_dir(self.workdir, "working directory", "--workdir")
         _writable_dir(self.tmpdir, "TMPDIR", "--workdir")
+        if self.fork_workers:  # first: its torch import is the longest step, it overlaps the JVM's start
+            self._start_forkserver()
+        try:
+            self._launch(foreground)
+        except BaseException:
+            if not self.is_running():
+                self._stop_forkserver()
+            raise
+
+    def _launch(self, foreground: bool) -> None:
+        """Start ``torchserve`` (and the gRPC front) once the checks have passed."""
         # Where this start's lines begin in the logs (load_failure reads only those).
         self._log_offsets = {
             log: (self.log_dir / log).stat().st_size if (self.log_dir / log).is_file() else 0
@@ -473,7 +502,7 @@ class Server:
             ts_config,
             f"Generated by serve/server.py from {self.config}; edit that file instead.",
         )
-        cmd = _torchserve_command() + [
+        cmd = _torchserve_command(WORKER_PYTHON if self.fork_workers else None) + [
             "--start",
             "--ts-config", str(ts_config),
             "--model-store", str(self.model_store),
@@ -504,6 +533,62 @@ class Server:
                 raise ServerError(f"the TorchServe frontend did not start:\n{self.output_tail()}")
             time.sleep(0.2)
         self._start_grpc()
+
+    # ---------------------------------------------------------------------------- fork server
+
+    @property
+    def forkserver_socket(self) -> Path:
+        return self.tmpdir / FORKSERVER_SOCKET
+
+    @property
+    def forkserver_pid_file(self) -> Path:
+        return self.workdir / "forkserver.pid"
+
+    def forkserver_pid(self) -> int | None:
+        """Pid of this server's fork server (serve/forkserver.py) if it is running."""
+        try:
+            pid = int(self.forkserver_pid_file.read_text().strip())
+            process = psutil.Process(pid)
+            if process.status() != psutil.STATUS_ZOMBIE and str(FORKSERVER) in process.cmdline():
+                return pid
+        except (FileNotFoundError, ValueError, psutil.Error):
+            pass
+        return None
+
+    def _start_forkserver(self) -> None:
+        """Start the fork server; it listens at once and answers workers once torch is imported. It gets
+        the workers' environment (minus PYTHONPATH: each worker's own builds its sys.path)."""
+        self._stop_forkserver()  # one left by a server that died
+        env = self._environment()
+        env.pop("PYTHONPATH", None)
+        # -P: no script directory on sys.path (a worker's is TorchServe's ts/, set per child).
+        cmd = [sys.executable, "-P", str(FORKSERVER), "--serve", str(self.forkserver_socket)]
+        with open(self.log_dir / "forkserver.out", "ab") as out:
+            self._forkserver = subprocess.Popen(
+                cmd, cwd=self.tmpdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.forkserver_pid_file.write_text(f"{self._forkserver.pid}\n")
+
+    def _stop_forkserver(self, timeout: float = 10.0) -> None:
+        """SIGTERM the fork server (it kills and reaps the workers it still has), SIGKILL after ``timeout``."""
+        pid = self.forkserver_pid()
+        if pid is not None:
+            try:
+                process = psutil.Process(pid)
+                children = process.children()
+                process.terminate()
+                for leftover in _wait_exited([process], timeout) + _wait_exited(children, 1):
+                    leftover.kill()
+            except psutil.Error:
+                pass
+        if self._forkserver is not None:
+            try:
+                self._forkserver.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._forkserver.kill()
+            self._forkserver = None
+        self.forkserver_pid_file.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------- OIP gRPC front
 
@@ -713,6 +798,7 @@ class Server:
                 except psutil.Error:
                     pass
             _wait_exited(orphans, 10)
+            self._stop_forkserver()
             self.key_file.unlink(missing_ok=True)
             return False
         try:
@@ -733,6 +819,7 @@ class Server:
             except psutil.Error:
                 pass
         psutil.wait_procs(alive, timeout=10)
+        self._stop_forkserver()
         if self._launcher is not None:
             try:
                 self._launcher.wait(timeout=10)
