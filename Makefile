@@ -5,10 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup train package serve stop status test bench gpu-check clean
+.PHONY: setup train package serve stop status test image bench gpu-check clean
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-serve.txt requirements-dev.txt pyproject.toml
 	@command -v javac >/dev/null || { echo "TorchServe needs Java 17, and its OIP agent (serve/java) a JDK: install it first (Debian: apt-get install -y openjdk-17-jdk-headless)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
@@ -33,6 +33,11 @@ status:
 # pytest exits 5 when it collects no tests; with a -k or -m filter that can be legitimate.
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "pytest: no tests selected" || exit $$rc; }
+
+# The CPU serving image torchserve-mnist:cpu with podman or docker (tests/container/container_image.py finds the
+# engine; `make test` builds and runs it too). IMAGE_ARGS=--gpu: the CUDA image torchserve-mnist:gpu.
+image: package
+	$(PY) tests/container/container_image.py $(IMAGE_ARGS)
 
 # Serving benchmark, stock TorchServe vs ours vs in-process (bench/README.md; needs `apt-get install -y wrk`).
 bench: setup
