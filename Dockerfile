@@ -1,37 +1,58 @@
 # syntax=docker/dockerfile:1
 # Serving image: TorchServe 0.12 on Java 17 serving every model of this repository, as a non-root user,
 # with the Open Inference Protocol REST surface (our Java agent) on 8080 and the OIP gRPC front on 7070:
-# the same servers `make serve` runs. KServe runs this image too (deploy/kserve/servingruntime.yaml).
-# Full guide (run, token key, GPU, Kubernetes, KServe): deploy/README.md.
+# the same servers and config `make serve` runs. KServe runs this image too (deploy/kserve/servingruntime.yaml).
+# Full guide (run, token key, GPU image, Kubernetes, KServe): deploy/README.md.
 #
-#   docker build -t torchserve-mnist .     (podman: add --format docker, else HEALTHCHECK is dropped)
-#   docker run --rm -p 127.0.0.1:8080:8080 torchserve-mnist
+#   make image      (= podman/docker build with the flags below; tests/container/ builds and runs it in `make test`)
+#   docker build -t torchserve-mnist:cpu .     (podman: add --format docker, else HEALTHCHECK is dropped)
+#   docker run --rm -p 127.0.0.1:8080:8080 -p 127.0.0.1:7070:7070 torchserve-mnist:cpu
 #   KEY=$(docker exec <container> python3 /app/docker/tsctl.py key)
 #   curl -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
 #        -d '{"data": [...784 pixels in [0,1]...]}' http://127.0.0.1:8080/predictions/mnistnet
 #
-# Stages: deps (venv with requirements.txt) -> builder (weights + .mar archives; the ones already in
-# the build context's weights/ and model_store/ are reused, anything missing is trained/packaged
-# here) -> oip (a JDK compiles the OIP agent jar against the venv's TorchServe) -> runtime (venv +
-# archives + config + agent jar + serve/ for the gRPC front; no training data, weights or JDK).
+# CPU image by default (~1.3 GB): torch's CPU-only wheel from PyTorch's own index. GPU image, same file:
+#   docker build --build-arg TORCH_SPEC=torch==2.14.1 --build-arg TORCH_INDEX_URL= -t torchserve-mnist:gpu .
+# (PyPI's torch bundles its CUDA libraries: ~6.6 GB; run it with --gpus all. deploy/README.md, "GPU image".)
 #
-# BASE_IMAGE: any Debian/Ubuntu image with python3 (3.10+) and python3-venv, e.g. a CUDA runtime image
-# for a GPU variant. The default image can already use NVIDIA GPUs: torch's PyPI wheel bundles its
-# CUDA libraries, so `docker run --gpus all` is enough (deploy/README.md, "GPU").
+# Stages, ordered so that a code-only change rebuilds only the small layers at the end:
+#   deps    venv: torch (TORCH_SPEC) then requirements-serve.txt (serving only: no training/packaging tools)
+#   builder deps + torch-model-archiver: weights + .mar archives (the ones already in the build context's
+#           weights/ and model_store/ are reused; anything missing is trained/packaged here)
+#   oip     a JDK compiles the OIP agent jar against the venv's TorchServe
+#   runtime base + tini + oip's jlink'ed JRE + deps' venv + archives + agent jar + config + serve/ (gRPC front) + deploy/docker/
+#
+# BASE_IMAGE: any Debian/Ubuntu image with python3 (3.10+) and python3-venv (e.g. a CUDA runtime image).
 ARG BASE_IMAGE=python:3.11-slim
 
 # ---------------------------------------------------------------------------------------------- deps
 FROM ${BASE_IMAGE} AS deps
+# TORCH_SPEC: the torch requirement. TORCH_INDEX_URL: an extra pip index for it (empty: pip's own indexes
+# only, e.g. PyPI for the CUDA build, or a local wheel folder that already holds the CPU wheel).
+ARG TORCH_SPEC=torch==2.13.0+cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY requirements.txt /tmp/requirements.txt
-RUN pip install -r /tmp/requirements.txt
+# torch first, in its own layer: the largest download, and it changes least. Then strip what serving never
+# loads: C++ headers, torch's own test suite and test binaries (~180 MB; torch_shm_manager stays).
+# hadolint ignore=DL3013
+RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC" \
+ && site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+ && rm -rf "$site/torch/include" "$site/torch/test" "$site"/torch/bin/test_* "$site"/torch/bin/protoc* \
+ && python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+COPY requirements-serve.txt /tmp/requirements-serve.txt
+RUN pip install -r /tmp/requirements-serve.txt \
+ && python -c 'import torch, ts, captum.attr, grpc, tritonclient.grpc, yaml, PIL, psutil'
 
 # ------------------------------------------------------------------------------------------- builder
 FROM deps AS builder
+# The packaging tool, at its pin in requirements.txt (training and packaging only: not in the runtime).
+COPY requirements.txt /tmp/requirements.txt
+# hadolint ignore=DL3013
+RUN pip install "$(grep -E '^torch-model-archiver==' /tmp/requirements.txt)"
 WORKDIR /src
 # .dockerignore lets in only what training and packaging read (plus existing weights/ and archives).
 COPY . .
@@ -53,31 +74,37 @@ RUN mkdir -p /usr/share/man/man1 \
  && apt-get install -y --no-install-recommends openjdk-17-jdk-headless \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY serve/ serve/
+# Only what the agent build reads, so a change elsewhere in serve/ does not recompile it.
+COPY serve/__init__.py serve/oip_agent.py serve/
+COPY serve/java/ serve/java/
 RUN python -m serve.oip_agent --out /out/oip-agent.jar
+# The runtime's Java: a jlink'ed JRE of just the modules TorchServe's frontend uses (`jdeps
+# --print-module-deps` of ts/frontend/model-server.jar), plus java.instrument (the agent), jdk.crypto.ec (TLS),
+# jdk.management and jdk.zipfs: ~50 MB where Debian's openjdk-17-jre-headless is ~350 MB with its libraries.
+RUN jlink --add-modules java.base,java.compiler,java.desktop,java.instrument,java.management.rmi,java.naming,\
+java.prefs,java.scripting,java.sql,jdk.crypto.ec,jdk.management,jdk.sctp,jdk.unsupported,jdk.zipfs \
+        --strip-java-debug-attributes --no-man-pages --no-header-files --compress=2 --output /out/jre \
+ && /out/jre/bin/java -version
 
 # ------------------------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime
 ARG DEBIAN_FRONTEND=noninteractive
-# Java 17 for the TorchServe frontend, tini as PID 1 (reaps zombies, forwards signals to the
-# entrypoint). Unpinned on purpose: Debian's security updates replace these versions in place.
-# /usr/share/man/man1 must exist for the JRE's postinst on slim images that strip man pages.
+# tini as PID 1 (reaps zombies, forwards signals to the entrypoint). Unpinned on purpose: Debian's security
+# updates replace it in place. apt-get clean: base images without docker's apt hook keep the .debs otherwise.
 # hadolint ignore=DL3008
-RUN mkdir -p /usr/share/man/man1 \
- && apt-get update \
- && apt-get install -y --no-install-recommends openjdk-17-jre-headless tini \
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 model-server \
  && useradd --system --uid 10001 --gid model-server --create-home --home-dir /home/model-server \
         --shell /usr/sbin/nologin model-server
 
-COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /src/model_store/*.mar /app/model_store/
-COPY --from=oip /out/oip-agent.jar /app/oip/oip-agent.jar
-# serve/ for the OIP gRPC front (python -m serve.oip_grpc, started by the entrypoint with PYTHONPATH=/app).
-COPY serve/ /app/serve/
-COPY deploy/docker/ /app/docker/
+# Layers from the one that changes least to the one that changes most: a code-only change rebuilds
+# the last few (archives, serve/, deploy/docker/), never the venv or the JRE.
+COPY --from=oip /out/jre /opt/java
+COPY --from=deps /opt/venv /opt/venv
 # The container config is the repository's config.properties plus one line that lets TorchServe's
 # own TS_* environment variables (set below, or with `docker run -e`) override it.
 COPY config.properties /app/config.properties.repo
@@ -85,14 +112,20 @@ RUN { grep -v '^enable_envvars_config=' /app/config.properties.repo; \
       echo; \
       echo '# Added by the Dockerfile: TS_* environment variables override this file.'; \
       echo 'enable_envvars_config=true'; } > /app/config.properties \
- && rm /app/config.properties.repo \
- && chmod 0755 /app/docker/entrypoint.sh
+ && rm /app/config.properties.repo
+COPY --from=oip /out/oip-agent.jar /app/oip/oip-agent.jar
+COPY --from=builder /src/model_store/*.mar /app/model_store/
+# serve/ for the OIP gRPC front (python -m serve.oip_grpc, started by the entrypoint with PYTHONPATH=/app).
+COPY serve/ /app/serve/
+# entrypoint.sh is committed executable (mode 100755); COPY keeps the mode.
+COPY deploy/docker/ /app/docker/
 
 # Inference (REST) and the OIP gRPC front on all interfaces (publish them with -p); management and
 # metrics stay on the container's loopback unless overridden, e.g. -e TS_METRICS_ADDRESS=http://0.0.0.0:8082.
 # APP_DIR, OIP_AGENT_JAR and OIP_GRPC_LISTEN are read by deploy/docker/entrypoint.sh; TS_METRICS_CONFIG
 # declares the handlers' model-quality metrics (serve/metrics.yaml; `serve start` passes the same file).
-ENV PATH=/opt/venv/bin:$PATH \
+ENV PATH=/opt/venv/bin:/opt/java/bin:$PATH \
+    JAVA_HOME=/opt/java \
     APP_DIR=/app \
     OIP_AGENT_JAR=/app/oip/oip-agent.jar \
     OIP_GRPC_LISTEN=0.0.0.0:7070 \

@@ -94,7 +94,8 @@ def launch(storage, protocol: str = "v1") -> kr.Pod:
 
     mount, store, jar = storage
     outputs = {
-        ("builder", "/opt/venv"): Path(sys.prefix),
+        ("deps", "/opt/venv"): Path(sys.prefix),
+        ("oip", "/out/jre"): Path(os.path.realpath(shutil.which("java"))).parents[1],  # the JDK's java home
         ("builder", "/src/model_store/*.mar"): store / "*.mar",
         ("oip", "/out/oip-agent.jar"): jar,
     }
