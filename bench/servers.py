@@ -1,10 +1,11 @@
-"""The two TorchServe deployments the benchmark compares, both built on serve/server.py's ``Server``.
+"""The servers the benchmark compares; the TorchServe ones are built on serve/server.py's ``Server``.
 
 * :func:`baseline_server`: stock TorchServe (empty bench/baseline/config.properties, TorchServe's own
-  log4j2.xml extracted from its jar, no thread settings in the environment) serving
-  ``mnist_baseline.mar`` (bench/baseline/handler.py).
+  log4j2.xml extracted from its jar, no thread settings in the environment unless ``env`` adds them)
+  serving ``mnist_baseline.mar`` (bench/baseline/handler.py; its model-config decides tuned or default).
 * :func:`ours_server`: the project's deployment: the repository's config.properties, serve/log4j2.xml,
   the archives serve/package.py builds, and serve/server.py's environment (OMP_NUM_THREADS=1).
+* :class:`LitServeServer`: bench/litserve_server.py (LitServe, same weights) as its own process.
 
 Each gets free ports, a private short ``TMPDIR`` and working directory under one temporary directory,
 and is stopped when its ``with`` block ends (also on Ctrl-C or an exception).
@@ -15,6 +16,8 @@ import contextlib
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import zipfile
@@ -23,7 +26,7 @@ from pathlib import Path
 import requests
 import ts
 
-from serve.server import DEFAULT_CONFIG, Ports, Server
+from serve.server import DEFAULT_CONFIG, Ports, Server, port_is_free
 
 BENCH_DIR = Path(__file__).resolve().parent
 BASELINE_CONFIG = BENCH_DIR / "baseline" / "config.properties"
@@ -83,12 +86,63 @@ def running(server: Server, timeout: float = 300.0):
         server.stop()
 
 
-def baseline_server(root: Path, store: Path, model: str = "mnist_baseline") -> Server:
+def baseline_server(root: Path, store: Path, model: str = "mnist_baseline", env: dict[str, str] | None = None) -> Server:
     """Stock TorchServe serving ``<store>/<model>.mar``, everything under ``root``."""
     return StockServer(
         config=BASELINE_CONFIG, ports=Ports.free(), tmpdir=root / "t", workdir=root / "w",
-        model_store=store, models=[model], log_dir=root / "logs", log_config=stock_log_config(root),
+        model_store=store, models=[model], log_dir=root / "logs", log_config=stock_log_config(root), env=env,
     )
+
+
+class LitServeServer:
+    """bench/litserve_server.py on a free port, with the few ``Server`` methods the benchmark uses."""
+
+    def __init__(self, weights: Path, log: Path, workers: int = 2):
+        self.weights, self.log, self.workers = Path(weights), Path(log), workers
+        self.port = next(p for p in range(8600, 8700) if port_is_free(p))
+        self.inference_url = f"http://127.0.0.1:{self.port}"
+        self.metrics_url = None
+        self.models = ["mnistnet"]
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        with open(self.log, "wb") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "bench.litserve_server", "--weights", str(self.weights),
+                 "--port", str(self.port), "--workers", str(self.workers)],
+                cwd=BENCH_DIR.parent, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 120.0, progress: bool = False) -> None:
+        """Until ``GET /health`` answers ``ok`` (every inference worker has set up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"LitServe exited ({self._process.returncode}): {self.log.read_text()[-2000:]}")
+            try:
+                if requests.get(f"{self.inference_url}/health", timeout=2).text == "ok":
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"LitServe not ready after {timeout:.0f} s: {self.log.read_text()[-2000:]}")
+
+    def keys(self) -> dict[str, str]:
+        return {}  # no authentication
+
+    def describe(self, model: str) -> dict:
+        return {"modelName": model, "batchSize": 8, "maxBatchDelay": 2, "workers": [None] * self.workers}
+
+    def stop(self) -> None:
+        """SIGTERM to its process group (the API server and inference workers), SIGKILL after 10 s."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        os.killpg(self._process.pid, 15)
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._process.pid, 9)
+            self._process.wait()
 
 
 def ours_server(root: Path, store: Path, models: list[str], config: Path = DEFAULT_CONFIG,
@@ -105,6 +159,8 @@ def scrape_metrics(server, prefix: str = "") -> dict[str, float]:
 
     Empty when /metrics does not answer (or is empty: TorchServe fills it only with metrics_mode=prometheus).
     """
+    if not server.metrics_url:
+        return {}
     try:
         text = requests.get(server.metrics_url, timeout=10).text
     except requests.RequestException:

@@ -1,26 +1,28 @@
-"""Serving benchmark: the project's TorchServe deployment vs stock TorchServe vs the in-process limit.
+"""Serving benchmark: the project's TorchServe deployment vs tuned stock TorchServe vs LitServe vs the model alone.
 
-Run from the repository root (loopback only; takes about 8 minutes with the defaults)::
+Run from the repository root (loopback only; about 7 minutes with the defaults)::
 
-    .venv/bin/python -m bench.serving                  # full run, writes bench/results/
-    .venv/bin/python -m bench.serving --wait-quiet 600 # first wait (<= 600 s) for 1-min load < 0.5
-    .venv/bin/python -m bench.serving --skip-baseline --tag try-1w --config /tmp/alt.properties
+    .venv/bin/python -m bench.serving                    # full run, writes bench/results/
+    .venv/bin/python -m bench.serving --wait-quiet 600   # first wait (<= 600 s) for 1-min load < 0.5
+    .venv/bin/python -m bench.serving --connections 1,16 --seconds 8 --cold-starts 0   # the goals only, ~3 min
 
-One run measures, one server at a time (never both at once: the machine has 2 cores):
+One run measures, one server at a time (never two at once: the machine has 2 cores):
 
 1. **limit**: MNISTNet's in-process forward pass at batch 1 and 256 (samples/s, bench/inprocess.py);
-2. **baseline**: stock TorchServe (bench/baseline/, default workers/netty/queue/logging, batch size 1)
-   serving the same weights with a BaseHandler that does ``torch.tensor(json list)``;
-3. **ours**: the repository's config.properties + serve/log4j2.xml + handlers, as ``make serve`` runs
+2. **stock**: stock TorchServe tuned as its docs advise (bench/baseline/ handler on BaseHandler, batch 8 /
+   2 ms, 2 workers, one thread per worker); ``--baselines stock-default`` adds it untuned (batch 1);
+3. **litserve**: LitServe (bench/litserve_server.py: batch 8 / 2 ms, 2 workers, one thread each);
+4. **ours**: the repository's config.properties + serve/log4j2.xml + handlers, as ``make serve`` runs
    it (every registered model loaded unless ``--models``), cold start timed from the start command to
    all workers READY.
 
-For each server and request form: wrk (bench/lua/post.lua, 1 wrk thread, closed loop) sends one
-single-image body at 1, 4, 16, 32 and 64 connections (req/s, p50/p90/p99), then one request carrying
-256 images at 1 connection (samples/s). wrk runs on the same 2 cores as the server and takes CPU from
-it, so every served number is a lower bound. Results: a table on stdout, ``bench/results/serving.json``
-and ``bench/results/latency_vs_concurrency.png`` (``--tag T`` writes ``serving-T.json`` and
-``latency_vs_concurrency-T.png`` instead, for tuning experiments).
+Every server gets the same weights and the same JSON body for the headline form (one MNIST test digit,
+``[28][28]`` intensities in [0, 1]); ours also gets a PNG and Open Inference Protocol bodies. wrk
+(bench/lua/post.lua, 1 wrk thread, closed loop) sends one single-image body per connection count
+(req/s, p50/p90/p99), then one request carrying 256 images at 1 connection (samples/s). wrk runs on the
+same cores as the server, so every served number is a lower bound. Results: a table and the goals with
+their ratios on stdout, ``bench/results/serving.json`` and ``bench/results/latency_vs_concurrency.png``
+(``--tag T`` writes ``serving-T.json`` / ``latency_vs_concurrency-T.png`` instead).
 """
 from __future__ import annotations
 
@@ -42,30 +44,40 @@ if __package__ in (None, ""):  # run as `python bench/serving.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import payloads  # noqa: E402
-from bench.baseline.archive import BASELINE_NAME, build_baseline_archive  # noqa: E402
 from bench.inprocess import load_model, measure_forward  # noqa: E402
 from bench.loadgen import run_wrk, wrk_path  # noqa: E402
 from bench.plot import plot_concurrency  # noqa: E402
 from client.api import parse_binary_v2_response  # noqa: E402
-from bench.servers import baseline_server, ours_server, private_dirs, running, scrape_metrics  # noqa: E402
-from serve.server import DEFAULT_CONFIG  # noqa: E402
+from bench.servers import (  # noqa: E402
+    LitServeServer, baseline_server, ours_server, private_dirs, running, scrape_metrics,
+)
+from serve.server import DEFAULT_CONFIG, load_properties, write_properties  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 WEIGHTS_DIR = REPO_ROOT / "weights"
 MODEL = "mnistnet"
-CONNECTIONS = (1, 4, 16, 32, 64)
+BASELINE_NAME = "mnist_baseline"
+BASELINE_HANDLER = REPO_ROOT / "bench" / "baseline" / "handler.py"
+# Stock TorchServe tuned as its docs advise for a small CPU model: dynamic batching, one worker per core,
+# one intra-op thread per worker (OMP_NUM_THREADS=1). "stock-default" is the archive without a model-config.
+STOCK_TUNED_CONFIG = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 2, "responseTimeout": 120}
+BASELINES = ("stock", "stock-default", "litserve")
+CONNECTIONS = (1, 4, 16, 64)
 GOAL_CONNECTIONS = 16
 BATCH = 256
 QUIET_LOAD = 0.5
 
-# Goals from the issue: (key, description, target).
+# Goals (issue 16 first): description and target of each; evaluate_goals() computes the values.
 GOALS = {
-    "throughput": "ours single-image req/s at 16 connections >= 1.5x baseline",
+    "vs_stock": "ours JSON req/s at 16 connections >= 1.5x tuned stock TorchServe",
+    "vs_litserve": "ours JSON req/s at 16 connections >= 1.5x LitServe",
+    "p50_litserve": "ours JSON p50 at 1 connection <= LitServe's (ratio ours/LitServe)",
+    "p50_stock": "ours JSON p50 at 1 connection < tuned stock's (ratio ours/stock)",
+    "png_vs_stock": "ours PNG req/s at 16 connections >= 1.5x tuned stock's JSON",
+    "tail": "ours JSON p99 <= 3x p50 at 16 connections",
     "batch": "one 256-image request >= 25% of in-process samples/s at batch 256",
-    "tail": "ours p99 <= 3x p50 at 16 connections",
     "cold_start": "ours cold start (start command -> all workers READY) <= 5 s",
-    "oip_single": "ours single image over OIP (binary FP32) at 16 connections >= 0.8x native JSON",
 }
 
 
@@ -200,44 +212,61 @@ def measure_server(server, cold_start: float, forms: dict, batch_forms: dict, co
     return out
 
 
-def baseline_forms() -> tuple[dict, dict]:
-    """The stock handler's inputs: already-normalised floats as a bare JSON list."""
-    path = f"/predictions/{BASELINE_NAME}"
+def baseline_forms(batch: bool = True) -> tuple[dict, dict]:
+    """A baseline's inputs: the project's JSON form, at ``/predictions/mnist_baseline`` (stock) or ``/predict``."""
+    path = f"/predictions/{BASELINE_NAME}" if batch else "/predict"
     return (
-        {"json": (path, *payloads.json_images(1, normalise=True))},
-        {"json": (path, *payloads.json_images(BATCH, flat=True, normalise=True))},
+        {"json": (path, *payloads.json_images(1))},
+        {"json": (path, *payloads.json_images(BATCH, flat=True))} if batch else {},
     )
 
 
-def ours_forms() -> tuple[dict, dict]:
-    """The project's inputs: JSON intensities (the baseline's form), a PNG file, Open Inference Protocol
-    bodies as JSON (UINT8 pixels) and binary tensors (FP32 intensities, UINT8 pixels: tritonclient's default)."""
+def ours_forms(names: list[str]) -> tuple[dict, dict]:
+    """The project's inputs among ``names``: JSON intensities (the baselines' body), a PNG file, Open Inference
+    Protocol bodies as JSON (UINT8 pixels) and binary tensors (FP32 intensities, UINT8 pixels: tritonclient's default)."""
     native, v2 = f"/predictions/{MODEL}", f"/v2/models/{MODEL}/infer"
-    return (
-        {
-            "json": (native, *payloads.json_images(1)),
-            "png": (native, *payloads.png_image()),
-            "v2-uint8": (v2, *payloads.v2_images(1, datatype="UINT8")),
-            "v2-bin-fp32": (v2, *payloads.v2_binary_images(1)),
-        },
-        {
-            "json": (native, *payloads.json_images(BATCH, flat=True)),
-            "v2-uint8": (v2, *payloads.v2_images(BATCH, datatype="UINT8")),
-            "v2-bin-fp32": (v2, *payloads.v2_binary_images(BATCH)),
-            "v2-bin-uint8": (v2, *payloads.v2_binary_images(BATCH, datatype="UINT8")),
-        },
-    )
+    single = {
+        "json": lambda: (native, *payloads.json_images(1)),
+        "png": lambda: (native, *payloads.png_image()),
+        "v2-uint8": lambda: (v2, *payloads.v2_images(1, datatype="UINT8")),
+        "v2-bin-fp32": lambda: (v2, *payloads.v2_binary_images(1)),
+    }
+    batch = {
+        "json": lambda: (native, *payloads.json_images(BATCH, flat=True)),
+        "v2-bin-fp32": lambda: (v2, *payloads.v2_binary_images(BATCH)),
+        "v2-bin-uint8": lambda: (v2, *payloads.v2_binary_images(BATCH, datatype="UINT8")),
+    }
+    return ({n: f() for n, f in single.items() if n in names},
+            {n: f() for n, f in batch.items() if n in names or (n == "v2-bin-uint8" and "v2-bin-fp32" in names)})
 
 
-def run_baseline(weights: Path, connections, seconds: float) -> dict:
-    """Build the stock archive, run stock TorchServe, measure it, stop it."""
-    with private_dirs("baseline") as root:
+FORMS = ("json", "png", "v2-uint8", "v2-bin-fp32")
+
+
+def run_stock(weights: Path, connections, seconds: float, tuned: bool = True) -> dict:
+    """Build the stock archive through serve/package.py (tuned model-config or none), run it, measure it, stop it."""
+    from models.registry import get_spec
+    from serve.package import build_archive
+
+    label = "stock" if tuned else "stock-default"
+    with private_dirs(label) as root:
         store = root / "store"
-        build_baseline_archive(weights, store)
+        build_archive(get_spec(MODEL), weights, store, name=BASELINE_NAME, handler=BASELINE_HANDLER,
+                      config=STOCK_TUNED_CONFIG if tuned else {})
         forms, batch_forms = baseline_forms()
-        with running(baseline_server(root, store)) as (server, cold_start):
-            print(f"  baseline ready in {cold_start:.1f} s at {server.inference_url}", flush=True)
-            return measure_server(server, cold_start, forms, batch_forms, connections, seconds, "baseline")
+        env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if tuned else None
+        with running(baseline_server(root, store, env=env)) as (server, cold_start):
+            print(f"  {label} ready in {cold_start:.1f} s at {server.inference_url}", flush=True)
+            return measure_server(server, cold_start, forms, batch_forms, connections, seconds, label)
+
+
+def run_litserve(weights: Path, connections, seconds: float) -> dict:
+    """Run bench/litserve_server.py with the same weights, measure its JSON form, stop it."""
+    with private_dirs("litserve") as root:
+        forms, batch_forms = baseline_forms(batch=False)
+        with running(LitServeServer(weights, root / "litserve.log")) as (server, cold_start):
+            print(f"  litserve ready in {cold_start:.1f} s at {server.inference_url}", flush=True)
+            return measure_server(server, cold_start, forms, batch_forms, connections, seconds, "litserve")
 
 
 def build_ours_archives(models: list[str], weights_dir: Path, store: Path) -> None:
@@ -247,13 +276,25 @@ def build_ours_archives(models: list[str], weights_dir: Path, store: Path) -> No
     package_models(models, weights_dir=weights_dir, store=store)
 
 
+def metrics_off_config(base: Path, dest: Path) -> Path:
+    """``base`` with TorchServe's own metrics YAML: the handlers then skip their model-quality metrics."""
+    import ts
+
+    props = load_properties(base)
+    props["metrics_config"] = str(Path(ts.__file__).parent / "configs" / "metrics.yaml")
+    write_properties(props, dest, f"{base} with TorchServe's default metrics YAML (model-quality metrics off)")
+    return dest
+
+
 def run_ours(models: list[str], weights_dir: Path, config: Path, env: dict, connections, seconds: float,
-             cold_starts: int) -> dict:
+             cold_starts: int, form_names: list[str] = list(FORMS), model_metrics: bool = True) -> dict:
     """Build the archives, run the project's deployment, measure it, stop it; then time more cold starts."""
     with private_dirs("ours") as root:
         store = root / "store"
         build_ours_archives(models, weights_dir, store)
-        forms, batch_forms = ours_forms()
+        if not model_metrics:
+            config = metrics_off_config(config, root / "metrics-off.properties")
+        forms, batch_forms = ours_forms(form_names)
         with running(ours_server(root, store, models, config, env)) as (server, cold_start):
             print(f"  ours ready in {cold_start:.1f} s at {server.inference_url} ({len(models)} models)", flush=True)
             results = measure_server(server, cold_start, forms, batch_forms, connections, seconds, "ours")
@@ -272,64 +313,72 @@ def run_ours(models: list[str], weights_dir: Path, config: Path, env: dict, conn
 
 # ------------------------------------------------------------------------------------------ report
 
+SERVERS = ("stock", "stock-default", "litserve", "ours")
+
+
 def evaluate_goals(results: dict) -> list[dict]:
     """PASS/MISS for each goal that the run has the numbers for."""
-    ours, base, limit = results.get("ours"), results.get("baseline"), results.get("limit")
+    ours, stock, lit, limit = (results.get(k) for k in ("ours", "stock", "litserve", "limit"))
     goals = []
     c = str(GOAL_CONNECTIONS)
-    if ours and base:
-        base_rps = base["single"]["json"][c]["req_per_s"]
-        ratios = {form: runs[c]["req_per_s"] / base_rps for form, runs in ours["single"].items()}
-        goals.append({"goal": GOALS["throughput"], "value": ratios["json"], "target": 1.5,
-                      "detail": "same-form JSON; other forms: " + ", ".join(
-                          f"{k} x{v:.2f}" for k, v in ratios.items() if k != "json"),
-                      "pass": ratios["json"] >= 1.5})
-    if ours and limit:
+
+    def add(key, value, target, detail, passed):
+        goals.append({"goal": GOALS[key], "value": value, "target": target, "detail": detail, "pass": passed})
+
+    if not ours:
+        return goals
+    mine = ours["single"]["json"]
+    for key, other, name in (("vs_stock", stock, "stock"), ("vs_litserve", lit, "LitServe")):
+        if other:
+            ratio = mine[c]["req_per_s"] / other["single"]["json"][c]["req_per_s"]
+            add(key, ratio, 1.5, f"{mine[c]['req_per_s']:,.0f} vs {name} {other['single']['json'][c]['req_per_s']:,.0f} req/s",
+                ratio >= 1.5)
+    if "1" in mine:
+        for key, other, name, strict in (("p50_litserve", lit, "LitServe", False), ("p50_stock", stock, "stock", True)):
+            if other and "1" in other["single"]["json"]:
+                theirs = other["single"]["json"]["1"]["p50_ms"]
+                ratio = mine["1"]["p50_ms"] / theirs
+                add(key, ratio, 1.0, f"{mine['1']['p50_ms']:.2f} vs {name} {theirs:.2f} ms",
+                    ratio < 1.0 if strict else ratio <= 1.0)
+    if stock and "png" in ours["single"]:
+        ratio = ours["single"]["png"][c]["req_per_s"] / stock["single"]["json"][c]["req_per_s"]
+        add("png_vs_stock", ratio, 1.5, f"{ours['single']['png'][c]['req_per_s']:,.0f} vs "
+            f"{stock['single']['json'][c]['req_per_s']:,.0f} req/s", ratio >= 1.5)
+    ratio = mine[c]["p99_ms"] / mine[c]["p50_ms"]
+    add("tail", ratio, 3.0, f"p50 {mine[c]['p50_ms']:.2f} ms, p99 {mine[c]['p99_ms']:.2f} ms; other forms: "
+        + ", ".join(f"{k} x{v[c]['p99_ms'] / v[c]['p50_ms']:.2f}" for k, v in ours["single"].items() if k != "json"),
+        ratio <= 3.0)
+    if limit and ours["batch"]:
         in_process = limit[f"batch{BATCH}"]["samples_per_s"]
         best_form, best = max(((k, v["samples_per_s"]) for k, v in ours["batch"].items()), key=lambda kv: kv[1])
-        goals.append({"goal": GOALS["batch"], "value": best / in_process, "target": 0.25,
-                      "detail": f"best form {best_form}: {best:,.0f} vs {in_process:,.0f} samples/s in-process",
-                      "pass": best / in_process >= 0.25})
-    if ours and "v2-bin-fp32" in ours["single"]:
-        native, oip = ours["single"]["json"][c]["req_per_s"], ours["single"]["v2-bin-fp32"][c]["req_per_s"]
-        goals.append({"goal": GOALS["oip_single"], "value": oip / native, "target": 0.8,
-                      "detail": f"{oip:,.0f} vs {native:,.0f} req/s; v2 JSON UINT8: "
-                      f"{ours['single']['v2-uint8'][c]['req_per_s'] / native:.2f}x",
-                      "pass": oip / native >= 0.8})
-    if ours:
-        run = ours["single"]["json"][c]
-        ratio = run["p99_ms"] / run["p50_ms"]
-        goals.append({"goal": GOALS["tail"], "value": ratio, "target": 3.0,
-                      "detail": f"JSON form: p50 {run['p50_ms']:.2f} ms, p99 {run['p99_ms']:.2f} ms; other forms: "
-                      + ", ".join(f"{k} x{v[c]['p99_ms'] / v[c]['p50_ms']:.2f}"
-                                  for k, v in ours["single"].items() if k != "json"),
-                      "pass": ratio <= 3.0})
-        goals.append({"goal": GOALS["cold_start"], "value": ours["cold_start_s"], "target": 5.0,
-                      "detail": f"median of {len(ours['cold_starts_s'])} starts "
-                      f"({', '.join(f'{s:.1f}' for s in ours['cold_starts_s'])} s), "
-                      f"{len(ours['models_loaded'])} models",
-                      "pass": ours["cold_start_s"] <= 5.0})
+        add("batch", best / in_process, 0.25, f"best form {best_form}: {best:,.0f} vs {in_process:,.0f} samples/s",
+            best / in_process >= 0.25)
+    add("cold_start", ours["cold_start_s"], 5.0, f"median of {len(ours['cold_starts_s'])} starts "
+        f"({', '.join(f'{s:.1f}' for s in ours['cold_starts_s'])} s), {len(ours['models_loaded'])} models",
+        ours["cold_start_s"] <= 5.0)
     return goals
 
 
 def report_text(results: dict) -> str:
     """The human-readable tables: single-image sweep, 256-image requests, goals."""
     lines = []
-    base = results.get("baseline")
-    base_single = base["single"]["json"] if base else {}
-    lines.append("Single image: req/s and latency (ms) by wrk connections; x = req/s vs baseline at equal connections")
-    lines.append(f"{'series':<18}{'body':>8}{'conns':>7}{'req/s':>10}{'p50':>9}{'p90':>9}{'p99':>9}{'errors':>8}{'x base':>8}")
-    for server in ("baseline", "ours"):
+    ref = "stock" if "stock" in results else None
+    ref_single = results[ref]["single"]["json"] if ref else {}
+    lines.append("Single image: req/s and latency (ms) by wrk connections; x stock = req/s vs tuned stock TorchServe's "
+                 "JSON at equal connections")
+    lines.append(f"{'series':<24}{'body':>8}{'conns':>7}{'req/s':>10}{'p50':>9}{'p90':>9}{'p99':>9}{'errors':>8}"
+                 f"{'x stock':>9}")
+    for server in SERVERS:
         if server not in results:
             continue
         for form, runs in results[server]["single"].items():
             size = results[server]["bodies"][form]["bytes"]
             for conns, r in runs.items():
-                ratio = r["req_per_s"] / base_single[conns]["req_per_s"] if conns in base_single else None
+                ratio = r["req_per_s"] / ref_single[conns]["req_per_s"] if conns in ref_single else None
                 lines.append(
-                    f"{server + ' ' + form:<18}{size:>7}B{conns:>7}{r['req_per_s']:>10.0f}{r['p50_ms']:>9.2f}"
+                    f"{server + ' ' + form:<24}{size:>7}B{conns:>7}{r['req_per_s']:>10.0f}{r['p50_ms']:>9.2f}"
                     f"{r['p90_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>8}"
-                    + (f"{ratio:>8.2f}" if ratio is not None else f"{'':>8}")
+                    + (f"{ratio:>9.2f}" if ratio is not None else f"{'':>9}")
                 )
     limit = results.get("limit")
     if limit:
@@ -340,17 +389,17 @@ def report_text(results: dict) -> str:
                      f"({limit[f'batch{BATCH}_1thread']['samples_per_s']:,.0f} on 1 thread)")
     lines.append("")
     lines.append(f"One request carrying {BATCH} images, 1 connection; x = samples/s vs in-process batch {BATCH}")
-    lines.append(f"{'series':<18}{'body':>10}{'req/s':>9}{'samples/s':>12}{'p50':>9}{'p99':>9}{'x limit':>9}")
-    for server in ("baseline", "ours"):
+    lines.append(f"{'series':<24}{'body':>10}{'req/s':>9}{'samples/s':>12}{'p50':>9}{'p99':>9}{'x limit':>9}")
+    for server in SERVERS:
         if server not in results:
             continue
         for form, r in results[server]["batch"].items():
             size = results[server]["bodies"][f"batch-{form}"]["bytes"]
             ratio = r["samples_per_s"] / limit[f"batch{BATCH}"]["samples_per_s"] if limit else float("nan")
-            lines.append(f"{server + ' ' + form:<18}{size / 1e6:>8.2f}MB{r['req_per_s']:>9.1f}"
+            lines.append(f"{server + ' ' + form:<24}{size / 1e6:>8.2f}MB{r['req_per_s']:>9.1f}"
                          f"{r['samples_per_s']:>12,.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{ratio:>9.3f}")
     lines.append("")
-    for server in ("baseline", "ours"):
+    for server in SERVERS:
         if server in results:
             lines.append(f"{server} cold start: {results[server]['cold_start_s']:.1f} s"
                          + (f" (all starts: {', '.join(f'{s:.1f}' for s in results[server]['cold_starts_s'])})"
@@ -371,7 +420,7 @@ def write_outputs(results: dict, out_dir: Path, tag: str | None, plot: bool) -> 
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     paths = [json_path]
     if plot:
-        series = {f"{server} {form}": runs for server in ("baseline", "ours") if server in results
+        series = {f"{server} {form}": runs for server in SERVERS if server in results
                   for form, runs in results[server]["single"].items()}
         m = results["machine"]
         title = (f"MNISTNet on TorchServe {m['torchserve']}, {m['nproc']} cores ({m['cpu_model']}); "
@@ -386,7 +435,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="wrk duration per point (default 10)")
     parser.add_argument("--connections", default=",".join(map(str, CONNECTIONS)),
-                        help="comma-separated wrk connection counts (default 1,4,16,32,64; must include 16)")
+                        help="comma-separated wrk connection counts (default 1,4,16,64; must include 16)")
+    parser.add_argument("--baselines", default="stock,litserve",
+                        help=f"comma-separated, of {', '.join(BASELINES)}, or 'none' (default stock,litserve)")
+    parser.add_argument("--forms", default=",".join(FORMS),
+                        help=f"ours' request forms, of {', '.join(FORMS)} (default all; json is always sent)")
+    parser.add_argument("--model-metrics", choices=("on", "off"), default="on",
+                        help="ours with its model-quality metrics (on, as served) or with TorchServe's default "
+                        "metrics YAML (off): what they cost")
     parser.add_argument("--models", default="all",
                         help="models the 'ours' server loads, comma-separated or 'all' (default: all, as make serve)")
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR,
@@ -397,7 +453,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="extra environment for the 'ours' server (repeatable), e.g. HANDLER_NUM_THREADS=2")
     parser.add_argument("--cold-starts", type=int, default=2,
                         help="extra start/stop cycles of 'ours' to time cold start (default 2; median reported)")
-    parser.add_argument("--skip-baseline", action="store_true", help="do not run stock TorchServe")
     parser.add_argument("--skip-ours", action="store_true", help="do not run the project's deployment")
     parser.add_argument("--wait-quiet", type=float, default=0.0,
                         help=f"first wait up to this many seconds for 1-min load < {QUIET_LOAD} (default 0)")
@@ -409,6 +464,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
     except ValueError:
         parser.error(f"--connections must be comma-separated integers, got {args.connections!r}")
+    args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none"]
+    if set(args.baselines) - set(BASELINES):
+        parser.error(f"--baselines takes {', '.join(BASELINES)} or none, got {sorted(set(args.baselines) - set(BASELINES))}")
+    args.forms = ["json"] + [f.strip() for f in args.forms.split(",") if f.strip() and f.strip() != "json"]
+    if set(args.forms) - set(FORMS):
+        parser.error(f"--forms takes {', '.join(FORMS)}, got {sorted(set(args.forms) - set(FORMS))}")
     if GOAL_CONNECTIONS not in args.connections or min(args.connections) < 1:
         parser.error(f"--connections must be positive and include {GOAL_CONNECTIONS} (the goals are read there)")
     env = {}
@@ -442,15 +503,19 @@ def main(argv=None) -> int:
                      "batch_images": BATCH, "weights": str(weights)},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    print("[1/3] in-process limit", flush=True)
+    steps = 1 + len(args.baselines) + (not args.skip_ours)
+    print(f"[1/{steps}] in-process limit", flush=True)
     results["limit"] = measure_limit(weights)
-    if not args.skip_baseline:
-        print("[2/3] baseline: stock TorchServe", flush=True)
-        results["baseline"] = run_baseline(weights, args.connections, args.seconds)
+    for step, name in enumerate(args.baselines, 2):
+        print(f"[{step}/{steps}] {name}", flush=True)
+        if name == "litserve":
+            results[name] = run_litserve(weights, args.connections, args.seconds)
+        else:
+            results[name] = run_stock(weights, args.connections, args.seconds, tuned=name == "stock")
     if not args.skip_ours:
-        print("[3/3] ours: the project's deployment", flush=True)
+        print(f"[{steps}/{steps}] ours: the project's deployment", flush=True)
         results["ours"] = run_ours(models, args.weights_dir.resolve(), args.config, args.env, args.connections,
-                                   args.seconds, args.cold_starts)
+                                   args.seconds, args.cold_starts, args.forms, args.model_metrics == "on")
     results["machine"]["loadavg_end"] = list(os.getloadavg())
     results["goals"] = evaluate_goals(results)
     print()
