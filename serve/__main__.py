@@ -77,21 +77,50 @@ def usage_text(server: Server, descriptions: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_model_list(text: str) -> list[str]:
+def parse_model_list(text: str, cache_dir: Path | None = None) -> list[str]:
+    """``serve.package.parse_model_names(text)``. The registry imports torch (~1.5 CPU-s, before TorchServe
+    could start), so the registered names are cached in ``<cache_dir>/model-names.json`` (``serve start``:
+    build/, beside the OIP agent's jar; nothing is cached where it is not writable), keyed by the
+    hash of every ``models/*.py``; a name the cache does not know goes through the registry (its error)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for source in sorted((REPO_ROOT / "models").glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    cache = Path(cache_dir) / "model-names.json" if cache_dir else None
+    try:
+        cached = json.loads(cache.read_text()) if cache else {}
+    except (OSError, ValueError):
+        cached = {}
+    if cached.get("sources") == digest.hexdigest() and isinstance(cached.get("names"), list):
+        names = cached["names"]
+        wanted = names if not text or text.strip().lower() == "all" else [
+            part.strip() for part in text.split(",") if part.strip()]
+        if wanted and all(name in names for name in wanted):
+            return wanted
+    from models.registry import REGISTRY
     from serve.package import parse_model_names
 
+    if cache:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"sources": digest.hexdigest(), "names": list(REGISTRY)}) + "\n")
+        except OSError:
+            pass
     return parse_model_names(text)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    server = Server(config=args.config, models=parse_model_list(args.models), workdir=args.workdir,
-                    log_dir=args.log_dir)
+    server = Server(config=args.config, models=[], workdir=args.workdir, log_dir=args.log_dir)
     # SIGTERM (docker stop, systemd, timeout) while starting or in the foreground: stop TorchServe
     # cleanly, as for Ctrl-C, instead of dying and leaving it running.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    print(f"Starting TorchServe ({len(server.models)} models from {_relative(server.model_store)}); "
-          f"output goes to {_relative(server.output_file)}", flush=True)
     try:
+        # The fork server imports torch while this process reads the model registry (which imports it too).
+        server.start_forkserver()
+        server.models = parse_model_list(args.models, REPO_ROOT / "build")
+        print(f"Starting TorchServe ({len(server.models)} models from {_relative(server.model_store)}); "
+              f"output goes to {_relative(server.output_file)}", flush=True)
         server.start(foreground=args.foreground)
         descriptions = server.wait_ready(timeout=args.timeout)
     except BaseException:
@@ -99,6 +128,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         if server.launched and server.is_running():
             print("TorchServe did not become ready; stopping it.", flush=True)  # stderr: the cause only
             server.stop()
+        server.stop_forkserver()
         raise
     print(usage_text(server, descriptions), flush=True)
     if args.foreground:
@@ -110,6 +140,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             if server.is_running():
                 print("\nStopping TorchServe...", flush=True)
                 server.stop()
+            server.stop_forkserver()  # TorchServe exited by itself
     return 0
 
 
@@ -151,6 +182,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  OIP REST  {server.inference_url}/v2")
     grpc_pid = server.grpc_pid()
     print(f"  OIP gRPC  {server.grpc_address} " + (f"(pid {grpc_pid})" if grpc_pid else "NOT RUNNING (restart the server)"))
+    fork_pid = server.forkserver_pid()
+    print("  fork server " + (f"pid {fork_pid} (starts the backend workers)" if fork_pid else
+                              "not running (backend workers start as plain Python processes)"))
     try:
         names = server.served_models()
     except Exception as exc:  # e.g. the management API is not answering yet

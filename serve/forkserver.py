@@ -169,7 +169,7 @@ class ForkServer:
         self.base_path = list(sys.path)
         self.base_env = import_time_environment(dict(os.environ))
         print(f"forkserver: preloaded {', '.join(PRELOAD)} in {time.perf_counter() - started:.2f} s "
-              f"(pid {os.getpid()})", flush=True)
+              f"(pid {os.getpid()}); ready at {time.time():.3f}", flush=True)
 
     def refusal(self, request: dict) -> str | None:
         """Why ``request`` must get a plain worker, or None if a forked one behaves the same."""

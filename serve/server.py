@@ -53,6 +53,8 @@ JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 MAX_SOCKET_PATH = 107
 FORKSERVER = REPO_ROOT / "serve" / "forkserver.py"
 WORKER_PYTHON = REPO_ROOT / "serve" / "worker_python"  # the workers' "python" with the fork server
+# wait_ready's poll interval: a describe of every model not yet READY costs the frontend ~1 ms each.
+READY_POLL_S = 0.1
 FORKSERVER_SOCKET = ".ts.fork.sock"  # in $TMPDIR (no longer than the workers' .ts.sock.<port>)
 
 JAVA_HELP = (
@@ -464,6 +466,11 @@ class Server:
         for name in self.models:  # last: reads every archive through
             check_archive(self.model_store / f"{name}.mar", name)
 
+    def _check_dirs(self) -> None:
+        _writable_dir(self.log_dir, "log folder", "--log-dir")
+        _writable_dir(self.workdir, "working directory", "--workdir")
+        _writable_dir(self.tmpdir, "TMPDIR", "--workdir")
+
     def start(self, foreground: bool = False) -> None:
         """Launch TorchServe in the background (returns once the frontend process exists).
 
@@ -472,11 +479,9 @@ class Server:
         already running, port busy, launcher failed) with the reason.
         """
         self._check_can_start()
-        _writable_dir(self.log_dir, "log folder", "--log-dir")
-        _writable_dir(self.workdir, "working directory", "--workdir")
-        _writable_dir(self.tmpdir, "TMPDIR", "--workdir")
-        if self.fork_workers:  # first: its torch import is the longest step, it overlaps the JVM's start
-            self._start_forkserver()
+        self._check_dirs()
+        if self.fork_workers and not self._forkserver_running_here():
+            self._start_forkserver()  # first: its torch import is the longest step, it overlaps the JVM's start
         try:
             self._launch(foreground)
         except BaseException:
@@ -554,6 +559,23 @@ class Server:
         except (FileNotFoundError, ValueError, psutil.Error):
             pass
         return None
+
+    def _forkserver_running_here(self) -> bool:
+        return self._forkserver is not None and self._forkserver.poll() is None
+
+    def start_forkserver(self) -> bool:
+        """Start the fork server ahead of :meth:`start` (which then keeps it), e.g. while the caller still
+        imports the model registry; nothing when a server already runs here. True if started."""
+        if not self.fork_workers or self.is_running() or self._forkserver_running_here():
+            return False
+        self._check_dirs()
+        self._start_forkserver()
+        return True
+
+    def stop_forkserver(self) -> None:
+        """Stop the fork server this object started, when TorchServe did not start after all."""
+        if self._forkserver_running_here() and not self.is_running():
+            self._stop_forkserver()
 
     def _start_forkserver(self) -> None:
         """Start the fork server; it listens at once and answers workers once torch is imported. It gets
@@ -777,7 +799,7 @@ class Server:
                         raise ServerError(
                             f"models not ready after {timeout:.0f} s: {waiting}\n{self.output_tail()}"
                         )
-                    time.sleep(0.5)
+                    time.sleep(READY_POLL_S)
         finally:
             bar.close()
         return ready
