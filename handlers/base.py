@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from handlers import explain, protocols
+from handlers import explain, fast_worker, protocols
 from handlers.decoding import InputError
 from handlers.metrics import ModelMetrics
 from models.registry import get_spec
@@ -131,6 +131,8 @@ class ServingHandler:
         self.model_name = model_info.get("modelName", self.spec.name)
         self.model_version = model_info.get("modelVersion", self.spec.version)
         self.metrics = ModelMetrics(getattr(context, "metrics", None), self.model_name, self.spec.task)
+        # Inside a TorchServe worker: its socket reading and per-batch bookkeeping, leaner (handlers/fast_worker.py).
+        fast_worker.install()
         self.initialized = True
         logger.info(
             "serving %s (%s) on %s with %d thread(s)",
