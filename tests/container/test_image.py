@@ -16,10 +16,7 @@ import gzip
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
