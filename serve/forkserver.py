@@ -183,6 +183,9 @@ class ForkServer:
         threads = len(os.listdir("/proc/self/task"))
         if threads != 1:
             return f"the fork server has {threads} threads"
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():  # a forked child could not use CUDA
+            return "CUDA is initialised in the fork server"
         return None
 
     def serve(self) -> None:

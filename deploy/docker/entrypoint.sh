@@ -13,7 +13,9 @@
 #   OIP_AGENT_JAR      the OIP Java agent; empty: TorchServe's own partial OIP   ($APP_DIR/oip/oip-agent.jar)
 #   OIP_GRPC_LISTEN    HOST:PORT of the OIP gRPC front; empty or "off": no gRPC front   (0.0.0.0:7070)
 #   OIP_GRPC_REST      the REST address the front forwards to   (TS_INFERENCE_ADDRESS, via loopback)
-#   PYTHON             the Python that runs the gRPC front   (python3)
+#   PYTHON             the Python that runs the gRPC front and the fork server   (python3)
+#   FORK_WORKERS       1: TorchServe's backend workers are forked from one process that has imported
+#                      torch (serve/forkserver.py, as `make serve` does); 0: each imports it itself   (1)
 #
 # Why not exec torchserve directly: `torchserve --foreground` is a Python launcher that starts the Java
 # frontend as its child and dies on SIGTERM without stopping it; when the launcher (the container's
@@ -50,6 +52,22 @@ if [ -n "$OIP_AGENT_JAR" ]; then
     export TS_OPEN_INFERENCE_PROTOCOL=oip
 fi
 
+# The fork server (serve/forkserver.py): it imports torch while Java starts; TorchServe's "python" is then
+# serve/worker_python, which has each backend worker forked from it (a plain Python when it cannot).
+launcher=(torchserve)
+fork_pid=
+if [ "${FORK_WORKERS:-1}" != 0 ]; then
+    export SERVE_FORKSERVER="${TMPDIR:-/tmp}/.ts.fork.sock" SERVE_WORKER_PYTHON
+    SERVE_WORKER_PYTHON="$(command -v "$PYTHON")"
+    env -u PYTHONPATH "$PYTHON" -P "$APP_DIR/serve/forkserver.py" --serve "$SERVE_FORKSERVER" &
+    fork_pid=$!
+    launcher=("$PYTHON" -c 'import sys; sys.executable = sys.argv.pop(1); from ts.model_server import start; start()'
+              "$APP_DIR/serve/worker_python")
+fi
+stop_forkserver() {
+    if [ -n "$fork_pid" ]; then kill -TERM "$fork_pid" 2>/dev/null || true; fi
+}
+
 # The gRPC front forwards to TorchServe's inference address; a wildcard host is reached via loopback.
 inference="${TS_INFERENCE_ADDRESS:-http://127.0.0.1:8080}"
 inference="${inference/\/\/0.0.0.0:/\/\/127.0.0.1:}"
@@ -66,10 +84,11 @@ stop_all() {
     echo "entrypoint: signal received, stopping the servers" >&2
     if [ -n "$grpc_pid" ]; then kill -TERM "$grpc_pid" 2>/dev/null || true; fi
     torchserve --stop --foreground || true
+    stop_forkserver
 }
 trap stop_all TERM INT
 
-torchserve --foreground --ncs \
+"${launcher[@]}" --foreground --ncs \
     --log-config "$APP_DIR/docker/log4j2.xml" \
     "${defaults[@]}" "$@" &
 ts_pid=$!
@@ -93,6 +112,7 @@ if [ "$stopping" = no ]; then
     else
         torchserve --stop --foreground || true
     fi
+    stop_forkserver
     wait || true
     # The launcher exits 0 whatever happened to Java: an unasked exit is a failure either way.
     [ "$status" -ne 0 ] || status=1
