@@ -5,10 +5,12 @@ In one run, one after the other on the same machine (never at the same time):
 * **stock**: stock TorchServe serving one model (``mnist_baseline.mar``, bench/baseline/, 2 default
   workers): ``torchserve --start`` until that model answers and its workers are READY;
 * **ours**: ``python -m serve start`` (the CLI, as a user runs it: all registered models, fork server on)
-  until it returns (every worker READY), with the first answer of every model;
+  until it returns (every worker READY), with the first answer of every model (the registry's names are
+  cached in build/ by an earlier start, as on any start but the first);
 * **ours, plain workers** (``SERVE_FORK_WORKERS=0``; ``--no-plain`` skips it): the same start with every
   worker importing torch itself, what ``serve start`` did before the fork server;
-* ``--image TAG``: the container (``podman run``) until its models answer and are READY.
+* ``--image TAG``: the container (``podman run``, deploy/docker/entrypoint.sh) until its models answer and
+  are READY, with the fork server and (unless ``--no-plain``) without (``FORK_WORKERS=0``).
 
 Each start is timed from its command, with pollers every ~25 ms (TCP connect, a real prediction per model,
 the management API's worker states, the frontend's child processes) and the logs' timestamps for the phases:
@@ -261,7 +263,7 @@ def summarise(watcher: Watcher, t0: float, log_dir: Path, tmpdir: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------ container
 
-def run_container(image: str, models: list[str]) -> dict:
+def run_container(image: str, models: list[str], fork_workers: bool = True) -> dict:
     """``podman run`` of ``image`` (its entrypoint, config and key handling) until every model answers a
     prediction on the published port and the image's health command (tsctl.py) says every worker is READY.
     Each poll goes through ``podman exec`` (~0.2-0.5 s), so these times are that much coarser."""
@@ -271,7 +273,7 @@ def run_container(image: str, models: list[str]) -> dict:
         raise RuntimeError(f"image {image} does not exist (build it first: see the Dockerfile)")
     port = Ports.free().inference
     cmd = ["podman", "run", "-d", "-p", f"127.0.0.1:{port}:8080", "--read-only", "--tmpfs", "/tmp:rw,mode=1777",
-           "--tmpfs", "/home/model-server:rw,U", image]
+           "--tmpfs", "/home/model-server:rw,U", "-e", f"FORK_WORKERS={int(fork_workers)}", image]
     t0 = time.time()
     started = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if started.returncode != 0:
@@ -356,20 +358,22 @@ def report(results: dict[str, list[dict]]) -> str:
 
 
 def plot_timeline(results: dict[str, list[dict]], path: Path) -> Path:
-    """One panel per side (its last run): a bar per worker split into its phases, and the frontend's."""
+    """One panel per side (its median run by all READY): a bar per worker split into its phases, and the frontend's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sides = [n for n in results if results[n] and results[n][-1]["workers"]]
-    fig, axes = plt.subplots(len(sides), 1, figsize=(11, 1.2 + 0.42 * sum(len(results[n][-1]["workers"]) + 2 for n in sides)),
+    median = {n: sorted(runs, key=lambda r: r.get("all_ready") or 1e9)[(len(runs) - 1) // 2]
+              for n, runs in results.items() if runs}
+    sides = [n for n in median if median[n]["workers"]]
+    fig, axes = plt.subplots(len(sides), 1, figsize=(11, 1.2 + 0.42 * sum(len(median[n]["workers"]) + 2 for n in sides)),
                              sharex=True, squeeze=False,
-                             gridspec_kw={"height_ratios": [len(results[n][-1]["workers"]) + 2 for n in sides]})
+                             gridspec_kw={"height_ratios": [len(median[n]["workers"]) + 2 for n in sides]})
     colors = {"spawn → imports done": "tab:red", "imports → connected": "tab:gray",
               "connected → loaded": "tab:blue", "loaded → READY": "tab:green"}
     for ax, name in zip(axes[:, 0], sides):
-        run = results[name][-1]
+        run = median[name]
         labels = []
         y = 0
         jvm, listening = run.get("jvm_process") or 0, run.get("listening") or 0
@@ -398,7 +402,7 @@ def plot_timeline(results: dict[str, list[dict]], path: Path) -> Path:
         ax.set_yticks(range(len(labels)))
         ax.set_yticklabels(labels, fontsize=8)
         ax.set_ylim(len(labels) - 0.4, -1.9)
-        ax.set_title(name, fontsize=10, loc="left")
+        ax.set_title(f"{name} (median of {len(results[name])} runs by all READY)", fontsize=10, loc="left")
         ax.grid(True, axis="x", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ["thistle", "tab:purple", "tab:orange", *colors.values()]]
     fig.legend(handles, ["start command → JVM process", "JVM → listening", "fork server imports", *colors],
@@ -452,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         sides["ours, plain workers"] = lambda s: run_ours(s, models, False)
     if args.image:
         sides[f"container {args.image}"] = lambda s: run_container(args.image, models)
+        if not args.no_plain:
+            sides["container, plain workers"] = lambda s: run_container(args.image, models, fork_workers=False)
     results: dict[str, list[dict]] = {name: [] for name in sides}
     with contextlib.ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="coldstart-", dir="/tmp")))
