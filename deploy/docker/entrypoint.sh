@@ -56,7 +56,7 @@ fi
 # serve/worker_python, which has each backend worker forked from it (a plain Python when it cannot).
 launcher=(torchserve)
 fork_pid=
-if [ "${FORK_WORKERS:-1}" != 0 ]; then
+if [ "${FORK_WORKERS:-1}" != 0 ] && [ -f "$APP_DIR/serve/forkserver.py" ] && [ -x "$APP_DIR/serve/worker_python" ]; then
     export SERVE_FORKSERVER="${TMPDIR:-/tmp}/.ts.fork.sock" SERVE_WORKER_PYTHON
     SERVE_WORKER_PYTHON="$(command -v "$PYTHON")"
     env -u PYTHONPATH "$PYTHON" -P "$APP_DIR/serve/forkserver.py" --serve "$SERVE_FORKSERVER" &
