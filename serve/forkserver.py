@@ -94,12 +94,13 @@ def client(argv: list[str]) -> None:
         socket.send_fds(conn, [HEADER.pack(len(request))], [0, 1, 2])
         conn.sendall(request)
         reply = b""
-        while not reply.endswith(b"\n"):
+        while b"\n" not in reply:
             chunk = conn.recv(256)
             if not chunk:
                 break
             reply += chunk
-        kind, _, value = reply.decode().strip().partition(" ")
+        first, _, reply = reply.partition(b"\n")  # the rest may already be the exit status
+        kind, _, value = first.decode().strip().partition(" ")
         if kind != "pid":
             raise ConnectionError(value or "no answer")
         pid = int(value)
@@ -120,7 +121,6 @@ def client(argv: list[str]) -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    reply = b""
     while True:
         try:
             chunk = conn.recv(256)
