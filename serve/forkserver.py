@@ -161,14 +161,16 @@ class ForkServer:
         import time
 
         started = time.perf_counter()
+        loaded = []
         for name in PRELOAD:
             try:
                 importlib.import_module(name)
+                loaded.append(name)
             except ImportError as err:
                 print(f"forkserver: cannot preload {name}: {err}", flush=True)
         self.base_path = list(sys.path)
         self.base_env = import_time_environment(dict(os.environ))
-        print(f"forkserver: preloaded {', '.join(PRELOAD)} in {time.perf_counter() - started:.2f} s "
+        print(f"forkserver: preloaded {', '.join(loaded) or 'nothing'} in {time.perf_counter() - started:.2f} s "
               f"(pid {os.getpid()}); ready at {time.time():.3f}", flush=True)
 
     def refusal(self, request: dict) -> str | None:
