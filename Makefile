@@ -39,7 +39,7 @@ test: setup
 image: package
 	$(PY) tests/container/container_image.py $(IMAGE_ARGS)
 
-# Serving benchmark, stock TorchServe vs ours vs in-process (bench/README.md; needs `apt-get install -y wrk`).
+# Serving benchmark: ours vs tuned stock TorchServe vs LitServe vs in-process, with the goal ratios (bench/README.md; needs wrk).
 bench: setup
 	$(PY) -m bench.serving $(BENCH_ARGS)
 
