@@ -745,6 +745,15 @@ class Server:
         """Names of the models the running server has registered (whatever it was started with)."""
         return [model["modelName"] for model in self.client.list_models()]
 
+    def closed_ports(self) -> list[str]:
+        """``name port`` of every port of this server that does not accept a connection (yet)."""
+        closed = []
+        for name, port in self.ports.listening().items():
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                if sock.connect_ex(("127.0.0.1", port)) != 0:
+                    closed.append(f"{name} {port}")
+        return closed
+
     @staticmethod
     def workers_ready(description: dict) -> bool:
         """True if the model has at least ``minWorkers`` workers and every one is READY."""
@@ -754,10 +763,12 @@ class Server:
         )
 
     def wait_ready(self, timeout: float = 300.0, progress: bool = True) -> dict[str, dict]:
-        """Poll ``describe`` until every model's workers are READY; returns name → description.
+        """Poll ``describe`` until every model's workers are READY and every port of :class:`Ports` accepts
+        connections (TorchServe binds its gRPC ports after the REST ones: forked workers can be READY
+        first); returns name → description.
 
         Raises ``ServerError`` if the frontend dies or ``timeout`` seconds (default 300) pass, naming
-        the models that are not ready and quoting the logs.
+        the models that are not ready (or the ports not listening) and quoting the logs.
         """
         deadline = time.monotonic() + timeout
         ready: dict[str, dict] = {}
@@ -765,7 +776,7 @@ class Server:
         failed_before: dict[str, int] = {}
         bar = tqdm(total=len(self.models), desc="models ready", unit="model", disable=not progress, file=sys.stdout)
         try:
-            while len(ready) < len(self.models):
+            while len(ready) < len(self.models) or self.closed_ports():
                 if not self.is_running():
                     raise ServerError(f"TorchServe exited while starting:\n{self.output_tail()}")
                 for name in self.models:
@@ -793,9 +804,10 @@ class Server:
                                 f"(`python -m serve.package --models {name} --rebuild`); "
                                 f"details in {self.log_dir / 'model_log.log'}"
                             )
-                if len(ready) < len(self.models):
+                if len(ready) < len(self.models) or self.closed_ports():
                     if time.monotonic() > deadline:
                         waiting = ", ".join(f"{n} [{last_status.get(n, '?')}]" for n in self.models if n not in ready)
+                        waiting = waiting or "every model is, but not listening: " + ", ".join(self.closed_ports())
                         raise ServerError(
                             f"models not ready after {timeout:.0f} s: {waiting}\n{self.output_tail()}"
                         )

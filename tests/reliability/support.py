@@ -74,9 +74,12 @@ def all_ready(server: Server, models=MODELS) -> bool:
 
 
 def worker_processes(server: Server) -> list[psutil.Process]:
-    """The Python backend workers of ``server`` (children of its Java frontend)."""
+    """The Python backend workers of ``server``: the processes its Java frontend started and, when the fork
+    server (serve/forkserver.py) runs them, the workers it forked for those."""
     frontend = psutil.Process(server.pid())
-    return [p for p in frontend.children(recursive=True) if "model_service_worker.py" in " ".join(p.cmdline())]
+    started = [p for p in frontend.children(recursive=True) if "model_service_worker.py" in " ".join(p.cmdline())]
+    forkserver = server.forkserver_pid()
+    return started + (psutil.Process(forkserver).children() if forkserver else [])
 
 
 def model_log_lines(server: Server) -> list[str]:
