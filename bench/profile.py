@@ -44,14 +44,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "mnistnet"
 # py-spy frames → stage of a request's life in the worker; the first matching rule (innermost frame first) wins.
 STAGES = (
-    ("metrics + logging", ("logging/__init__.py", "metrics.py:flush", "caching_metric.py", "metric_cache",
+    ("metrics + logging", ("logging/__init__.py", "ModelMetrics.", "caching_metric.py", "metric_cache",
                            "_prediction_time")),
     ("JSON parse", ("json/decoder.py", "json_loads", "_decoded")),
-    ("socket read + framing", ("otf_message_handler.py", "fast_worker.py:retrieve_msg", "_inference_msg",
-                               "fast_worker.py:read", "socket.py")),
+    ("socket read/write + framing", ("otf_message_handler.py", "fast_worker.py:retrieve_msg", "_inference_msg",
+                                     "fast_worker.py:_Reader", "socket.py", "handle_connection")),
     ("validate + decode", ("decoding.py", "protocols.py:decode", "protocols.py:_decode", "protocols.py:request_headers",
-                           "PIL/", "base_handler.py:preprocess", "handler.py:preprocess")),
-    ("forward", ("torch/nn/", "mnist_net.py", "base.py:forward", "base_handler.py:inference")),
+                           "PIL/", "Handler.preprocess")),
+    ("forward", ("torch/nn/", "mnist_net.py", "ServingHandler.forward", "BaseHandler.inference")),
     ("encode response", ("protocols.py:encode", "json/encoder.py", "image_classifier.py", "_response_frame",
                          "create_predict_response", "postprocess")),
     ("TorchServe request bookkeeping", ("service.py", "context.py", "fast_worker.py:predict")),
