@@ -80,7 +80,7 @@ TASKS: dict[str, Task] = {
 }
 
 # MNIST pixel statistics after scaling to [0, 1], measured on the 60,000 training images
-# (tests/test_data.py recomputes them from data/mnist/); training and serving normalise with exactly these numbers.
+# (tests/train/test_data.py recomputes them from data/mnist/); training and serving normalise with exactly these numbers.
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 

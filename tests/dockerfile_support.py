@@ -1,7 +1,7 @@
 """The repository's Dockerfile read as instructions: one parser for every test that checks the image.
 
 Continuation lines are joined and comments dropped; ``runtime_stage()`` is the last stage, the image
-that runs (tests/test_deploy.py, tests/kserve/kserve_replay.py, tests/reliability/test_secure_defaults.py).
+that runs (tests/deploy/test_deploy.py, tests/kserve/kserve_replay.py, tests/reliability/test_secure_defaults.py).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ repository's ``config.properties`` (limits, queue sizes, JVM flags, metrics, mod
 ports are carried over) and ``models/registry.py`` via ``serve/package.py`` (one ``model_snapshot``
 entry per model: version, workers, batch size, batch delay, timeout: the same as ``make serve``). Only
 the cluster-specific settings in KSERVE_SETTINGS differ. The committed copy in
-``deploy/kserve/config/config.properties`` is checked against the generator by ``tests/test_deploy.py``,
+``deploy/kserve/config/config.properties`` is checked against the generator by ``tests/deploy/test_deploy.py``,
 and ``tests/kserve/test_kserve_replay.py`` serves a storage laid out by this script.
 
 Usage (from the repository root, after ``make package``)::

@@ -16,7 +16,8 @@ import torch
 from client.api import TorchServeClient
 from models.registry import REGISTRY, get_spec
 from serve.package import package_models
-from serve.server import Ports, Server
+from serve.server import Server
+from servers import start_ready_server
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, weights_dir) -> Server:
@@ -24,12 +25,8 @@ def server(tmp_path_factory, weights_dir) -> Server:
     root = tmp_path_factory.mktemp("serve")
     store = root / "store"
     package_models(list(REGISTRY), weights_dir, store)
-    ts = Server(
-        ports=Ports.free(), tmpdir=root / "tmp", workdir=root / "work", model_store=store, log_dir=root / "logs"
-    )
-    ts.start()
+    ts = start_ready_server(root, store)
     try:
-        ts.wait_ready(timeout=300, progress=False)
         yield ts
     finally:
         ts.stop()

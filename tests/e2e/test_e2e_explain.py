@@ -7,19 +7,19 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import torch
 
-from e2e_support import normalise_pixels, post
+from e2e_support import normalise_pixels
+from servers import post
 from handlers.explain import MAX_EXPLAIN_SAMPLES, MAX_STEPS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
+from serve import REPO_ROOT as REPO
 DIGIT_7 = REPO / "examples" / "digit_7.png"
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2e_support import IMAGE_MODELS, TABULAR_MODELS, TOLERANCE, normalise_pixels, post
+from e2e_support import IMAGE_MODELS, TABULAR_MODELS, TOLERANCE, normalise_pixels
+from servers import post
 from models.registry import get_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

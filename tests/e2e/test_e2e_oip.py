@@ -20,7 +20,8 @@ tritongrpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from client.api import binary_v2_request, parse_binary_v2_response  # noqa: E402
-from e2e_support import TOLERANCE, post, worker_snapshot  # noqa: E402
+from e2e_support import TOLERANCE  # noqa: E402
+from servers import post, workers  # noqa: E402
 from models.registry import REGISTRY, get_spec  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -259,7 +260,7 @@ def test_bad_requests_do_not_disturb_their_batch_neighbours(server, auth, refere
     """Good and malformed binary requests at once (so they share batches): the good ones get their answers.
 
     Plain requests in threads: tritonclient.http runs on gevent and must not be called from several threads."""
-    before = worker_snapshot(server)
+    before = workers(server)
     x = sample_inputs("mnistnet", 1, seed=5)
     want = expected(reference, "mnistnet", x)["probabilities"]
     body, header_length = binary_v2_request(x)
@@ -284,4 +285,4 @@ def test_bad_requests_do_not_disturb_their_batch_neighbours(server, auth, refere
         thread.join(timeout=60)
     assert len(results) == 12 and all(np.allclose(r, want, atol=TOLERANCE) for r in results)
     assert len(errors) == 8 and all(400 <= code < 500 for code in errors)
-    assert worker_snapshot(server) == before
+    assert workers(server) == before

@@ -6,7 +6,7 @@ import pytest
 import requests
 
 from client.api import TorchServeClient, TorchServeError
-from e2e_support import post
+from servers import post
 from models.registry import REGISTRY, get_spec
 from serve.package import RESPONSE_TIMEOUT_S
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2e_support import TOLERANCE, normalise_pixels, post, worker_snapshot
+from e2e_support import TOLERANCE, normalise_pixels
+from servers import post, workers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -55,7 +56,7 @@ def bad_requests(digit: np.ndarray) -> list[tuple[str, str, dict, int]]:
 
 def test_bad_and_good_requests_concurrently(server, reference, mnist_test):
     images = mnist_test[0][:30]
-    before = worker_snapshot(server)
+    before = workers(server)
 
     # (kind, description, model, post kwargs, expected status, digit index for good requests)
     jobs = [("bad", description, model, kwargs, status, None)
@@ -79,7 +80,7 @@ def test_bad_and_good_requests_concurrently(server, reference, mnist_test):
             np.testing.assert_allclose(body["probabilities"], expected, atol=TOLERANCE, err_msg=description)
 
     # Nothing crashed: the same worker processes, all READY, and they still answer.
-    assert worker_snapshot(server) == before
+    assert workers(server) == before
     for model in ("mnistnet", "deepnet", "feedforwardnet"):
         response = post(server, f"/predictions/{model}", data=png_of(images[5]), headers={"Content-Type": "image/png"})
         assert response.status_code == 200

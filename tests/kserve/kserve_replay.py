@@ -44,7 +44,7 @@ import requests
 import yaml
 from dockerfile_support import runtime_stage  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+from serve import REPO_ROOT as REPO
 KSERVE_DIR = REPO / "deploy" / "kserve"
 RUNTIME_FILE = KSERVE_DIR / "servingruntime.yaml"
 # KServe's constants: the predictor's default port and where storage-initializer puts storageUri.

@@ -20,12 +20,12 @@ import pytest
 
 from models.registry import get_spec
 from serve.package import build_archive
-from serve.server import Ports, Server
+from serve.server import Server
+from servers import start_ready_server
 
 from .support import MODELS, Reference
 
 HERE = Path(__file__).resolve().parent
-READY_TIMEOUT_S = 300  # seven workers on a busy 2-core CI machine can take a minute or two
 
 
 @pytest.fixture(scope="session")
@@ -44,13 +44,9 @@ def start_server(tmp_path_factory, store):
     started: list[Server] = []
 
     def start(name: str, log_config: Path | None = None, models=MODELS) -> Server:
-        root = tmp_path_factory.mktemp(f"server-{name}")
         extra = {"log_config": log_config} if log_config else {}
-        server = Server(ports=Ports.free(), tmpdir=root / "tmp", workdir=root / "work", model_store=store,
-                        log_dir=root / "logs", models=list(models), **extra)
+        server = start_ready_server(tmp_path_factory.mktemp(f"server-{name}"), store, models, **extra)
         started.append(server)
-        server.start()
-        server.wait_ready(timeout=READY_TIMEOUT_S, progress=False)
         return server
 
     yield start

@@ -11,13 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import requests
 import torch
 from PIL import Image
 
-from client.api import TorchServeError
 from models.registry import get_spec
-from api_requests import api_request
 from serve.server import Server
 
 # The models every reliability server serves: one image classifier, one tabular model.
@@ -29,48 +26,17 @@ WORKER_STARTED = "Torch worker started."
 BATCH_RECEIVED = "Backend received inference at:"
 
 
-def send(server: Server, method: str, path: str, key: str | None = "inference", timeout: float = 60,
-         **kwargs) -> requests.Response:
-    """``method`` request to the inference API with the server's current ``key`` (None: no Authorization)."""
-    return api_request(server, method, path, key, timeout=timeout, **kwargs)
 
 
-def manage(server: Server, method: str, path: str, key: str | None = "management", **kwargs) -> requests.Response:
-    """``method`` request to the management API with the server's current ``key`` (None: no Authorization)."""
-    return api_request(server, method, path, key, api="management", timeout=30, **kwargs)
 
 
-def error_message(response: requests.Response) -> str:
-    """The message of a JSON error body: ``error`` (our handlers) or ``message`` (TorchServe's frontend).
-
-    Fails the test if the body is not a JSON object with one of them.
-    """
-    try:
-        body = response.json()
-    except ValueError:
-        raise AssertionError(
-            f"HTTP {response.status_code} body is not JSON: {response.content[:200]!r}"
-        ) from None
-    assert isinstance(body, dict), f"error body is not a JSON object: {body!r:.200}"
-    message = body.get("error") or body.get("message")
-    assert isinstance(message, str) and message, f"error body names no message: {body!r:.200}"
-    return message
 
 
 # ------------------------------------------------------------------------------------------ workers
 
 
-def worker_pids(server: Server, models=MODELS) -> dict[str, list[tuple[str, int]]]:
-    """model → sorted (worker id, pid) from the management API's describe."""
-    return {name: sorted((w["id"], w["pid"]) for w in server.describe(name)["workers"]) for name in models}
 
 
-def all_ready(server: Server, models=MODELS) -> bool:
-    """True when every model's workers are READY."""
-    try:
-        return all(Server.workers_ready(server.describe(name)) for name in models)
-    except (TorchServeError, ValueError, IndexError):
-        return False
 
 
 def worker_processes(server: Server) -> list[psutil.Process]:

@@ -22,10 +22,9 @@ import pytest
 
 from serve.server import load_properties
 
-from .support import (
-    BATCH_RECEIVED, JSON, PNG, WORKER_STARTED, count_log_lines, crafted_png, error_message, png_of, send,
-    wait_for_log_count, worker_pids,
-)
+from servers import error_message, send, worker_pids
+
+from .support import BATCH_RECEIVED, JSON, PNG, WORKER_STARTED, count_log_lines, crafted_png, png_of, wait_for_log_count
 
 pytestmark = [pytest.mark.e2e]
 

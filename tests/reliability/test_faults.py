@@ -43,7 +43,9 @@ from client.api import TorchServeClient, TorchServeError
 from serve import REPO_ROOT
 from serve.server import Ports, Server, effective_config, load_properties, write_properties
 
-from .support import JSON, error_message, manage, send, worker_pids
+from servers import error_message, manage, send, worker_pids
+
+from .support import JSON
 
 pytestmark = [pytest.mark.e2e]
 

@@ -27,7 +27,9 @@ from handlers.decoding import MAX_IMAGE_SIDE, MAX_SAMPLES
 from serve import REPO_ROOT
 from serve.server import load_properties
 
-from .support import JSON, PNG, crafted_png, error_message, manage, send, worker_processes
+from servers import error_message, manage, send
+
+from .support import JSON, PNG, crafted_png, worker_processes
 from dockerfile_support import runtime_stage
 
 pytestmark = [pytest.mark.e2e]

@@ -21,7 +21,9 @@ import psutil
 import pytest
 import requests
 
-from .support import JSON, all_ready, png_of, worker_pids
+from servers import all_ready, worker_pids
+
+from .support import JSON, png_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

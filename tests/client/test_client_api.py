@@ -12,7 +12,9 @@ import requests
 
 from client.api import TorchServeClient, TorchServeError, encode_input, error_message, read_key, v2_request
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from serve import REPO_ROOT
+
+EXAMPLES = REPO_ROOT / "examples"
 
 
 def test_encode_input_picks_body_and_content_type():

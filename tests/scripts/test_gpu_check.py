@@ -23,7 +23,7 @@ import torch
 from models.registry import get_spec
 from train.data import mnist_arrays
 
-REPO = Path(__file__).resolve().parents[1]
+from serve import REPO_ROOT as REPO
 SCRIPT = REPO / "scripts" / "gpu_check.py"
 
 

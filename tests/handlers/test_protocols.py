@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from handlers.protocols import decode_request, request_headers
 from models.registry import get_spec
 from train.data import mnist_arrays
 
-REPO = Path(__file__).resolve().parents[1]
+from serve import REPO_ROOT as REPO
 OIP = {"oip-request": "v2", "explain": "False"}
 
 

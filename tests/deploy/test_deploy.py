@@ -24,7 +24,7 @@ import pytest
 import yaml
 from dockerfile_support import dockerfile_instructions
 
-REPO = Path(__file__).resolve().parent.parent
+from serve import REPO_ROOT as REPO
 DOCKERFILE = REPO / "Dockerfile"
 K8S_DIR = REPO / "deploy" / "k8s"
 KSERVE_DIR = REPO / "deploy" / "kserve"
