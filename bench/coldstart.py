@@ -39,14 +39,12 @@ from pathlib import Path
 import psutil
 import requests
 
-if __package__ in (None, ""):  # also runs as a plain script: python bench/coldstart.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.servers import baseline_server, private_dirs  # noqa: E402
-from models.registry import REGISTRY, get_spec  # noqa: E402
-from serve import REPO_ROOT  # noqa: E402
-from serve.package import archive_is_current, build_archive, package_models  # noqa: E402
-from serve.server import (  # noqa: E402
+from bench.servers import baseline_server, private_dirs
+from models.registry import REGISTRY, get_spec
+from serve import REPO_ROOT
+from serve.package import archive_is_current, build_archive, package_models
+from serve.server import (
     DEFAULT_CONFIG, PID_FILE, Ports, effective_config, load_properties, read_keys, write_properties,
 )
 

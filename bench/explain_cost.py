@@ -21,15 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 
 from handlers.explain import DEFAULT_STEPS
 
-REPO = Path(__file__).resolve().parents[1]
+from serve import REPO_ROOT as REPO
 
 
 def in_process(model: str, images: np.ndarray, steps: int, repeat: int) -> tuple[float, float]:

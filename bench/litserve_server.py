@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import litserve as ls
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.mnist_net import MNISTNet  # noqa: E402
-from models.registry import MNIST_MEAN, MNIST_STD  # noqa: E402
+from models.mnist_net import MNISTNet
+from models.registry import MNIST_MEAN, MNIST_STD
 
 
 class MNISTAPI(ls.LitAPI):

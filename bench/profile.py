@@ -30,17 +30,15 @@ from pathlib import Path
 
 import psutil
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import payloads  # noqa: E402
-from bench.loadgen import run_wrk  # noqa: E402
-from bench.servers import baseline_server, ours_server, private_dirs, running, scrape_metrics  # noqa: E402
-from models.registry import get_spec  # noqa: E402
-from serve.package import build_archive, ensure_weights, model_config  # noqa: E402
-from serve.server import DEFAULT_CONFIG, load_properties, write_properties  # noqa: E402
+from bench import payloads
+from bench.loadgen import run_wrk
+from bench.servers import baseline_server, ours_server, private_dirs, running, scrape_metrics
+from models.registry import get_spec
+from serve.package import build_archive, ensure_weights, model_config
+from serve.server import DEFAULT_CONFIG, load_properties, write_properties
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from serve import REPO_ROOT
 MODEL = "mnistnet"
 # py-spy frames → stage of a request's life in the worker; the first matching rule (innermost frame first) wins.
 STAGES = (

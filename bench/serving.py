@@ -40,20 +40,18 @@ import requests
 import torch
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as `python bench/serving.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import payloads  # noqa: E402
-from bench.inprocess import load_model, measure_forward  # noqa: E402
-from bench.loadgen import run_wrk, wrk_path  # noqa: E402
-from bench.plot import plot_concurrency  # noqa: E402
-from client.api import parse_binary_v2_response  # noqa: E402
-from bench.servers import (  # noqa: E402
+from bench import payloads
+from bench.inprocess import load_model, measure_forward
+from bench.loadgen import run_wrk, wrk_path
+from bench.plot import plot_concurrency
+from client.api import parse_binary_v2_response
+from bench.servers import (
     LitServeServer, baseline_server, ours_server, private_dirs, running, scrape_metrics,
 )
-from serve.server import DEFAULT_CONFIG, load_properties, write_properties  # noqa: E402
+from serve.server import DEFAULT_CONFIG, load_properties, write_properties
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from serve import REPO_ROOT
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 WEIGHTS_DIR = REPO_ROOT / "weights"
 MODEL = "mnistnet"

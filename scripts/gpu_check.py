@@ -51,7 +51,7 @@ import time
 import types
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent  # not serve.REPO_ROOT: run as `python -m scripts.gpu_check`
+from serve import REPO_ROOT  # serve/__init__.py imports nothing more: fine on a bare GPU box
 
 NO_GPU_MESSAGE = "no GPU (torch.cuda.is_available() is False): nothing to check"
 PROB_TOLERANCE = 1e-4  # max |GPU - CPU| of a probability (issue 15)
