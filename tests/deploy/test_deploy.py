@@ -25,6 +25,7 @@ import yaml
 from dockerfile_support import dockerfile_instructions
 
 from serve import REPO_ROOT as REPO
+from serve.server import load_properties
 DOCKERFILE = REPO / "Dockerfile"
 K8S_DIR = REPO / "deploy" / "k8s"
 KSERVE_DIR = REPO / "deploy" / "kserve"
@@ -101,8 +102,7 @@ def test_dockerfile_runtime_contract():
     assert "TS_MANAGEMENT_ADDRESS=http://127.0.0.1:8081" in env
     assert "TS_METRICS_ADDRESS=http://127.0.0.1:8082" in env
     assert "OIP_GRPC_LISTEN=0.0.0.0:7070" in env
-    root = {k.strip(): v.strip() for k, _, v in (l.partition("=") for l in (REPO / "config.properties").read_text().splitlines()
-                                                  if l.strip() and not l.startswith("#"))}
+    root = load_properties(REPO / "config.properties")
     assert root.get("oip_grpc_port") == "7070", "the image's gRPC front port is the one `make serve` uses"
     # torchserve's launcher reads TS_CONFIG_FILE before --ts-config: KServe's --ts-config would be ignored.
     assert "TS_CONFIG_FILE" not in env
