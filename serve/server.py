@@ -286,6 +286,40 @@ def _wait_exited(processes: list[psutil.Process], timeout: float) -> list[psutil
         time.sleep(0.05)
 
 
+def _helper_pid(pid_file: Path, marker: str) -> int | None:
+    """The pid in ``pid_file`` (a helper process we started: the fork server, the gRPC front) if that process
+    still runs, is not a zombie and has ``marker`` in its command line; else None."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        process = psutil.Process(pid)
+        if process.status() != psutil.STATUS_ZOMBIE and marker in process.cmdline():
+            return pid
+    except (FileNotFoundError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def _stop_helper(pid: int | None, launched: subprocess.Popen | None, pid_file: Path, timeout: float,
+                 children: bool = False) -> None:
+    """SIGTERM the helper process ``pid``, SIGKILL it after ``timeout`` s (and, with ``children``, whatever of
+    its children is left 1 s later); reap ``launched`` if this object started it; remove ``pid_file``."""
+    if pid is not None:
+        try:
+            process = psutil.Process(pid)
+            kids = process.children() if children else []
+            process.terminate()
+            for leftover in _wait_exited([process], timeout) + _wait_exited(kids, 1):
+                leftover.kill()
+        except psutil.Error:
+            pass
+    if launched is not None:
+        try:
+            launched.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            launched.kill()
+    pid_file.unlink(missing_ok=True)
+
+
 def _torchserve_command(worker_python: Path | None = None) -> list[str]:
     """The venv's ``torchserve`` launcher (its module if the console script is missing). The launcher hands
     its own ``sys.executable`` to the frontend as the workers' ``python``; ``worker_python`` replaces it."""
@@ -551,14 +585,7 @@ class Server:
 
     def forkserver_pid(self) -> int | None:
         """Pid of this server's fork server (serve/forkserver.py) if it is running."""
-        try:
-            pid = int(self.forkserver_pid_file.read_text().strip())
-            process = psutil.Process(pid)
-            if process.status() != psutil.STATUS_ZOMBIE and str(FORKSERVER) in process.cmdline():
-                return pid
-        except (FileNotFoundError, ValueError, psutil.Error):
-            pass
-        return None
+        return _helper_pid(self.forkserver_pid_file, str(FORKSERVER))
 
     def _forkserver_running_here(self) -> bool:
         return self._forkserver is not None and self._forkserver.poll() is None
@@ -594,23 +621,8 @@ class Server:
 
     def _stop_forkserver(self, timeout: float = 10.0) -> None:
         """SIGTERM the fork server (it kills and reaps the workers it still has), SIGKILL after ``timeout``."""
-        pid = self.forkserver_pid()
-        if pid is not None:
-            try:
-                process = psutil.Process(pid)
-                children = process.children()
-                process.terminate()
-                for leftover in _wait_exited([process], timeout) + _wait_exited(children, 1):
-                    leftover.kill()
-            except psutil.Error:
-                pass
-        if self._forkserver is not None:
-            try:
-                self._forkserver.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._forkserver.kill()
-            self._forkserver = None
-        self.forkserver_pid_file.unlink(missing_ok=True)
+        _stop_helper(self.forkserver_pid(), self._forkserver, self.forkserver_pid_file, timeout, children=True)
+        self._forkserver = None
 
     # ------------------------------------------------------------------------- OIP gRPC front
 
@@ -625,16 +637,7 @@ class Server:
 
     def grpc_pid(self) -> int | None:
         """Pid of this server's OIP gRPC front if it is running."""
-        try:
-            pid = int(self.grpc_pid_file.read_text().strip())
-            process = psutil.Process(pid)
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE and (
-                "serve.oip_grpc" in process.cmdline()
-            ):
-                return pid
-        except (FileNotFoundError, ValueError, psutil.Error):
-            pass
-        return None
+        return _helper_pid(self.grpc_pid_file, "serve.oip_grpc")
 
     def _start_grpc(self) -> None:
         """Start the gRPC front beside TorchServe (same token auth: it forwards the caller's key to REST)."""
@@ -658,22 +661,7 @@ class Server:
             time.sleep(0.1)
 
     def _stop_grpc(self, timeout: float = 10.0) -> None:
-        pid = self.grpc_pid()
-        if pid is not None:
-            try:
-                process = psutil.Process(pid)
-                process.terminate()
-                alive = _wait_exited([process], timeout)
-                for process in alive:
-                    process.kill()
-            except psutil.Error:
-                pass
-        if self._grpc is not None:
-            try:
-                self._grpc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._grpc.kill()
-        self.grpc_pid_file.unlink(missing_ok=True)
+        _stop_helper(self.grpc_pid(), self._grpc, self.grpc_pid_file, timeout)
 
     @property
     def launched(self) -> bool:
