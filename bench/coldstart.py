@@ -45,7 +45,7 @@ from models.registry import REGISTRY, get_spec
 from serve import REPO_ROOT
 from serve.package import archive_is_current, build_archive, package_models
 from serve.server import (
-    DEFAULT_CONFIG, PID_FILE, Ports, effective_config, load_properties, read_keys, write_properties,
+    DEFAULT_CONFIG, PID_FILE, Ports, Server, effective_config, load_properties, read_keys, write_properties,
 )
 
 POLL_S = 0.025
@@ -136,9 +136,7 @@ class Watcher:
                     try:
                         described = session.get(f"http://127.0.0.1:{self.management}/models/{model}", timeout=10,
                                                 headers=self._key("management")).json()[0]
-                        workers = described.get("workers", [])
-                        if len(workers) >= max(1, described.get("minWorkers", 1)) and all(
-                                w.get("status") == "READY" for w in workers):
+                        if Server.workers_ready(described):
                             self.ready[model] = time.time()
                     except (requests.RequestException, ValueError, IndexError, KeyError, TypeError):
                         pass
