@@ -7,9 +7,11 @@
   including a missing key.
 * :func:`error_message`: the message of a JSON error body, failing the test when there is none.
 * :func:`workers`, :func:`worker_pids`, :func:`all_ready`: worker state from the management API.
+* :func:`free_port`: one loopback port the OS reports free (for servers that are not :class:`Server`).
 """
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import requests
@@ -18,6 +20,13 @@ from client.api import TorchServeError
 from serve.server import Ports, Server
 
 READY_TIMEOUT_S = 300  # seven workers on a busy 2-core CI machine can take a minute or two
+
+
+def free_port() -> int:
+    """A loopback TCP port the OS reports free right now (``Ports.free`` gives a whole TorchServe set)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def start_ready_server(root: Path, store: Path, models: list[str] | None = None, **kwargs) -> Server:

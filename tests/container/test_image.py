@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import socket
 import time
 
 import numpy as np
@@ -28,6 +27,7 @@ from dockerfile_support import dockerfile_instructions
 from models.registry import REGISTRY, get_spec
 from serve import REPO_ROOT
 from serve.package import package_models
+from servers import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -36,12 +36,6 @@ READY_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 60       # the entrypoint gives TorchServe up to 60 s; podman stop -t matches it
 MNIST = REPO_ROOT / "data" / "mnist" / "MNIST" / "raw"
 DIGITS = 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def mnist_test_digits(count: int = DIGITS) -> tuple[np.ndarray, list[int]]:

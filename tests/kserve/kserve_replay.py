@@ -45,6 +45,7 @@ import yaml
 from dockerfile_support import runtime_stage  # noqa: E402
 
 from serve import REPO_ROOT as REPO
+from servers import free_port
 KSERVE_DIR = REPO / "deploy" / "kserve"
 RUNTIME_FILE = KSERVE_DIR / "servingruntime.yaml"
 # KServe's constants: the predictor's default port and where storage-initializer puts storageUri.
@@ -198,12 +199,6 @@ def image() -> Image:
 
 
 # ------------------------------------------------------------------------------------ the replay
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 PORT_IN_ADDRESS = re.compile(r"(?<=:)(\d{2,5})(?![\d.])")
