@@ -203,13 +203,20 @@ class ServingHandler:
             return
         encoding = time.perf_counter()
         metrics.stage("forward", encoding - started)
+        try:  # postprocess works row by row: one call for the batch, sliced per request below
+            batch_named = self.postprocess(outputs)
+        except Exception:  # then one call per request, so that a failure stays with its request
+            batch_named = None
         answered = []  # each answered request's named outputs, for the metrics
         start = 0
         for idx, decoded in pending:
-            n = len(decoded.samples)
-            part, start = outputs[start : start + n], start + n
+            rows = slice(start, start + len(decoded.samples))
+            start = rows.stop
             try:
-                named = self.postprocess(part)
+                if batch_named is None:
+                    named = self.postprocess(outputs[rows])
+                else:
+                    named = {name: array[rows] for name, array in batch_named.items()}
                 responses[idx] = protocols.encode_response(decoded, named, self, context, idx)
                 answered.append(named)
             except Exception as err:
@@ -278,7 +285,8 @@ class ServingHandler:
             return self.model(torch.from_numpy(samples).to(self.device)).cpu()
 
     def postprocess(self, output: torch.Tensor) -> dict[str, np.ndarray]:
-        """Named output arrays for ONE request's rows of model output (first axis = its N samples).
+        """Named output arrays for rows of model output (first axis = samples), row by row: called once per
+        batch, its arrays are then sliced per request.
 
         Exactly the outputs of ``self.spec.outputs`` (names, dtypes, per-sample shapes): they become the
         OIP ``outputs`` and the KServe v1 predictions; :meth:`to_native` turns them into native JSON.

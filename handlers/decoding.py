@@ -34,10 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-try:  # optional speed-up (requirements pin it); json_loads falls back to the stdlib
-    import orjson
-except ImportError:  # pragma: no cover
-    orjson = None
+from handlers.jsoncodec import NumberList, json_loads
 
 MAX_SAMPLES = 1024  # samples per request; more → 413 (split the request)
 MAX_IMAGE_SIDE = 4096  # an uploaded image may declare at most 4096 x 4096 pixels (checked before decoding)
@@ -118,20 +115,6 @@ def _other_image_format(raw: bytes) -> str | None:
     if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
         return "WebP"
     return next((name for magic, name in OTHER_IMAGE_MAGIC.items() if raw.startswith(magic)), None)
-
-
-def json_loads(text: str | bytes) -> Any:
-    """``json.loads``, through orjson (3-6x faster on number arrays) when it is installed and accepts the text.
-
-    The stdlib stays the reference: whatever orjson refuses (NaN literals, huge integers, lone surrogates,
-    bad UTF-8 ...) goes to ``json.loads``, so results and errors are the stdlib's.
-    """
-    if orjson is not None:
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(text)
 
 
 def _parse_json(text: str) -> Any:
@@ -290,6 +273,13 @@ def numeric_array(value: Any, where: str = "data") -> np.ndarray:
     Refuses (InputError naming the position) strings, booleans, nulls, objects, empty or ragged lists,
     nesting deeper than MAX_DEPTH, NaN, +-inf and numbers too large for float64.
     """
+    if type(value) is NumberList:  # numbers only: one conversion; numpy refuses a ragged list
+        try:
+            array = np.array(value, dtype=np.float64)
+        except (ValueError, OverflowError):
+            array = None  # the general path below names what is wrong
+        if array is not None and 0 < array.ndim <= MAX_DEPTH and array.size and np.all(np.isfinite(array)):
+            return array
     regular = _regular_numbers(value)
     if regular is None:  # not a plain rectangular list of numbers: find and name the offending spot
         _nested_shape(value, where, 0)
@@ -369,25 +359,28 @@ def _check_number(value: Any, where: str) -> None:
 def _finish(samples: np.ndarray, spec) -> np.ndarray:
     """Range-check image intensities, normalise like training, cast to float32 ``(N, *input_shape)``."""
     if spec.is_image_model:
-        samples = _check_intensities(samples)
-    with np.errstate(over="ignore"):  # overflow to inf is reported just below
-        x = samples.astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        raise InputError("data holds a value outside the float32 range (about +-3.4e38)")
-    if spec.normalize is not None:
+        x = _check_intensities(samples).astype(np.float32)  # within [0, 1]: no float32 overflow
+    else:
+        with np.errstate(over="ignore"):  # overflow to inf is reported just below
+            x = samples.astype(np.float32)
+        if not np.all(np.isfinite(x)):
+            raise InputError("data holds a value outside the float32 range (about +-3.4e38)")
+    if spec.normalize is not None:  # in place: x is astype's own copy
         mean, std = spec.normalize
-        x = (x - np.float32(mean)) / np.float32(std)
+        x -= np.float32(mean)
+        x /= np.float32(std)
     return x.reshape((len(x),) + tuple(spec.input_shape))
 
 
 def _check_intensities(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` clipped to [0, 1]; InputError unless all lie within PIXEL_TOLERANCE of it (NaN never does)."""
     lo, hi = float(pixels.min()), float(pixels.max())
-    if lo < -PIXEL_TOLERANCE or hi > 1 + PIXEL_TOLERANCE:
+    if not (lo >= -PIXEL_TOLERANCE and hi <= 1 + PIXEL_TOLERANCE):
         hint = ""
         if hi > 1 + PIXEL_TOLERANCE and hi <= 255 and lo >= -PIXEL_TOLERANCE:
             hint = " (these look like 0-255 pixel values: divide by 255)"
         raise InputError(f"pixel values must be intensities in [0, 1]; got values in [{lo:g}, {hi:g}]{hint}")
-    return np.clip(pixels, 0.0, 1.0)
+    return pixels if lo >= 0.0 and hi <= 1.0 else np.clip(pixels, 0.0, 1.0)
 
 
 def _check_count(n: int) -> None:

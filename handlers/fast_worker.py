@@ -10,7 +10,7 @@ it runs in and with the same wire format and results:
 * ``retrieve_msg``: one buffered reader per socket (a ``recv`` per ~64 kB instead of per field), the same
   message dicts (``requestId``, ``headers``, ``parameters`` with TorchServe's JSON/text decoding of
   values, ``TS_DECODE_INPUT_REQUEST`` honoured; JSON through orjson when it accepts the text, see
-  handlers/decoding.json_loads) and the same per-batch INFO line (tests count batches with it);
+  handlers/jsoncodec.json_loads) and the same per-batch INFO line (tests count batches with it);
 * ``Service.predict``: the same steps and error answers (507/503 for out-of-memory, handler exceptions, a
   wrong response count), ``PredictionTime`` written as the same ``[METRICS]`` line in one logging call, and
   the response frame built in one ``join``. Anything unusual (streaming, non-bytes answers) goes through
@@ -28,7 +28,7 @@ import struct
 import sys
 import time
 
-from handlers.decoding import json_loads
+from handlers.jsoncodec import json_loads
 
 logger = logging.getLogger("ts.service")
 metrics_logger = logging.getLogger("ts.metrics.caching_metric")

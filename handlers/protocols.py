@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -73,6 +72,7 @@ from handlers.decoding import (
     parse_payload,
     request_payload,
 )
+from handlers.jsoncodec import encode_json
 
 HEADER_LENGTH = "inference-header-content-length"  # request header names arrive lowercased
 OIP_REQUEST = "oip-request"
@@ -607,12 +607,6 @@ def instance_predictions(outputs: dict[str, np.ndarray], spec) -> list:
     if len(names) == 1:
         return columns[0]
     return [dict(zip(names, values)) for values in zip(*columns)]
-
-
-def encode_json(response: Any) -> bytes:
-    """Compact JSON bytes. Why: given a dict, TorchServe serialises it with ``json.dumps(indent=2)``,
-    which forces Python's slow pure-Python encoder and doubles the response size."""
-    return json.dumps(response, separators=(",", ":")).encode()
 
 
 def set_content_type(context, idx: int, value: str = JSON_TYPE) -> None:

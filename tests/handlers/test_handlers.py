@@ -245,25 +245,49 @@ def test_v2_request_gets_a_v2_response(tmp_path, digits):
     assert "[N, 784]" in responses[2]["error"]
 
 
-class _FailsOnPairs(ImageClassifier):
-    """Test double of a buggy subclass: postprocess crashes for requests of exactly two images."""
+class _CountingClassifier(ImageClassifier):
+    """ImageClassifier that counts its postprocess calls."""
+
+    calls = 0
 
     def postprocess(self, output):
-        if len(output) == 2:
+        self.calls += 1
+        return super().postprocess(output)
+
+
+class _FailsOnSeveralRows(_CountingClassifier):
+    """Test double of a buggy subclass: postprocess crashes when given more than one row."""
+
+    def postprocess(self, output):
+        if len(output) > 1:
+            self.calls += 1
             raise ArithmeticError("bug")
         return super().postprocess(output)
 
 
 def test_internal_error_answers_500_for_that_request_only(tmp_path, digits):
+    """The batch's one postprocess call fails: each request is retried alone, and only the failing one gets 500."""
     model_dir, manifest = make_archive_dir(tmp_path, "mnistnet")
     context = make_context(model_dir, manifest)
-    handler = _FailsOnPairs()
+    handler = _FailsOnSeveralRows()
     handler.initialize(context)
     pixels = (digits / 255.0).tolist()
     responses = run_batch(handler, context, [{"body": pixels[:2]}, {"body": pixels[2]}])
     assert statuses(context, 2) == [500, 200]
     assert responses[0] == {"error": "postprocessing failed: ArithmeticError", "code": 500}
     assert set(responses[1]) == {"predicted_class", "probabilities"}
+    assert handler.calls == 3  # the batch, then each request alone
+
+
+def test_one_postprocess_call_per_batch(tmp_path, digits):
+    model_dir, manifest = make_archive_dir(tmp_path, "mnistnet")
+    context = make_context(model_dir, manifest)
+    handler = _CountingClassifier()
+    handler.initialize(context)
+    pixels = (digits / 255.0).tolist()
+    responses = run_batch(handler, context, [{"body": pixels[:2]}, {"body": pixels[2]}, {"body": pixels[3:6]}])
+    assert statuses(context, 3) == [200, 200, 200] and handler.calls == 1
+    assert [len(r) for r in (responses[0], responses[2])] == [2, 3] and set(responses[1]) == {"predicted_class", "probabilities"}
 
 
 # ----------------------------------------------------------------------------- tabular models
