@@ -2,6 +2,10 @@
 model-management API being off, and key rotation as seen by the client."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import requests
 
@@ -101,3 +105,22 @@ def test_client_follows_a_rotated_inference_key(server):
         stale.predict("linearregression", [0.0])
     assert refused.value.status in (400, 401)
     assert "Token Authorization failed" in refused.value.message
+
+
+def _jvm_threads_started(pid: int) -> int:
+    """The frontend JVM's count of threads started since it began (HotSpot counter ``java.threads.started``)."""
+    jcmd = Path(shutil.which("java") or "java").resolve().parent / "jcmd"
+    if not jcmd.exists():
+        pytest.skip(f"no jcmd beside {jcmd.parent}/java")
+    out = subprocess.run([str(jcmd), str(pid), "PerfCounter.print"], capture_output=True, text=True, timeout=60).stdout
+    return int(next(line.split("=", 1)[1] for line in out.splitlines() if line.startswith("java.threads.started=")))
+
+
+def test_frontend_starts_no_thread_per_batch(server, client):
+    """TorchServe sends each batch to its worker with CompletableFuture.runAsync, which on a JVM with <= 2 cores
+    starts a thread per call unless the common pool is sized (config.properties vmargs)."""
+    client.predict("mnistnet", [0.0] * 784)
+    before = _jvm_threads_started(server.pid())
+    for _ in range(100):  # one at a time: 100 batches
+        client.predict("mnistnet", [0.0] * 784)
+    assert _jvm_threads_started(server.pid()) - before < 10
