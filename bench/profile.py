@@ -33,6 +33,7 @@ import psutil
 
 from bench import payloads
 from bench.loadgen import run_wrk
+from bench.serving import WARMUP_S
 from bench.servers import baseline_server, ours_server, private_dirs, running, scrape_metrics
 from models.registry import get_spec
 from serve.package import build_archive, ensure_weights, model_config
@@ -246,6 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--forms", default="json,png", help="json, png (ours only) (default json,png)")
     parser.add_argument("--connections", default="1,16", help="default 1,16")
     parser.add_argument("--seconds", type=float, default=8.0, help="wrk seconds per point (default 8)")
+    parser.add_argument("--warmup", type=float, default=WARMUP_S,
+                        help=f"seconds of load before the first point (default {WARMUP_S:g}: TorchServe's JIT settling)")
     parser.add_argument("--spy", type=float, default=6.0, help="py-spy seconds per point (0: none; default 6)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "profile.json",
                         help="JSON report; the PNG goes beside it (default bench/results/profile.json)")
@@ -263,7 +266,7 @@ def main(argv=None) -> int:
     if set(chosen) - set(forms) or (args.stock and chosen != ["json"] and "png" in chosen):
         parser.error("--forms takes json and png (png: ours only)")
     weights = ensure_weights(spec, args.weights_dir.resolve())
-    report = {"server": "tuned stock TorchServe" if args.stock else "ours", "model_config": overrides,
+    report = {"server": "tuned stock TorchServe" if args.stock else "ours", "model_config": overrides, "warmup_s": args.warmup,
               "properties": props, "env": env, "loadavg_start": os.getloadavg(), "runs": []}
     with private_dirs("profile") as root:
         store = root / "store"
@@ -277,13 +280,15 @@ def main(argv=None) -> int:
             build_archive(spec, weights, store, config={**model_config(spec), **overrides})
             config = variant_config(props, root / "config.properties")
             server, path = ours_server(root, store, [MODEL], config, env), f"/predictions/{MODEL}"
+        warmup = args.warmup
         with running(server) as (server, cold_start):
             print(f"{report['server']}: ready in {cold_start:.1f} s; 1-min load {os.getloadavg()[0]:.2f}", flush=True)
             print(f"{'form':<6}{'conns':>6}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}  CPU us/request: {'java':>5}"
                   f"{'workers':>8}{'wrk':>5}   frontend us/req: queue inference   handler us/req: decode forward encode")
             for form in chosen:
                 body, content_type = forms[form]
-                run_wrk(server.inference_url + path, body, content_type, 16, 5, server.keys().get("inference"))  # JIT
+                run_wrk(server.inference_url + path, body, content_type, 16, warmup, server.keys().get("inference"))  # JIT
+                warmup = 3.0
                 for conns in connections:
                     r = measure(server, path, body, content_type, conns, args.seconds)
                     r["form"] = form

@@ -63,6 +63,7 @@ STOCK_TUNED_CONFIG = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatc
 BASELINES = ("stock", "stock-default", "litserve")
 CONNECTIONS = (1, 4, 16, 64)
 GOAL_CONNECTIONS = 16
+WARMUP_S = 20.0  # load before the first measurement of each server (measure_server)
 BATCH = 256
 QUIET_LOAD = 0.5
 
@@ -176,11 +177,14 @@ def sweep(url: str, token: str | None, body: bytes, content_type: str, connectio
 
 
 def measure_server(server, cold_start: float, forms: dict, batch_forms: dict, connections, seconds: float,
-                   label: str) -> dict:
+                   label: str, warmup: float = WARMUP_S) -> dict:
     """Check, warm up and measure one running server.
 
     ``forms``/``batch_forms`` map a form name to ``(path, body, content type[, extra headers])``; single-image
-    forms are swept over ``connections``, batch forms run at 1 connection. Returns the server's results dict.
+    forms are swept over ``connections``, batch forms run at 1 connection. The first form runs ``warmup``
+    seconds at 16 connections before anything is measured (3 s for each later form): TorchServe's JVM
+    compiles its hot paths for ~20 s under load, and until then the compiler threads take a tenth of the
+    CPU and add to the tail. Returns the server's results dict.
     """
     token = server.keys().get("inference")
     description = server.describe(server.models[0])
@@ -196,7 +200,8 @@ def measure_server(server, cold_start: float, forms: dict, batch_forms: dict, co
         url, headers = server.inference_url + path, (extra or [None])[0]
         out["bodies"][name] = {"bytes": len(body), "content_type": content_type,
                                **check_response(url, token, body, content_type, 1, headers)}
-        run_wrk(url, body, content_type, GOAL_CONNECTIONS, 3, token, headers=headers)  # warm-up: JIT, caches
+        run_wrk(url, body, content_type, GOAL_CONNECTIONS, max(warmup, 3.0), token, headers=headers)  # JIT, caches
+        warmup = 3.0
         out["single"][name] = sweep(url, token, body, content_type, connections, seconds, f"{label} {name}", headers)
     for name, (path, body, content_type, *extra) in batch_forms.items():
         url, headers = server.inference_url + path, (extra or [None])[0]
@@ -241,7 +246,7 @@ def ours_forms(names: list[str]) -> tuple[dict, dict]:
 FORMS = ("json", "png", "v2-uint8", "v2-bin-fp32")
 
 
-def run_stock(weights: Path, connections, seconds: float, tuned: bool = True) -> dict:
+def run_stock(weights: Path, connections, seconds: float, tuned: bool = True, warmup: float = WARMUP_S) -> dict:
     """Build the stock archive through serve/package.py (tuned model-config or none), run it, measure it, stop it."""
     from models.registry import get_spec
     from serve.package import build_archive
@@ -255,16 +260,16 @@ def run_stock(weights: Path, connections, seconds: float, tuned: bool = True) ->
         env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if tuned else None
         with running(baseline_server(root, store, env=env)) as (server, cold_start):
             print(f"  {label} ready in {cold_start:.1f} s at {server.inference_url}", flush=True)
-            return measure_server(server, cold_start, forms, batch_forms, connections, seconds, label)
+            return measure_server(server, cold_start, forms, batch_forms, connections, seconds, label, warmup)
 
 
-def run_litserve(weights: Path, connections, seconds: float) -> dict:
+def run_litserve(weights: Path, connections, seconds: float, warmup: float = WARMUP_S) -> dict:
     """Run bench/litserve_server.py with the same weights, measure its JSON form, stop it."""
     with private_dirs("litserve") as root:
         forms, batch_forms = baseline_forms(batch=False)
         with running(LitServeServer(weights, root / "litserve.log")) as (server, cold_start):
             print(f"  litserve ready in {cold_start:.1f} s at {server.inference_url}", flush=True)
-            return measure_server(server, cold_start, forms, batch_forms, connections, seconds, "litserve")
+            return measure_server(server, cold_start, forms, batch_forms, connections, seconds, "litserve", warmup)
 
 
 def build_ours_archives(models: list[str], weights_dir: Path, store: Path) -> None:
@@ -285,7 +290,8 @@ def metrics_off_config(base: Path, dest: Path) -> Path:
 
 
 def run_ours(models: list[str], weights_dir: Path, config: Path, env: dict, connections, seconds: float,
-             cold_starts: int, form_names: list[str] = list(FORMS), model_metrics: bool = True) -> dict:
+             cold_starts: int, form_names: list[str] = list(FORMS), model_metrics: bool = True,
+             warmup: float = WARMUP_S) -> dict:
     """Build the archives, run the project's deployment, measure it, stop it; then time more cold starts."""
     with private_dirs("ours") as root:
         store = root / "store"
@@ -295,7 +301,7 @@ def run_ours(models: list[str], weights_dir: Path, config: Path, env: dict, conn
         forms, batch_forms = ours_forms(form_names)
         with running(ours_server(root, store, models, config, env)) as (server, cold_start):
             print(f"  ours ready in {cold_start:.1f} s at {server.inference_url} ({len(models)} models)", flush=True)
-            results = measure_server(server, cold_start, forms, batch_forms, connections, seconds, "ours")
+            results = measure_server(server, cold_start, forms, batch_forms, connections, seconds, "ours", warmup)
         starts = [cold_start]
         for _ in tqdm(range(cold_starts), desc="  ours cold starts", unit="start", leave=False, file=sys.stdout):
             with private_dirs("cold") as cold_root:
@@ -432,6 +438,9 @@ def write_outputs(results: dict, out_dir: Path, tag: str | None, plot: bool) -> 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="wrk duration per point (default 10)")
+    parser.add_argument("--warmup", type=float, default=WARMUP_S,
+                        help=f"seconds of load on each server before its first measurement (default {WARMUP_S:g}: "
+                        "until TorchServe's JIT compiler settles)")
     parser.add_argument("--connections", default=",".join(map(str, CONNECTIONS)),
                         help="comma-separated wrk connection counts (default 1,4,16,64; must include 16)")
     parser.add_argument("--baselines", default="stock,litserve",
@@ -497,7 +506,7 @@ def main(argv=None) -> int:
     weights = ensure_weights(get_spec(MODEL), args.weights_dir.resolve())
     results = {
         "machine": machine,
-        "settings": {"seconds": args.seconds, "connections": args.connections, "wrk_threads": 1,
+        "settings": {"seconds": args.seconds, "warmup_s": args.warmup, "connections": args.connections, "wrk_threads": 1,
                      "batch_images": BATCH, "weights": str(weights)},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -507,13 +516,14 @@ def main(argv=None) -> int:
     for step, name in enumerate(args.baselines, 2):
         print(f"[{step}/{steps}] {name}", flush=True)
         if name == "litserve":
-            results[name] = run_litserve(weights, args.connections, args.seconds)
+            results[name] = run_litserve(weights, args.connections, args.seconds, args.warmup)
         else:
-            results[name] = run_stock(weights, args.connections, args.seconds, tuned=name == "stock")
+            results[name] = run_stock(weights, args.connections, args.seconds, tuned=name == "stock", warmup=args.warmup)
     if not args.skip_ours:
         print(f"[{steps}/{steps}] ours: the project's deployment", flush=True)
         results["ours"] = run_ours(models, args.weights_dir.resolve(), args.config, args.env, args.connections,
-                                   args.seconds, args.cold_starts, args.forms, args.model_metrics == "on")
+                                   args.seconds, args.cold_starts, args.forms, args.model_metrics == "on",
+                                   args.warmup)
     results["machine"]["loadavg_end"] = list(os.getloadavg())
     results["goals"] = evaluate_goals(results)
     print()
