@@ -131,8 +131,10 @@ class ServingHandler:
         self.model_name = model_info.get("modelName", self.spec.name)
         self.model_version = model_info.get("modelVersion", self.spec.version)
         self.metrics = ModelMetrics(getattr(context, "metrics", None), self.model_name, self.spec.task)
-        # Inside a TorchServe worker: its socket reading and per-batch bookkeeping, leaner (handlers/fast_worker.py).
-        fast_worker.install()
+        # Inside a TorchServe worker: its socket reading and per-batch bookkeeping, leaner (handlers/fast_worker.py),
+        # which then writes the metrics' record together with its own lines for the batch.
+        if fast_worker.install():
+            self.metrics.write = fast_worker.batch_log
         self.initialized = True
         logger.info(
             "serving %s (%s) on %s with %d thread(s)",

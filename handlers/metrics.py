@@ -25,7 +25,9 @@ the YAML costs nothing here.
 
 Cost: the handler collects a batch's observations and writes them in ONE log record (lines in exactly
 the ``[METRICS]`` format of ``ts.metrics.caching_metric.CachingMetric.emit_metrics``, which the frontend
-parses line by line from the worker's stdout) instead of one ``logging`` call per observation.
+parses line by line from the worker's stdout) instead of one ``logging`` call per observation. Inside a
+TorchServe worker that record joins the worker's own lines for the batch (handlers/fast_worker.py): one
+write to stdout per batch.
 """
 from __future__ import annotations
 
@@ -90,6 +92,7 @@ class ModelMetrics:
         self.hostname = socket.gethostname()
         self.lines: list[str] = []
         self._parts: dict[tuple, tuple[str, str]] = {}  # (name, labels) → (line head, line tail before hostname)
+        self.write = logger.info  # where flush() sends the batch's record
 
     def begin(self) -> None:
         self.lines = []
@@ -137,7 +140,7 @@ class ModelMetrics:
         if not self.lines:
             return
         suffix = f"|#hostname:{self.hostname},{int(time.time())}\n"
-        logger.info(suffix.join(self.lines) + suffix[:-1])
+        self.write(suffix.join(self.lines) + suffix[:-1])
         self.lines = []
 
 
