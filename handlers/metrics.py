@@ -26,8 +26,8 @@ the YAML costs nothing here.
 Cost: the handler collects a batch's observations and writes them in ONE log record (lines in exactly
 the ``[METRICS]`` format of ``ts.metrics.caching_metric.CachingMetric.emit_metrics``, which the frontend
 parses line by line from the worker's stdout) instead of one ``logging`` call per observation. Inside a
-TorchServe worker that record joins the worker's own lines for the batch (handlers/fast_worker.py): one
-write to stdout per batch.
+TorchServe worker that record joins the worker's ``PredictionTime`` line (handlers/fast_worker.py): one
+write to stdout per batch for both.
 """
 from __future__ import annotations
 
