@@ -33,7 +33,7 @@ import psutil
 
 from bench import payloads
 from bench.loadgen import run_wrk
-from bench.serving import WARMUP_S
+from bench.serving import WARMUP_S, warm_up
 from bench.servers import baseline_server, ours_server, private_dirs, running, scrape_metrics
 from models.registry import get_spec
 from serve.package import build_archive, ensure_weights, model_config
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
                   f"{'workers':>8}{'wrk':>5}   frontend us/req: queue inference   handler us/req: decode forward encode")
             for form in chosen:
                 body, content_type = forms[form]
-                run_wrk(server.inference_url + path, body, content_type, 16, warmup, server.keys().get("inference"))  # JIT
+                warm_up(server.inference_url + path, body, content_type, warmup, server.keys().get("inference"))
                 warmup = 3.0
                 for conns in connections:
                     r = measure(server, path, body, content_type, conns, args.seconds)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -176,15 +177,25 @@ def sweep(url: str, token: str | None, body: bytes, content_type: str, connectio
     return results
 
 
+def warm_up(url: str, body: bytes, content_type: str, seconds: float, token: str | None,
+            headers: dict | None = None) -> None:
+    """``seconds`` of load at 16 connections, in wrk runs of at most 5 s: the JIT also compiles the paths that
+    close and open connections (one long run leaves them cold: at its end JFR showed 65 deoptimizations of
+    Netty methods, and the next run's tail doubled)."""
+    runs = max(1, math.ceil(seconds / 5.0))
+    for _ in range(runs):
+        run_wrk(url, body, content_type, GOAL_CONNECTIONS, max(seconds / runs, 1.0), token, headers=headers)
+
+
 def measure_server(server, cold_start: float, forms: dict, batch_forms: dict, connections, seconds: float,
                    label: str, warmup: float = WARMUP_S) -> dict:
     """Check, warm up and measure one running server.
 
     ``forms``/``batch_forms`` map a form name to ``(path, body, content type[, extra headers])``; single-image
     forms are swept over ``connections``, batch forms run at 1 connection. The first form runs ``warmup``
-    seconds at 16 connections before anything is measured (3 s for each later form): TorchServe's JVM
-    compiles its hot paths for ~20 s under load, and until then the compiler threads take a tenth of the
-    CPU and add to the tail. Returns the server's results dict.
+    seconds at 16 connections before anything is measured (:func:`warm_up`; 3 s for each later form):
+    TorchServe's JVM compiles its hot paths for ~20 s under load, and until then the compiler threads take
+    a tenth of the CPU and add to the tail. Returns the server's results dict.
     """
     token = server.keys().get("inference")
     description = server.describe(server.models[0])
@@ -200,7 +211,7 @@ def measure_server(server, cold_start: float, forms: dict, batch_forms: dict, co
         url, headers = server.inference_url + path, (extra or [None])[0]
         out["bodies"][name] = {"bytes": len(body), "content_type": content_type,
                                **check_response(url, token, body, content_type, 1, headers)}
-        run_wrk(url, body, content_type, GOAL_CONNECTIONS, max(warmup, 3.0), token, headers=headers)  # JIT, caches
+        warm_up(url, body, content_type, warmup, token, headers)
         warmup = 3.0
         out["single"][name] = sweep(url, token, body, content_type, connections, seconds, f"{label} {name}", headers)
     for name, (path, body, content_type, *extra) in batch_forms.items():
