@@ -22,15 +22,12 @@ def json_loads(text: str | bytes) -> Any:
     bad UTF-8 ...) goes to ``json.loads``, so results and errors are the stdlib's. A list parsed from a text
     of nothing but numbers and brackets (also as ``{"data": ...}``) comes back as a :class:`NumberList`.
     """
-    value = None
     if orjson is not None:
         try:
-            value = orjson.loads(text)
+            return _mark_number_lists(orjson.loads(text), text)
         except orjson.JSONDecodeError:
             pass
-    if value is None:
-        value = json.loads(text)
-    return _mark_number_lists(value, text)
+    return _mark_number_lists(json.loads(text), text)
 
 
 class NumberList(list):
