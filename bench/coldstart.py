@@ -109,38 +109,35 @@ class Watcher:
                     return
             time.sleep(POLL_S)
 
-    def _answer(self) -> None:
+    def _poll_models(self, seen: dict[str, float], probe) -> None:
+        """Once listening, ``probe(session, model)`` each model not yet in ``seen`` until all are; record when."""
         session = requests.Session()
-        while not self.stop.is_set() and len(self.answers) < len(self.models):
+        while not self.stop.is_set() and len(seen) < len(self.models):
             if "listening" in self.events:
                 for model in self.models:
-                    if model in self.answers:
+                    if model in seen:
                         continue
                     try:
-                        response = session.post(f"http://127.0.0.1:{self.inference}/predictions/{model}",
-                                                data=sample_body(model), timeout=10,
-                                                headers={"Content-Type": "application/json", **self._key("inference")})
-                        if response.status_code == 200:
-                            self.answers[model] = time.time()
-                    except requests.RequestException:
-                        pass
-            time.sleep(POLL_S)
-
-    def _ready(self) -> None:
-        session = requests.Session()
-        while not self.stop.is_set() and len(self.ready) < len(self.models):
-            if "listening" in self.events:
-                for model in self.models:
-                    if model in self.ready:
-                        continue
-                    try:
-                        described = session.get(f"http://127.0.0.1:{self.management}/models/{model}", timeout=10,
-                                                headers=self._key("management")).json()[0]
-                        if Server.workers_ready(described):
-                            self.ready[model] = time.time()
+                        if probe(session, model):
+                            seen[model] = time.time()
                     except (requests.RequestException, ValueError, IndexError, KeyError, TypeError):
                         pass
             time.sleep(POLL_S)
+
+    def _answer(self) -> None:
+        def answers(session, model) -> bool:
+            response = session.post(f"http://127.0.0.1:{self.inference}/predictions/{model}",
+                                    data=sample_body(model), timeout=10,
+                                    headers={"Content-Type": "application/json", **self._key("inference")})
+            return response.status_code == 200
+        self._poll_models(self.answers, answers)
+
+    def _ready(self) -> None:
+        def ready(session, model) -> bool:
+            described = session.get(f"http://127.0.0.1:{self.management}/models/{model}", timeout=10,
+                                    headers=self._key("management")).json()[0]
+            return Server.workers_ready(described)
+        self._poll_models(self.ready, ready)
 
     def _spawn(self) -> None:
         """The frontend's worker processes (stock: the workers; ours: the fork server's clients) as they appear."""
