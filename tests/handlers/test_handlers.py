@@ -71,11 +71,11 @@ def make_context(model_dir: Path, manifest: dict, gpu=None, yaml_config=None) ->
                    model_yaml_config=yaml_config or {})
 
 
-def serve(name: str, tmp_path: Path):
-    """(handler, context, reference model) for registry model ``name``."""
+def serve(name: str, tmp_path: Path, handler_class=None):
+    """(handler, context, reference model) for registry model ``name``; ``handler_class`` defaults to its handler."""
     model_dir, manifest = make_archive_dir(tmp_path, name)
     context = make_context(model_dir, manifest)
-    handler_class = ImageClassifier if get_spec(name).is_image_model else TabularHandler
+    handler_class = handler_class or (ImageClassifier if get_spec(name).is_image_model else TabularHandler)
     handler = handler_class()
     handler.initialize(context)
     reference = get_spec(name).build()
@@ -267,10 +267,7 @@ class _FailsOnSeveralRows(_CountingClassifier):
 
 def test_internal_error_answers_500_for_that_request_only(tmp_path, digits):
     """The batch's one postprocess call fails: each request is retried alone, and only the failing one gets 500."""
-    model_dir, manifest = make_archive_dir(tmp_path, "mnistnet")
-    context = make_context(model_dir, manifest)
-    handler = _FailsOnSeveralRows()
-    handler.initialize(context)
+    handler, context, _ = serve("mnistnet", tmp_path, _FailsOnSeveralRows)
     pixels = (digits / 255.0).tolist()
     responses = run_batch(handler, context, [{"body": pixels[:2]}, {"body": pixels[2]}])
     assert statuses(context, 2) == [500, 200]
@@ -280,10 +277,7 @@ def test_internal_error_answers_500_for_that_request_only(tmp_path, digits):
 
 
 def test_one_postprocess_call_per_batch(tmp_path, digits):
-    model_dir, manifest = make_archive_dir(tmp_path, "mnistnet")
-    context = make_context(model_dir, manifest)
-    handler = _CountingClassifier()
-    handler.initialize(context)
+    handler, context, _ = serve("mnistnet", tmp_path, _CountingClassifier)
     pixels = (digits / 255.0).tolist()
     responses = run_batch(handler, context, [{"body": pixels[:2]}, {"body": pixels[2]}, {"body": pixels[3:6]}])
     assert statuses(context, 3) == [200, 200, 200] and handler.calls == 1
