@@ -75,6 +75,7 @@ RUN mkdir -p /usr/share/man/man1 \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Only what the agent build reads, so a change elsewhere in serve/ does not recompile it.
+COPY paths/ paths/
 COPY serve/__init__.py serve/oip_agent.py serve/
 COPY serve/java/ serve/java/
 RUN python -m serve.oip_agent --out /out/oip-agent.jar
@@ -115,7 +116,9 @@ RUN { grep -v '^enable_envvars_config=' /app/config.properties.repo; \
  && rm /app/config.properties.repo
 COPY --from=oip /out/oip-agent.jar /app/oip/oip-agent.jar
 COPY --from=builder /src/model_store/*.mar /app/model_store/
-# serve/ for the OIP gRPC front (python -m serve.oip_grpc, started by the entrypoint with PYTHONPATH=/app).
+# serve/ for the OIP gRPC front (python -m serve.oip_grpc, started by the entrypoint with PYTHONPATH=/app),
+# and paths/, the repository layout that serve/__init__.py imports.
+COPY paths/ /app/paths/
 COPY serve/ /app/serve/
 # entrypoint.sh is committed executable (mode 100755); COPY keeps the mode.
 COPY deploy/docker/ /app/docker/

@@ -42,7 +42,7 @@ import requests
 
 from bench.servers import baseline_server, private_dirs
 from models.registry import REGISTRY, get_spec
-from serve import REPO_ROOT
+from paths import BENCH_RESULTS_DIR, MODEL_STORE, REPO_ROOT, WEIGHTS_DIR
 from serve.package import archive_is_current, build_archive, package_models
 from serve.server import (
     DEFAULT_CONFIG, PID_FILE, Ports, Server, effective_config, load_properties, read_keys, write_properties,
@@ -411,11 +411,11 @@ def plot_timeline(results: dict[str, list[dict]], path: Path) -> Path:
 def prepare_store(root: Path, models: list[str]) -> Path:
     """A store with the baseline archive and ours (the repository's when current, else built here)."""
     store = root / "store"
-    build_archive(get_spec("mnistnet"), REPO_ROOT / "weights" / "mnistnet.pt", store, name=BASELINE_NAME,
+    build_archive(get_spec("mnistnet"), WEIGHTS_DIR / "mnistnet.pt", store, name=BASELINE_NAME,
                   handler=BASELINE_HANDLER, config={})
     for name in models:
-        archive = REPO_ROOT / "model_store" / f"{name}.mar"
-        if archive_is_current(archive, REPO_ROOT / "weights" / f"{name}.pt"):
+        archive = MODEL_STORE / f"{name}.mar"
+        if archive_is_current(archive, WEIGHTS_DIR / f"{name}.pt"):
             shutil.copy2(archive, store / archive.name)
         else:
             package_models([name], store=store)
@@ -428,7 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default="all", help="models ours serves (default: all registered)")
     parser.add_argument("--no-plain", action="store_true", help="skip ours with plain workers (SERVE_FORK_WORKERS=0)")
     parser.add_argument("--image", help="also time this container image with podman (e.g. torchserve-mnist:cpu)")
-    parser.add_argument("--plot", type=Path, default=REPO_ROOT / "bench" / "results" / "coldstart.png",
+    parser.add_argument("--plot", type=Path, default=BENCH_RESULTS_DIR / "coldstart.png",
                         help="timeline PNG (default bench/results/coldstart.png)")
     parser.add_argument("--json", type=Path, help="write every measured time here")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="S",

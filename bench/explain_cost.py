@@ -27,7 +27,7 @@ import torch
 
 from handlers.explain import DEFAULT_STEPS
 
-from serve import REPO_ROOT as REPO
+from paths import REPO_ROOT as REPO
 
 
 def in_process(model: str, images: np.ndarray, steps: int, repeat: int) -> tuple[float, float]:

@@ -39,7 +39,7 @@ from models.registry import get_spec
 from serve.package import build_archive, ensure_weights, model_config
 from serve.server import DEFAULT_CONFIG, load_properties, write_properties
 
-from serve import REPO_ROOT
+from paths import BENCH_RESULTS_DIR, WEIGHTS_DIR
 MODEL = "mnistnet"
 # py-spy frames → stage of a request's life in the worker; the first matching rule (innermost frame first) wins.
 STAGES = (
@@ -250,9 +250,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=float, default=WARMUP_S,
                         help=f"seconds of load before the first point (default {WARMUP_S:g}: TorchServe's JIT settling)")
     parser.add_argument("--spy", type=float, default=6.0, help="py-spy seconds per point (0: none; default 6)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "profile.json",
+    parser.add_argument("--out", type=Path, default=BENCH_RESULTS_DIR / "profile.json",
                         help="JSON report; the PNG goes beside it (default bench/results/profile.json)")
-    parser.add_argument("--weights-dir", type=Path, default=REPO_ROOT / "weights")
+    parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
     args = parser.parse_args(argv)
 
     spec = get_spec(MODEL)

@@ -41,20 +41,18 @@ import requests
 import torch
 from tqdm import tqdm
 
-
 from bench import payloads
 from bench.inprocess import load_model, measure_forward
 from bench.loadgen import run_wrk, wrk_path
 from bench.plot import plot_concurrency
-from client.api import parse_binary_v2_response
 from bench.servers import (
     LitServeServer, baseline_server, ours_server, private_dirs, running, scrape_metrics,
 )
+from client.api import parse_binary_v2_response
+from paths import BENCH_RESULTS_DIR, REPO_ROOT, WEIGHTS_DIR
 from serve.server import DEFAULT_CONFIG, load_properties, write_properties
 
-from serve import REPO_ROOT
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
-WEIGHTS_DIR = REPO_ROOT / "weights"
+RESULTS_DIR = BENCH_RESULTS_DIR
 MODEL = "mnistnet"
 BASELINE_NAME = "mnist_baseline"
 BASELINE_HANDLER = REPO_ROOT / "bench" / "baseline" / "handler.py"

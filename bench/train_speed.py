@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from models.registry import REGISTRY, get_spec
-from serve import REPO_ROOT as REPO
+from paths import REPO_ROOT as REPO
 from train.data import load_dataset
 from train.trainer import default_device, train_model
 

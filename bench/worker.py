@@ -28,7 +28,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from serve import REPO_ROOT
+from paths import REPO_ROOT, WEIGHTS_DIR
 
 HEADERS = {"Host": "127.0.0.1:8080", "Authorization": "Bearer 0123456789abcdef0123456789abcdef"}
 
@@ -64,7 +64,7 @@ def load_service(model: str, batch: int, root: Path):
     # swaps in fast_worker's pieces only there (fast_worker.install), so look like one.
     __main__.retrieve_msg = otf_message_handler.retrieve_msg
     spec = get_spec(model)
-    archive = build_archive(spec, ensure_weights(spec, REPO_ROOT / "weights"), root / "store",
+    archive = build_archive(spec, ensure_weights(spec, WEIGHTS_DIR), root / "store",
                             config=model_config(spec))
     model_dir = root / "model"
     with zipfile.ZipFile(archive) as handle:

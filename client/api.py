@@ -35,10 +35,10 @@ import numpy as np
 import requests
 
 from client.oip import binary_v2_request, parse_binary_v2_response  # noqa: F401  (re-exported)
-from serve import REPO_ROOT
+from paths import SERVE_WORKDIR
 DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
-KEY_FILE_CANDIDATES = (REPO_ROOT / ".serve" / "key_file.json", Path("key_file.json"))
+KEY_FILE_CANDIDATES = (SERVE_WORKDIR / "key_file.json", Path("key_file.json"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 # TorchServe answers a missing/wrong/expired key with 400 InvalidKeyException (and some proxies 401).

@@ -34,7 +34,7 @@ import psutil
 from tqdm import tqdm
 
 from models.registry import get_spec
-from serve import REPO_ROOT
+from paths import REPO_ROOT, WEIGHTS_DIR
 from serve.server import Ports, Server
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -87,7 +87,7 @@ def start_server(models: tuple[str, ...], root: Path) -> Server:
     from serve.package import package_models
 
     store = (root / "store").resolve()
-    package_models(list(models), (REPO_ROOT / "weights").resolve(), store)
+    package_models(list(models), WEIGHTS_DIR.resolve(), store)
     server = Server(ports=Ports.free(), tmpdir=root / "tmp", workdir=root / "work", model_store=store,
                     log_dir=root / "logs", models=list(models))
     try:

@@ -51,7 +51,7 @@ import time
 import types
 from pathlib import Path
 
-from serve import REPO_ROOT  # serve/__init__.py imports nothing more: fine on a bare GPU box
+from paths import WEIGHTS_DIR  # imports nothing more: fine on a bare GPU box
 
 NO_GPU_MESSAGE = "no GPU (torch.cuda.is_available() is False): nothing to check"
 PROB_TOLERANCE = 1e-4  # max |GPU - CPU| of a probability (issue 15)
@@ -777,7 +777,7 @@ def run_served(report: Report, names: list[str], weights: dict[str, Path], devic
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m scripts.gpu_check", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=REPO_ROOT / "weights",
+    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR,
                         help="directory of <name>.pt state_dicts (default: weights/); missing ones are trained")
     parser.add_argument("--out", type=Path, help="also write the JSON summary here")
     parser.add_argument("--models", default="all", help="comma-separated model names (default: all seven)")

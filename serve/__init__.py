@@ -1,6 +1,6 @@
 """Packaging (``python -m serve.package``) and TorchServe control (``python -m serve start|stop|status``)."""
-from pathlib import Path
+# The repository root lives in the neutral ``paths`` package (client, train and bench read it too); it is
+# re-exported here for callers that still write ``from serve import REPO_ROOT``.
+from paths import REPO_ROOT
 
-# The repository root: packaging stages ``models/`` and ``handlers/`` from here, and the default
-# config, model store, weights and serve working directory are resolved against it.
-REPO_ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["REPO_ROOT"]

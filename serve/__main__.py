@@ -19,10 +19,10 @@ import signal
 import sys
 from pathlib import Path
 
-from serve import REPO_ROOT
+from paths import EXAMPLES_DIR
 from serve.server import DEFAULT_CONFIG, DEFAULT_LOG_DIR, DEFAULT_WORKDIR, PID_FILE, Server, ServerError
 
-EXAMPLE_PNG = REPO_ROOT / "examples" / "digit_7.png"
+EXAMPLE_PNG = EXAMPLES_DIR / "digit_7.png"
 
 
 def _relative(path: Path) -> str:

@@ -22,10 +22,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from serve import REPO_ROOT
+from paths import BUILD_DIR, REPO_ROOT
 
 SOURCES = REPO_ROOT / "serve" / "java"
-DEFAULT_JAR = REPO_ROOT / "build" / "oip-agent.jar"
+DEFAULT_JAR = BUILD_DIR / "oip-agent.jar"
 AGENT_CLASS = "oip/OipAgent"
 # Classes defined from the jar in place of TorchServe's (must match OipAgent.REPLACED).
 REPLACED = (

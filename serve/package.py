@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from models.registry import REGISTRY, ModelSpec, get_spec
-from serve import REPO_ROOT
+from paths import MODEL_STORE, REPO_ROOT, WEIGHTS_DIR
 
 # Python packages shipped inside every archive (only their .py files).
 ARCHIVED_PACKAGES = ("models", "handlers")
@@ -190,8 +190,8 @@ def build_archive(
 
 def package_models(
     names: list[str],
-    weights_dir: Path = REPO_ROOT / "weights",
-    store: Path = REPO_ROOT / "model_store",
+    weights_dir: Path = WEIGHTS_DIR,
+    store: Path = MODEL_STORE,
     rebuild: bool = False,
     root: Path = REPO_ROOT,
 ) -> list[Path]:
@@ -222,9 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train missing weights and build TorchServe .mar archives for the registered models.",
     )
     parser.add_argument("--models", default="all", help="comma-separated model names (default: all)")
-    parser.add_argument("--weights-dir", type=Path, default=REPO_ROOT / "weights",
+    parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR,
                         help="where <name>.pt state_dicts live (default: weights/)")
-    parser.add_argument("--store", type=Path, default=REPO_ROOT / "model_store",
+    parser.add_argument("--store", type=Path, default=MODEL_STORE,
                         help="where <name>.mar archives are written (default: model_store/)")
     parser.add_argument("--rebuild", action="store_true",
                         help="rebuild archives even when they are newer than their inputs")

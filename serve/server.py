@@ -37,11 +37,12 @@ from tqdm import tqdm
 
 from client.api import TorchServeClient, TorchServeError
 from client.api import read_keys as read_key_file
-from serve import REPO_ROOT, oip_agent
+from paths import LOG_DIR, REPO_ROOT, SERVE_WORKDIR
+from serve import oip_agent
 
 DEFAULT_CONFIG = REPO_ROOT / "config.properties"
-DEFAULT_WORKDIR = REPO_ROOT / ".serve"
-DEFAULT_LOG_DIR = REPO_ROOT / "logs"
+DEFAULT_WORKDIR = SERVE_WORKDIR
+DEFAULT_LOG_DIR = LOG_DIR
 DEFAULT_LOG_CONFIG = REPO_ROOT / "serve" / "log4j2.xml"
 # TorchServe's metrics YAML with the handlers' model-quality metrics (handlers/metrics.py), unless the
 # config names its own metrics_config.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from serve import REPO_ROOT
+from paths import REPO_ROOT
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 

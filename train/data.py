@@ -24,9 +24,9 @@ from torch import Tensor
 
 from models.registry import MNIST_MEAN, MNIST_STD
 from models.smoothstep import smootherstep  # the target curve of the smoothstep data set
-from serve import REPO_ROOT  # the one repository root (serve/__init__.py imports nothing heavy)
+from paths import MNIST_ROOT
 
-DEFAULT_MNIST_ROOT = REPO_ROOT / "data" / "mnist"
+DEFAULT_MNIST_ROOT = MNIST_ROOT
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),

@@ -57,10 +57,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from models.registry import TASKS, ModelSpec, TrainConfig
-from train.data import REPO_ROOT, load_dataset
+from paths import WEIGHTS_DIR
+from train.data import load_dataset
 from train.plots import confusion_png, curves_png
 
-DEFAULT_OUTPUT_DIR = REPO_ROOT / "weights"
+DEFAULT_OUTPUT_DIR = WEIGHTS_DIR
 
 
 def default_device() -> torch.device:

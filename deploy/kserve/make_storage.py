@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from models.registry import REGISTRY, get_spec
-from serve import REPO_ROOT
+from paths import MODEL_STORE, REPO_ROOT
 from serve.package import model_config
 from serve.server import load_properties
 
@@ -126,7 +126,7 @@ def build_storage(out: Path, store: Path, names: list[str] | None = None) -> lis
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the storage (storageUri) of our KServe ServingRuntime.")
     parser.add_argument("out", nargs="?", type=Path, help="output directory (config/ + model-store/)")
-    parser.add_argument("--store", type=Path, default=REPO_ROOT / "model_store",
+    parser.add_argument("--store", type=Path, default=MODEL_STORE,
                         help="where the .mar archives are (default: model_store/)")
     parser.add_argument("--models", default="all", help="comma-separated model names (default: all)")
     parser.add_argument("--write-config", action="store_true",

@@ -12,7 +12,7 @@ import requests
 
 from client.api import TorchServeClient, TorchServeError, encode_input, error_message, read_key, v2_request
 
-from serve import REPO_ROOT
+from paths import REPO_ROOT
 
 EXAMPLES = REPO_ROOT / "examples"
 

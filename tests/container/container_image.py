@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve import REPO_ROOT as REPO
+from paths import REPO_ROOT as REPO
 CPU_TAG = "torchserve-mnist:cpu"
 GPU_TAG = "torchserve-mnist:gpu"
 # The GPU image: PyPI's CUDA build of torch (the checkout's pin in requirements.txt), no extra index.

@@ -25,7 +25,7 @@ from container_image import CPU_TAG, EngineUnavailable, build, find_engine
 from dockerfile_support import dockerfile_instructions
 
 from models.registry import REGISTRY, get_spec
-from serve import REPO_ROOT
+from paths import REPO_ROOT
 from serve.package import package_models
 from servers import free_port
 

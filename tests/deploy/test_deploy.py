@@ -24,7 +24,7 @@ import pytest
 import yaml
 from dockerfile_support import dockerfile_instructions
 
-from serve import REPO_ROOT as REPO
+from paths import REPO_ROOT as REPO
 from serve.server import load_properties
 DOCKERFILE = REPO / "Dockerfile"
 K8S_DIR = REPO / "deploy" / "k8s"
@@ -134,7 +134,8 @@ def test_dockerignore_admits_everything_the_build_copies():
              if l.strip() and not l.startswith("#")]
     assert rules[0] == "*", ".dockerignore is a whitelist: it must start by excluding everything"
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
-    needed = {"requirements.txt", "requirements-serve.txt", "config.properties", "models", "train", "serve", "handlers",
+    needed = {"requirements.txt", "requirements-serve.txt", "config.properties", "paths", "models", "train", "serve",
+              "handlers",
               "data/mnist", "deploy/docker", "weights", "model_store"}
     assert needed <= allowed, f"not admitted: {sorted(needed - allowed)}"
     for path in needed - {"weights", "config.properties"}:  # build products / another helper's file

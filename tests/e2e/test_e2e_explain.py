@@ -19,7 +19,7 @@ from handlers.explain import MAX_EXPLAIN_SAMPLES, MAX_STEPS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-from serve import REPO_ROOT as REPO
+from paths import REPO_ROOT as REPO
 DIGIT_7 = REPO / "examples" / "digit_7.png"
 
 

@@ -10,7 +10,7 @@ import sys
 import psutil
 import pytest
 
-from serve import REPO_ROOT
+from paths import REPO_ROOT
 from serve.package import package_models
 from serve.server import DEFAULT_CONFIG, Ports, effective_config, load_properties, read_keys, write_properties
 

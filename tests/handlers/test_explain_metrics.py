@@ -13,7 +13,7 @@ import yaml
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handlers import metrics
-from serve import REPO_ROOT
+from paths import REPO_ROOT
 from test_handlers import digits, keep_torch_threads, png, run_batch, serve  # noqa: F401
 
 YAML = REPO_ROOT / "serve" / "metrics.yaml"

@@ -32,7 +32,7 @@ from handlers.tabular import TabularHandler
 from models.registry import REGISTRY, get_spec
 from train.data import mnist_arrays, normalize_images
 
-from serve import REPO_ROOT as REPO
+from paths import REPO_ROOT as REPO
 SEED = 1234
 
 

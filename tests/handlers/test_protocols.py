@@ -23,7 +23,7 @@ from handlers.protocols import decode_request, request_headers
 from models.registry import get_spec
 from train.data import mnist_arrays
 
-from serve import REPO_ROOT as REPO
+from paths import REPO_ROOT as REPO
 OIP = {"oip-request": "v2", "explain": "False"}
 
 

@@ -44,7 +44,7 @@ import requests
 import yaml
 from dockerfile_support import runtime_stage  # noqa: E402
 
-from serve import REPO_ROOT as REPO
+from paths import REPO_ROOT as REPO
 from servers import free_port
 KSERVE_DIR = REPO / "deploy" / "kserve"
 RUNTIME_FILE = KSERVE_DIR / "servingruntime.yaml"

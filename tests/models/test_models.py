@@ -10,7 +10,7 @@ import torch
 from models.registry import MNIST_MEAN, MNIST_STD, REGISTRY, get_spec
 from models.smoothstep import SmoothStep
 
-from serve import REPO_ROOT as REPO
+from paths import REPO_ROOT as REPO
 MNIST_NETS = ["mnistnet", "deepnet", "feedforwardnet"]
 
 # Counted by hand from the layer sizes, e.g. MNISTNet: 784·128+128 + 128·64+64 + 64·10+10.

@@ -40,7 +40,7 @@ import requests
 import yaml
 
 from client.api import TorchServeClient, TorchServeError
-from serve import REPO_ROOT
+from paths import REPO_ROOT
 from serve.server import Ports, Server, effective_config, load_properties, write_properties
 
 from servers import error_message, manage, send, worker_pids

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from handlers.decoding import MAX_IMAGE_SIDE, MAX_SAMPLES
-from serve import REPO_ROOT
+from paths import REPO_ROOT
 from serve.server import load_properties
 
 from servers import error_message, manage, send

@@ -23,7 +23,7 @@ import torch
 from models.registry import get_spec
 from train.data import mnist_arrays
 
-from serve import REPO_ROOT as REPO
+from paths import REPO_ROOT as REPO
 SCRIPT = REPO / "scripts" / "gpu_check.py"
 
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import ts
 
-from serve import REPO_ROOT
+from paths import REPO_ROOT
 from serve.forkserver import import_time_environment
 from serve.server import FORKSERVER, WORKER_PYTHON
 

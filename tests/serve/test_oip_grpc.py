@@ -31,7 +31,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from serve import REPO_ROOT
+from paths import REPO_ROOT
 from serve.oip_grpc import NUMPY_DTYPES, OipError, serialize_bytes, start_server
 
 TOKEN = "s3cret-inference-key"

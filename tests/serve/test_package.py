@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from models.registry import REGISTRY, get_spec
-from serve import REPO_ROOT
+from paths import REPO_ROOT
 from serve.package import (
     PackagingError,
     archive_is_current,

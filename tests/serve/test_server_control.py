@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from serve import REPO_ROOT
+from paths import REPO_ROOT
 from serve.server import (
     DEFAULT_CONFIG,
     Ports,

@@ -17,7 +17,7 @@ from train import trainer
 from train.data import load_dataset
 from train.trainer import evaluate, load_trained, shift_images, train_model
 
-from serve import REPO_ROOT as REPO
+from paths import REPO_ROOT as REPO
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COMMON_KEYS = {
     "model", "model_class", "task", "dataset", "epochs", "batch_size", "lr", "weight_decay", "lr_schedule",
