@@ -16,7 +16,8 @@ Response, always one value per row in request order, even for a single row:
 
       {"predictions": [1, 0, ...], "probabilities": [0.93, 0.12, ...], "classes": [1, 0, ...]}
 
-  ``probabilities`` = p(class 1); ``predictions`` = predicted class, 1 when p >= 0.5 else 0;
+  ``probabilities`` = p(class 1); ``predictions`` = predicted class, 1 when p >= the registry's
+  ``BINARY_THRESHOLD`` (0.5, the one training scores with) else 0;
   ``classes`` repeats ``predictions`` (the class labels, for clients that read that key).
   OIP outputs ``probabilities`` (FP32, [N]) and ``predicted_class`` (INT64, [N]); KServe v1
   ``{"predictions": [{"probabilities": p, "predicted_class": c}, ...]}``, one per instance.
@@ -27,8 +28,7 @@ import numpy as np
 import torch
 
 from handlers.base import ServingHandler
-
-THRESHOLD = 0.5  # p(class 1) >= THRESHOLD → class 1
+from models.registry import BINARY_THRESHOLD
 
 
 class TabularHandler(ServingHandler):
@@ -44,7 +44,7 @@ class TabularHandler(ServingHandler):
             values = values[:, 0]
         if self.spec.task != "binary":
             return {"predictions": values}
-        return {"probabilities": values, "predicted_class": (values >= THRESHOLD).astype(np.int64)}
+        return {"probabilities": values, "predicted_class": (values >= BINARY_THRESHOLD).astype(np.int64)}
 
     def to_native(self, outputs: dict[str, np.ndarray], is_list: bool) -> dict:
         """``{"predictions": [...]}``; binary adds ``probabilities`` and ``classes`` (module docstring)."""

@@ -1,17 +1,23 @@
-"""The networks, one class per module, and the registry of model specs that the pipeline reads."""
-from models.custom_layer import CustomLayer
-from models.deep_net import DeepNet
-from models.feedforward_net import FeedForwardNet
-from models.linear_regression import LinearRegression
-from models.mlp import MLP
-from models.mnist_net import MNISTNet
-from models.regression_net import Net
-from models.registry import MNIST_MEAN, MNIST_STD, REGISTRY, ModelSpec, TrainConfig, get_spec
-from models.smoothstep import SmoothStep
-from models.smoothstep_net import SmoothStepNet
+"""The networks, one class per module, and the registry of model specs that the pipeline reads.
 
-__all__ = [
-    "CustomLayer", "DeepNet", "FeedForwardNet", "LinearRegression", "MLP", "MNISTNet", "Net",
-    "SmoothStep", "SmoothStepNet", "REGISTRY", "ModelSpec", "TrainConfig", "get_spec",
-    "MNIST_MEAN", "MNIST_STD",
-]
+The classes load on first use (``from models import MNISTNet`` imports torch then), so that
+``import models.registry`` stays free of torch.
+"""
+from models.registry import MNIST_MEAN, MNIST_STD, REGISTRY, ModelSpec, TrainConfig, get_spec
+
+_CLASSES = {
+    "CustomLayer": "models.custom_layer", "DeepNet": "models.deep_net", "FeedForwardNet": "models.feedforward_net",
+    "LinearRegression": "models.linear_regression", "MLP": "models.mlp", "MNISTNet": "models.mnist_net",
+    "Net": "models.regression_net", "SmoothStep": "models.smoothstep", "SmoothStepNet": "models.smoothstep_net",
+}
+
+__all__ = [*_CLASSES, "REGISTRY", "ModelSpec", "TrainConfig", "get_spec", "MNIST_MEAN", "MNIST_STD"]
+
+
+def __getattr__(name: str):
+    """``models.MNISTNet`` and friends, imported when first asked for."""
+    if name in _CLASSES:
+        import importlib
+
+        return getattr(importlib.import_module(_CLASSES[name]), name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")

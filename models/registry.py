@@ -3,23 +3,21 @@
 A :class:`ModelSpec` says how to build a network, what one input sample looks like, which task it
 solves, how it is trained by default and how it is served. Add your own model by writing its module
 (one ``nn.Module`` class per file) and one ``ModelSpec`` entry in ``REGISTRY`` below.
+
+Importing this module imports neither torch nor the networks: a spec names its class as
+``"module:Class"`` and imports it when it is first asked for (``model_class``, ``build()``), so
+commands that only read names, shapes and settings start at once.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import torch
-from torch import nn
-
-from models.deep_net import DeepNet
-from models.feedforward_net import FeedForwardNet
-from models.linear_regression import LinearRegression
-from models.mlp import MLP
-from models.mnist_net import MNISTNet
-from models.regression_net import Net
-from models.smoothstep_net import SmoothStepNet
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 TaskName = Literal["classification", "regression", "binary"]
 
@@ -29,7 +27,8 @@ class Task:
     """What a task means to every stage; ``TASKS`` below has one row per task and nothing else branches on it.
 
     Attributes:
-        loss: training loss class (the binary nets already end in a Sigmoid, hence ``BCELoss``).
+        loss_ref: training loss class as ``"module:Class"`` (the binary nets already end in a Sigmoid, hence
+            ``BCELoss``); ``loss`` is the class itself.
         metric: the held-out headline number, ``accuracy`` or ``r2``; ``metric_label`` is how logs and plots say it.
         predict: output head, network output → predicted label (``None`` for regression: the output is the answer).
         report: the held-out results written into ``<name>.json``, evaluation key → JSON key (a
@@ -40,7 +39,7 @@ class Task:
         attribution_of: what an explanation attributes.
     """
 
-    loss: type[nn.Module]
+    loss_ref: str
     metric: str
     metric_label: str
     predict: Callable[[torch.Tensor], torch.Tensor] | None
@@ -50,12 +49,23 @@ class Task:
     targets: int
     attribution_of: str
 
+    @property
+    def loss(self) -> type[nn.Module]:
+        """The training loss class (imports torch)."""
+        return load_object(self.loss_ref)
+
+
+def load_object(ref: str) -> Any:
+    """The object named ``"package.module:Name"``, importing its module."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
 
 BINARY_THRESHOLD = 0.5  # p(class 1) >= this → class 1, in training metrics and in the served answer
 
 TASKS: dict[str, Task] = {
     "classification": Task(
-        loss=nn.CrossEntropyLoss, metric="accuracy", metric_label="accuracy",
+        loss_ref="torch.nn:CrossEntropyLoss", metric="accuracy", metric_label="accuracy",
         predict=lambda out: out.argmax(dim=1),
         report={"accuracy": "test_accuracy", "loss": "test_loss", "confusion_matrix": "confusion_matrix"},
         handler="handlers/image_classifier.py",
@@ -63,7 +73,7 @@ TASKS: dict[str, Task] = {
         targets=-1, attribution_of="logit of the target class",
     ),
     "binary": Task(
-        loss=nn.BCELoss, metric="accuracy", metric_label="accuracy",
+        loss_ref="torch.nn:BCELoss", metric="accuracy", metric_label="accuracy",
         predict=lambda out: (out >= BINARY_THRESHOLD).to(out.dtype),
         report={"accuracy": "held_out_accuracy", "loss": "held_out_loss"},
         handler="handlers/tabular.py",
@@ -71,7 +81,7 @@ TASKS: dict[str, Task] = {
         targets=2, attribution_of="probability of the target class (class 1: sigmoid output p; class 0: 1 - p)",
     ),
     "regression": Task(
-        loss=nn.MSELoss, metric="r2", metric_label="R²", predict=None,
+        loss_ref="torch.nn:MSELoss", metric="r2", metric_label="R²", predict=None,
         report={"mse": "held_out_mse", "r2": "held_out_r2", "baseline_mse": "baseline_mse"},
         handler="handlers/tabular.py",
         outputs=lambda spec: (("predictions", "FP32", ()),),
@@ -104,7 +114,8 @@ class ModelSpec:
 
     Attributes:
         name: public name, used in file names (``weights/<name>.pt``, ``model_store/<name>.mar``) and URLs.
-        model_class: the ``nn.Module`` subclass; ``build()`` calls it with ``init_kwargs``.
+        model_ref: the ``nn.Module`` subclass as ``"module:Class"``, imported on first use; ``model_class``
+            is the class itself and ``build()`` calls it with ``init_kwargs``.
         input_shape: shape of ONE sample as the model consumes it, e.g. ``(784,)`` or ``(10,)``.
         task: ``classification`` (logits over classes), ``regression`` (real values) or ``binary``
             (a probability from a Sigmoid output).
@@ -121,7 +132,7 @@ class ModelSpec:
     """
 
     name: str
-    model_class: type[nn.Module]
+    model_ref: str
     input_shape: tuple[int, ...]
     task: TaskName
     dataset: str
@@ -148,9 +159,14 @@ class ModelSpec:
         return self.image_size is not None
 
     @property
+    def model_class(self) -> type[nn.Module]:
+        """The network class named by ``model_ref`` (imports its module, and so torch)."""
+        return load_object(self.model_ref)
+
+    @property
     def model_file(self) -> str:
-        """Path of the module defining ``model_class``, relative to the repository root."""
-        return self.model_class.__module__.replace(".", "/") + ".py"
+        """Path of the module defining ``model_class``, relative to the repository root (nothing imported)."""
+        return self.model_ref.partition(":")[0].replace(".", "/") + ".py"
 
     @property
     def task_info(self) -> Task:
@@ -217,17 +233,17 @@ REGISTRY: dict[str, ModelSpec] = {
         # Two workers for the model the load tests and benchmark hit: one worker was the bottleneck at
         # 16 connections (requests spent 12 of 15.8 ms queued); two use both cores. Batch delay 1 ms: a lone
         # request waits the whole delay, 1 ms less than 2 at 1 connection, no loss measured at 16 (bench/README.md).
-        ModelSpec("mnistnet", MNISTNet, workers=2, max_batch_delay_ms=1, **_MNIST),
-        ModelSpec("deepnet", DeepNet, **_MNIST),
+        ModelSpec("mnistnet", "models.mnist_net:MNISTNet", workers=2, max_batch_delay_ms=1, **_MNIST),
+        ModelSpec("deepnet", "models.deep_net:DeepNet", **_MNIST),
         ModelSpec(
             "feedforwardnet",
-            FeedForwardNet,
+            "models.feedforward_net:FeedForwardNet",
             init_kwargs=dict(input_size=784, hidden_size=128, output_size=10),
             **_MNIST,
         ),
         ModelSpec(
             "linearregression",
-            LinearRegression,
+            "models.linear_regression:LinearRegression",
             init_kwargs=dict(input_dim=1, output_dim=1),
             input_shape=(1,),
             task="regression",
@@ -236,7 +252,7 @@ REGISTRY: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             "mlp",
-            MLP,
+            "models.mlp:MLP",
             init_kwargs=dict(input_dim=2, hidden_dim=10, output_dim=1),
             input_shape=(2,),
             task="binary",
@@ -246,7 +262,7 @@ REGISTRY: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             "regressionnet",
-            Net,
+            "models.regression_net:Net",
             input_shape=(10,),
             task="regression",
             dataset="regression10",
@@ -254,7 +270,7 @@ REGISTRY: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             "smoothstepnet",
-            SmoothStepNet,
+            "models.smoothstep_net:SmoothStepNet",
             init_kwargs=dict(input_dim=2, hidden_dim=32, output_dim=1),
             input_shape=(2,),
             task="regression",

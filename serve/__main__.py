@@ -19,7 +19,9 @@ import signal
 import sys
 from pathlib import Path
 
+from models.registry import get_spec
 from paths import EXAMPLES_DIR
+from serve.package import parse_model_names
 from serve.server import DEFAULT_CONFIG, DEFAULT_LOG_DIR, DEFAULT_WORKDIR, PID_FILE, Server, ServerError
 
 EXAMPLE_PNG = EXAMPLES_DIR / "digit_7.png"
@@ -68,46 +70,11 @@ def usage_text(server: Server, descriptions: dict[str, dict]) -> str:
                      f"-H \"Content-Type: image/png\" --data-binary @{shlex.quote(png)}")
         lines.append(f"  {_python()} -m client predict {model} --png {shlex.quote(png)}    (finds the key itself)")
     else:
-        from models.registry import get_spec
-
         sample = json.dumps({"data": [0.5] * get_spec(model).input_width})
         lines.append(f"  curl -X POST {server.inference_url}/predictions/{model} {auth} "
                      f"-H \"Content-Type: application/json\" -d {shlex.quote(sample)}")
     lines.append(f"Stop it with: {_python()} -m serve stop (or make stop)    Logs: {_relative(server.log_dir)}/")
     return "\n".join(lines)
-
-
-def parse_model_list(text: str, cache_dir: Path | None = None) -> list[str]:
-    """``serve.package.parse_model_names(text)``. The registry imports torch (~1.5 CPU-s, before TorchServe
-    could start), so the registered names are cached in ``<cache_dir>/model-names.json`` (``serve start``:
-    build/, beside the OIP agent's jar; nothing is cached where it is not writable), keyed by the
-    hash of every ``models/*.py``; a name the cache does not know goes through the registry (its error)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for source in sorted((REPO_ROOT / "models").glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
-    cache = Path(cache_dir) / "model-names.json" if cache_dir else None
-    try:
-        cached = json.loads(cache.read_text()) if cache else {}
-    except (OSError, ValueError):
-        cached = {}
-    if cached.get("sources") == digest.hexdigest() and isinstance(cached.get("names"), list):
-        names = cached["names"]
-        wanted = names if not text or text.strip().lower() == "all" else [
-            part.strip() for part in text.split(",") if part.strip()]
-        if wanted and all(name in names for name in wanted):
-            return wanted
-    from models.registry import REGISTRY
-    from serve.package import parse_model_names
-
-    if cache:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"sources": digest.hexdigest(), "names": list(REGISTRY)}) + "\n")
-        except OSError:
-            pass
-    return parse_model_names(text)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -116,9 +83,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     # cleanly, as for Ctrl-C, instead of dying and leaving it running.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        # The fork server imports torch while this process reads the model registry (which imports it too).
+        # The fork server imports torch while this process reads the model registry (milliseconds: no torch).
         server.start_forkserver()
-        server.models = parse_model_list(args.models, REPO_ROOT / "build")
+        server.models = parse_model_names(args.models)
         print(f"Starting TorchServe ({len(server.models)} models from {_relative(server.model_store)}); "
               f"output goes to {_relative(server.output_file)}", flush=True)
         server.start(foreground=args.foreground)

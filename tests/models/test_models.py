@@ -160,3 +160,68 @@ def test_with_train_overrides_only_given_fields():
     assert changed.train.epochs == 2
     assert changed.train.lr == spec.train.lr
     assert spec.train.epochs == 10
+
+
+# What each registered name is, written down from the model modules themselves (not read from the registry).
+EXPECTED_CLASSES = {
+    "mnistnet": ("models.mnist_net", "MNISTNet"),
+    "deepnet": ("models.deep_net", "DeepNet"),
+    "feedforwardnet": ("models.feedforward_net", "FeedForwardNet"),
+    "linearregression": ("models.linear_regression", "LinearRegression"),
+    "mlp": ("models.mlp", "MLP"),
+    "regressionnet": ("models.regression_net", "Net"),
+    "smoothstepnet": ("models.smoothstep_net", "SmoothStepNet"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_spec_builds_the_class_of_its_model_module(name):
+    """The lazily named class is the one its module defines, and build() makes one of it."""
+    import importlib
+
+    assert set(EXPECTED_CLASSES) == set(REGISTRY)
+    module, class_name = EXPECTED_CLASSES[name]
+    expected = getattr(importlib.import_module(module), class_name)
+    spec = get_spec(name)
+    assert spec.model_class is expected
+    assert type(spec.build()) is expected
+    assert spec.model_file == module.replace(".", "/") + ".py"
+
+
+def test_task_losses_are_torch_losses():
+    from models.registry import TASKS
+
+    assert TASKS["classification"].loss is torch.nn.CrossEntropyLoss
+    assert TASKS["binary"].loss is torch.nn.BCELoss
+    assert TASKS["regression"].loss is torch.nn.MSELoss
+
+
+@pytest.mark.parametrize("statement", [
+    "import models.registry",
+    "import models",
+    "from models.registry import REGISTRY, get_spec; [s.model_file for s in REGISTRY.values()]; get_spec('mlp').outputs",
+    "import serve.package",  # what `python -m serve start` reads the model names with
+    "import serve.__main__",
+])
+def test_reading_the_registry_does_not_import_torch(statement):
+    """A fresh interpreter: reading names, shapes and settings leaves torch (and every network) unimported."""
+    import subprocess
+    import sys
+
+    check = (f"{statement}\nimport sys\n"
+             "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'models.')) "
+             "and m not in ('models.registry',))\n"
+             "print(','.join(loaded))")
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"{statement!r} imported {result.stdout.strip()}"
+
+
+def test_the_torch_check_sees_torch():
+    """Control: the same probe reports torch once a network is built."""
+    import subprocess
+    import sys
+
+    check = "from models.registry import get_spec; get_spec('mlp').build(); import sys; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "True", result.stderr
