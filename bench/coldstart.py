@@ -5,8 +5,7 @@ In one run, one after the other on the same machine (never at the same time):
 * **stock**: stock TorchServe serving one model (``mnist_baseline.mar``, bench/baseline/, 2 default
   workers): ``torchserve --start`` until that model answers and its workers are READY;
 * **ours**: ``python -m serve start`` (the CLI, as a user runs it: all registered models, fork server on)
-  until it returns (every worker READY), with the first answer of every model (the registry's names are
-  cached in build/ by an earlier start, as on any start but the first);
+  until it returns (every worker READY), with the first answer of every model;
 * **ours, plain workers** (``SERVE_FORK_WORKERS=0``; ``--no-plain`` skips it): the same start with every
   worker importing torch itself, what ``serve start`` did before the fork server;
 * ``--image TAG``: the container (``podman run``, deploy/docker/entrypoint.sh) until its models answer and

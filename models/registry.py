@@ -126,8 +126,8 @@ class ModelSpec:
         train: default training hyperparameters.
         version: model version written into the archive and served at ``/predictions/<name>/<version>``.
         batch_size / max_batch_delay_ms: TorchServe dynamic batching for this model. A batch that does
-            not fill waits the whole delay, so keep it short: 2 ms (bench/README.md: 5 ms cost a lone
-            request 5 ms; 0 makes TorchServe poll and a lone request waited ~100 ms).
+            not fill waits the whole delay, so keep it short, but not 0 (TorchServe then polls); the
+            measurements are in bench/README.md ("Tuning conclusions").
         workers: TorchServe worker processes for this model (each single-threaded).
     """
 
@@ -212,9 +212,8 @@ class ModelSpec:
         return dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
 
 
-# Tuned on this 2-core CPU (10 epochs, seeds 0-4): batch 64, Adam lr 1e-3 with per-step cosine decay to 0,
-# and every training image shifted by a random -1..+1 px in x and y. MNISTNet's test accuracy went from
-# 97.84% (plain Adam, constant lr) to 98.34-98.49%; train/trainer.py lists every measurement.
+# Batch 64, Adam lr 1e-3 with per-step cosine decay to 0, and every training image shifted by a random
+# -1..+1 px in x and y: the runs that chose it are in docs/training/README.md.
 MNIST_TRAIN = TrainConfig(epochs=10, batch_size=64, lr=1e-3, lr_schedule="cosine", augment_shift=1)
 
 _MNIST = dict(
@@ -230,9 +229,8 @@ _MNIST = dict(
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
-        # Two workers for the model the load tests and benchmark hit: one worker was the bottleneck at
-        # 16 connections (requests spent 12 of 15.8 ms queued); two use both cores. Batch delay 1 ms: a lone
-        # request waits the whole delay, 1 ms less than 2 at 1 connection, no loss measured at 16 (bench/README.md).
+        # Two workers and a 1 ms batch delay for the model the load tests and benchmark hit: one worker was
+        # the bottleneck, and a lone request waits the whole delay (bench/README.md, "Tuning conclusions").
         ModelSpec("mnistnet", "models.mnist_net:MNISTNet", workers=2, max_batch_delay_ms=1, **_MNIST),
         ModelSpec("deepnet", "models.deep_net:DeepNet", **_MNIST),
         ModelSpec(

@@ -14,32 +14,7 @@
 On CPU the same seed gives bit-identical weights (seeded init, dropout, shuffling and augmentation,
 ``torch.use_deterministic_algorithms``) for a given number of threads.
 
-Tuning record (registry defaults; measured on this 2-core CPU, no GPU, 10 epochs unless noted):
-
-==================  ==========================================================  ========================
-model               settings tried (seed 0 unless noted) → test accuracy      chosen (seeds 0-4)
-==================  ==========================================================  ========================
-mnistnet            batch 64 constant lr (seed reference) 97.84%;               batch 64, cosine, ±1 px:
-                    batch 128 cosine 97.95%; batch 64 cosine 98.04%;            98.49 98.40 98.35 98.34
-                    batch 32 cosine 98.24%; batch 128 cosine ±2 px 97.83%;      98.39%, ~18-23 s
-                    batch 128 cosine ±1 px 98.29/98.21/98.33% (seeds 0-2);
-                    batch 32 cosine ±1 px 98.42/98.40%
-deepnet             same recipe as mnistnet                                     98.97 98.89 98.93% (0-2)
-feedforwardnet      same recipe as mnistnet                                     98.43 98.42 98.56 98.39
-                                                                                98.37%
-linearregression    lr 1e-2 constant: w=1.68 after 250 steps (too few);         lr 5e-2 cosine, 4000
-                    lr 5e-2 cosine on 4000 samples reaches least squares        samples: w 2.0017,
-                                                                                b 0.9839 (OLS: same)
-mlp (moons)         10 epochs lr 1e-2: 90-97% (1 seed in 5 stuck near 90%);    30 epochs, batch 16, lr
-                    centring and ×2 scaling of the moons fixed the stuck seeds  2e-2 cosine: 100% (25/25
-                                                                                seeds)
-regressionnet       lr 1e-2 constant (cosine was worse: R² 0.97-0.98)           R² 0.995 0.991 0.971
-                                                                                0.995 0.994
-smoothstepnet       lr 1e-2 constant                                            R² 0.997 (all seeds)
-==================  ==========================================================  ========================
-
-±k px: every training image moved by its own random offset in [−k, k]² (:func:`shift_images`); ±2 px
-under-fits in 10 epochs. Weight decay was not needed. Time: ``python -m bench.train_speed``.
+The registry's training defaults and the runs that chose them: docs/training/README.md.
 """
 from __future__ import annotations
 
