@@ -43,7 +43,7 @@ image: package
 bench: setup
 	$(PY) -m bench.serving $(BENCH_ARGS)
 
-# GPU check (scripts/gpu_check.py, README "GPU check"): handlers on the GPU in process and, with Java, TorchServe's
+# GPU check (scripts/gpu_check/, README "GPU check"): handlers on the GPU in process and, with Java, TorchServe's
 # GPU workers; parity with the CPU and throughput. Without a GPU it says so and exits 0. GPU_CHECK_ARGS: its options.
 gpu-check: setup
 	$(PY) -m scripts.gpu_check $(GPU_CHECK_ARGS)

@@ -1,17 +1,23 @@
-"""Run ``wrk`` against one endpoint with one fixed POST body and return its numbers as a dict.
+"""Closed-loop load on one endpoint with one fixed POST body, its numbers returned as a dict.
 
-wrk (Debian package ``wrk``) is a closed-loop generator: each of ``connections`` keeps exactly one request
-in flight, so req/s at c connections is the server's throughput at concurrency c. It runs on the same
-cores as the server and takes CPU from it; ``threads=1`` (the default) keeps that share small.
+:func:`run_wrk` runs ``wrk`` (Debian package ``wrk``), the benchmark's generator: each of ``connections``
+keeps exactly one request in flight, so req/s at c connections is the server's throughput at concurrency c.
+It runs on the same cores as the server and takes CPU from it; ``threads=1`` (the default) keeps that share
+small. :func:`run_threads` does the same with Python threads and the standard library, for machines without
+wrk (its numbers are lower bounds: the client costs more CPU); :func:`run_load` picks wrk when it is there.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 LUA_SCRIPT = Path(__file__).resolve().parent / "lua" / "post.lua"
 
@@ -26,6 +32,13 @@ def wrk_path() -> str:
     if path is None:
         raise LoadGenError("wrk is not installed: apt-get install -y wrk (Debian package 'wrk')")
     return path
+
+
+def _check_target(url: str, connections: int) -> None:
+    if connections < 1:
+        raise ValueError(f"connections must be >= 1, got {connections}")
+    if not url.startswith(("http://127.", "http://localhost", "http://[::1]")):
+        raise ValueError(f"load is only ever sent to loopback addresses, got {url}")
 
 
 def run_wrk(
@@ -46,10 +59,7 @@ def run_wrk(
     as ``Authorization: Bearer <token>`` (through the environment, not the command line); ``headers`` are
     sent as well (e.g. ``Inference-Header-Content-Length`` for a binary Open Inference Protocol body).
     """
-    if connections < 1:
-        raise ValueError(f"connections must be >= 1, got {connections}")
-    if not url.startswith(("http://127.", "http://localhost", "http://[::1]")):
-        raise ValueError(f"load is only ever sent to loopback addresses, got {url}")
+    _check_target(url, connections)
     threads = max(1, min(threads, connections))
     with tempfile.NamedTemporaryFile(prefix="wrk-body-", delete=False) as handle:
         handle.write(body)
@@ -87,3 +97,84 @@ def parse_wrk_output(stdout: str, stderr: str = "", returncode: int = 0) -> dict
         "errors": errors,
         "raw": raw,
     }
+
+
+def run_threads(
+    url: str,
+    body: bytes,
+    content_type: str,
+    connections: int,
+    seconds: float = 10.0,
+    token: str | None = None,
+    timeout_s: float = 10.0,
+    headers: dict[str, str] | None = None,
+    warmup_s: float = 0.5,
+) -> dict:
+    """:func:`run_wrk`'s measurement with ``connections`` Python threads, each on its own keep-alive
+    connection (standard library only); the same keys, measured over ``seconds`` after ``warmup_s``.
+
+    ``errors`` counts connection failures and HTTP statuses >= 400; latency percentiles are over the
+    answered requests (None when there were none)."""
+    _check_target(url, connections)
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    sent = {"Content-Type": content_type, **(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
+    start_at = threading.Barrier(connections + 1)
+    results: list[list[tuple[float, int]]] = [[] for _ in range(connections)]
+    window: dict[str, float] = {}
+
+    def connect() -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout_s)
+
+    def worker(index: int) -> None:
+        connection = connect()
+        try:
+            start_at.wait()
+            while (sent_at := time.perf_counter()) < window["end"]:
+                try:
+                    connection.request("POST", path, body=body, headers=sent)
+                    response = connection.getresponse()
+                    response.read()
+                    status = response.status
+                except (OSError, http.client.HTTPException):
+                    status = -1
+                    connection.close()
+                    connection = connect()
+                if sent_at >= window["start"]:
+                    results[index].append((time.perf_counter() - sent_at, status))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(connections)]
+    for thread in threads:
+        thread.start()
+    window["start"] = time.perf_counter() + warmup_s
+    window["end"] = window["start"] + seconds
+    start_at.wait()
+    for thread in threads:
+        thread.join()
+    answered = sorted(latency for per_thread in results for latency, status in per_thread if 0 < status < 400)
+    errors = sum(1 for per_thread in results for _, status in per_thread if not 0 < status < 400)
+
+    def percentile(q: float) -> float | None:  # nearest rank, in ms
+        return answered[min(len(answered) - 1, int(q / 100 * len(answered)))] * 1e3 if answered else None
+
+    return {
+        "requests": len(answered) + errors,
+        "seconds": seconds,
+        "req_per_s": (len(answered) + errors) / seconds,
+        "p50_ms": percentile(50),
+        "p90_ms": percentile(90),
+        "p99_ms": percentile(99),
+        "max_ms": answered[-1] * 1e3 if answered else None,
+        "mean_ms": sum(answered) / len(answered) * 1e3 if answered else None,
+        "errors": errors,
+    }
+
+
+def run_load(url: str, body: bytes, content_type: str, connections: int, seconds: float = 10.0, **options) -> dict:
+    """:func:`run_wrk` where wrk is installed, else :func:`run_threads`; ``generator`` in the result says which."""
+    if shutil.which("wrk"):
+        return {**run_wrk(url, body, content_type, connections, seconds, **options), "generator": "wrk"}
+    options.pop("threads", None)
+    return {**run_threads(url, body, content_type, connections, seconds, **options), "generator": "python threads"}

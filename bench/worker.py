@@ -31,26 +31,73 @@ from pathlib import Path
 from paths import REPO_ROOT, WEIGHTS_DIR
 
 HEADERS = {"Host": "127.0.0.1:8080", "Authorization": "Bearer 0123456789abcdef0123456789abcdef"}
+_INT = struct.Struct("!i")
 
 
 def _item(data: bytes) -> bytes:
-    return struct.pack("!i", len(data)) + data
+    return _INT.pack(len(data)) + data
+
+
+def inference_frame(requests: list[tuple[bytes, dict[str, str]]]) -> bytes:
+    """An inference message as TorchServe's frontend writes it to a worker: one ``(body, headers)`` per request
+    of the batch (request ids ``00000000-0000-0000-0000-<index>``; the body's content type is the
+    ``Content-Type`` header's, as the frontend sends it)."""
+    frames = []
+    for i, (body, headers) in enumerate(requests):
+        content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+        frame = _item(f"00000000-0000-0000-0000-{i:012d}".encode())
+        frame += b"".join(_item(k.encode()) + _item(v.encode()) for k, v in headers.items()) + _INT.pack(-1)
+        frame += _item(b"body") + _item(content_type.encode()) + _item(body) + _INT.pack(-1)
+        frames.append(frame)
+    return b"I" + b"".join(frames) + _INT.pack(-1)
 
 
 def batch_frame(body: bytes, content_type: str, batch: int) -> bytes:
-    """An inference message of ``batch`` identical requests, framed as TorchServe's frontend writes it."""
+    """An inference message of ``batch`` identical requests with the headers wrk sends."""
     headers = {**HEADERS, "Content-Type": content_type, "content-length": str(len(body))}
-    requests = []
-    for i in range(batch):
-        frame = _item(f"00000000-0000-0000-0000-{i:012d}".encode())
-        frame += b"".join(_item(k.encode()) + _item(v.encode()) for k, v in headers.items()) + struct.pack("!i", -1)
-        frame += _item(b"body") + _item(content_type.encode()) + _item(body) + struct.pack("!i", -1)
-        requests.append(frame)
-    return b"I" + b"".join(requests) + struct.pack("!i", -1)
+    return inference_frame([(body, headers)] * batch)
 
 
-def load_service(model: str, batch: int, root: Path):
-    """TorchServe's ``Service`` for ``model``'s archive (built here), loaded as a worker loads it."""
+def parse_response_frame(frame: bytes) -> tuple[int, str, list[dict]]:
+    """A worker's answer as the frontend reads it: ``(batch status, message, one dict per request)`` with
+    ``request_id``, ``status``, ``phrase``, ``content_type``, ``headers`` and ``body`` (bytes)."""
+    view, offset = memoryview(frame), 0
+
+    def integer() -> int:
+        nonlocal offset
+        (value,) = _INT.unpack_from(view, offset)
+        offset += 4
+        return value
+
+    def blob() -> bytes:
+        nonlocal offset
+        size = integer()
+        offset += size
+        return bytes(view[offset - size:offset])
+
+    code, message, answers = integer(), blob().decode(), []
+    while True:
+        size = integer()
+        if size == -1:
+            return code, message, answers
+        offset -= 4
+        request_id, content_type = blob().decode(), blob().decode()
+        status, phrase = integer(), blob().decode()
+        headers = {blob().decode(): blob().decode() for _ in range(integer())}
+        answers.append({"request_id": request_id, "status": status, "phrase": phrase,
+                        "content_type": content_type, "headers": headers, "body": blob()})
+
+
+def load_service(model: str, batch: int, root: Path, *, weights: Path | None = None, gpu_id: int | None = None,
+                 as_worker: bool = True):
+    """TorchServe's ``Service`` for ``model``'s archive, built here and loaded as a worker loads it.
+
+    ``weights``: the state dict to archive (default ``weights/<model>.pt``, trained when missing);
+    ``gpu_id``: the GPU TorchServe would give the worker (None: none). ``as_worker`` makes this process look
+    like a worker's loop, so that handlers/fast_worker.py swaps its pieces in (for the whole process, as in a
+    worker); without it TorchServe's own ``retrieve_msg`` and ``Service.predict`` run. Returns
+    ``(service, retrieve_msg)``; the archive goes to ``root/store``, unpacked into ``root/<model>``.
+    """
     import __main__
 
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
@@ -60,13 +107,14 @@ def load_service(model: str, batch: int, root: Path):
     from models.registry import get_spec
     from serve.package import build_archive, ensure_weights, model_config
 
-    # A worker runs ts/model_service_worker.py as __main__, which imported retrieve_msg by name; our handler
-    # swaps in fast_worker's pieces only there (fast_worker.install), so look like one.
-    __main__.retrieve_msg = otf_message_handler.retrieve_msg
+    if as_worker:
+        # A worker runs ts/model_service_worker.py as __main__, which imported retrieve_msg by name; our
+        # handler swaps in fast_worker's pieces only there (fast_worker.install), so look like one.
+        __main__.retrieve_msg = otf_message_handler.retrieve_msg
     spec = get_spec(model)
-    archive = build_archive(spec, ensure_weights(spec, WEIGHTS_DIR), root / "store",
+    archive = build_archive(spec, weights or ensure_weights(spec, WEIGHTS_DIR), root / "store",
                             config=model_config(spec))
-    model_dir = root / "model"
+    model_dir = root / model
     with zipfile.ZipFile(archive) as handle:
         handle.extractall(model_dir)
     sys.path.insert(0, str(model_dir))  # the worker imports the handler from the unpacked archive
@@ -75,8 +123,9 @@ def load_service(model: str, batch: int, root: Path):
     cache.initialize_cache()
     cache.model_name = model
     service = ModelLoaderFactory.get_model_loader().load(
-        model, str(model_dir), manifest["model"]["handler"], None, batch, None, True, cache)
-    return service, __main__.retrieve_msg
+        model, str(model_dir), manifest["model"]["handler"], gpu_id, batch, None, True, cache)
+    retrieve = __main__.retrieve_msg if as_worker else otf_message_handler.retrieve_msg
+    return service, retrieve
 
 
 class Replay:
@@ -90,8 +139,9 @@ class Replay:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         service.set_cl_socket(self.worker)
 
-    def round(self) -> bytes:
-        self.front.sendall(self.frame)
+    def round(self, frame: bytes | None = None) -> bytes:
+        """One batch through the worker's loop (``frame``, default the replayed one); the answer frame."""
+        self.front.sendall(frame or self.frame)
         _, message = self.retrieve(self.worker)
         answer = self.service.predict(message)
         self.worker.sendall(answer)
@@ -99,6 +149,10 @@ class Replay:
         while received < len(answer):
             received += len(self.front.recv(1 << 22))
         return answer
+
+    def close(self) -> None:
+        self.front.close()
+        self.worker.close()
 
     def cpu_us_per_request(self, rounds: int, batch: int) -> float:
         started = time.process_time()
