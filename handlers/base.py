@@ -1,29 +1,10 @@
-"""ServingHandler: the TorchServe handler lifecycle shared by every served model.
+"""ServingHandler: the TorchServe handler lifecycle and batching shared by every served model.
 
-TorchServe creates one handler object per worker process, calls ``initialize(context)`` once, then
-``handle(data, context)`` with a batch of up to ``batchSize`` requests (one dict per request). This
-class loads the network named in the archive, has every request decoded on its own by
-handlers/protocols.py (native JSON/PNG, Open Inference Protocol JSON or binary, KServe v1), runs ONE
-forward pass over the samples of all valid requests, and has protocols.py answer each in its protocol:
-
-* a valid request gets its model response;
-* an invalid one gets ``context.set_response_status(status, message, idx)`` and the JSON body
-  ``{"error": "<what was wrong>", "code": 400}`` (413 when too large) without failing the others;
-* an unexpected internal error answers that request with 500 and is logged with its traceback.
-
-No exception escapes ``handle`` for a bad input (TorchServe would answer 503 to the whole batch), also
-when a TorchServe request envelope (``kserve``, ``kservev2``) hands over more rows than there are
-requests: envelope rows are answered with Python values for the envelope to wrap, and no status or
-header is set for them (protocols.envelope_kind). Subclasses implement ``postprocess`` (model
-output → the named arrays of ``ModelSpec.outputs``) and may override ``to_native`` (named arrays →
-native JSON response).
-
-Explanation requests (header ``explain: True``: ``/explanations``, ``/v1/...:explain``,
-``/v2/.../explain``) in the same batch are validated per request (handlers/explain.py) and answered
-with Integrated Gradients, all of them in one Captum call per ``steps`` value. Every batch reports
-model-quality metrics (handlers/metrics.py): predicted classes, top-class uncertainty or regression
-outputs, refused requests by reason, and the seconds spent decoding, in the forward pass, encoding and
-explaining.
+It loads the archive's network once per worker, then answers each batch: every request is decoded on its
+own (handlers/protocols.py), the valid predictions share one forward pass and the explanations one
+Integrated Gradients call (handlers/explain.py), and each request gets its answer in its own protocol. A bad
+request gets its own JSON error (4xx; 500 for an internal failure) without failing the others. Subclasses
+turn model output into the named outputs of ``ModelSpec.outputs`` (``postprocess``).
 """
 from __future__ import annotations
 
@@ -60,11 +41,9 @@ def thread_count(handler_config: dict | None = None, environ: dict | None = None
     """Intra-op threads per worker: env ``HANDLER_NUM_THREADS``, else ``num_threads`` in the
     model-config YAML's ``handler:`` section, else 1.
 
-    Why 1: every TorchServe worker is its own process and torch defaults to one thread per core in
-    each of them, so several workers oversubscribe the CPU; and for nets this small (<= 0.6 M
-    weights) a batch of 8 takes 0.07 ms (mnistnet) to 0.2 ms (deepnet) on one thread, too little work
-    to split: with 2 threads on our 2-core machine it took milliseconds. One thread per worker, and
-    more workers, is the faster way to use more cores.
+    Why 1: every TorchServe worker is its own process, and torch's default of one thread per core in
+    each of them oversubscribes the CPU; these small nets gain nothing from splitting a batch (measured:
+    bench/README.md, "Tuning conclusions"). More workers are the way to use more cores.
     """
     environ = os.environ if environ is None else environ
     value = environ.get(THREADS_ENV) or (handler_config or {}).get("num_threads") or DEFAULT_THREADS
@@ -254,32 +233,10 @@ class ServingHandler:
             part = {key: value[rows] for key, value in result.items()}
             try:
                 model_outputs = self.postprocess(torch.from_numpy(part["outputs"]))
-                responses[idx] = self._encode_explanation(decoded, options, model_outputs, part, context, idx)
+                responses[idx] = protocols.encode_explanation(decoded, options, model_outputs, part, self, context, idx)
             except Exception as err:
                 logger.exception("encoding explanation %d failed", idx)
                 responses[idx] = self._error(status_context, idx, 500, f"encoding the explanation failed: {type(err).__name__}")
-
-    def _encode_explanation(self, decoded, options, model_outputs: dict, result: dict, context, idx: int) -> bytes:
-        """One explanation's body in its request's protocol (handlers/explain.py says what is in it)."""
-        if decoded.kind == "oip":
-            arrays = explain.oip_arrays(self.spec, model_outputs, result)
-            body, header_length = protocols.oip_response(
-                arrays, decoded.oip, self, context.get_request_id(idx), explain=True,
-                parameters=explain.describe(self.spec, options.steps),
-            )
-            if header_length is not None:
-                protocols.set_header(context, idx, protocols.RESPONSE_HEADER_LENGTH, str(header_length))
-                protocols.set_content_type(context, idx, protocols.BINARY_TYPE)
-            else:
-                protocols.set_content_type(context, idx, protocols.JSON_TYPE)
-            return body
-        answers = explain.sample_objects(self.spec, model_outputs, result, options.steps)
-        if decoded.kind == "v1":
-            response = {"explanations": answers}
-        else:
-            response = answers if decoded.is_list else answers[0]
-        protocols.set_content_type(context, idx, protocols.JSON_TYPE)
-        return encode_json(response)
 
     def forward(self, samples: np.ndarray) -> torch.Tensor:
         """The model's output for float32 ``samples`` (N, *input_shape), on the CPU."""

@@ -1,11 +1,8 @@
-"""Decode and validate one inference request's input; shared by every handler (no TorchServe import).
+"""Native inputs, images and number arrays → float32 samples; shared by every handler (no TorchServe import).
 
-TorchServe hands a handler one dict per request. The payload is the multipart field ``data`` if the
-request was a form upload, else ``body``; its Python type depends on the request's Content-Type:
-``application/json`` arrives already parsed (dict, list, number, str or None), ``text/*`` as ``str``,
-anything else (and JSON that failed to parse) as ``bytes``/``bytearray``.
-
-Accepted native inputs (``decode_native``, after ``parse_payload``):
+handlers/protocols.py reads each request, tells its protocol apart and calls this module for the native
+forms (``decode_native``), image files (``decode_image_bytes``) and arrays of numbers (``numeric_array``,
+``finish``). Accepted native inputs:
 
 * Image models (``spec.image_size`` set, e.g. mnistnet): ``{"data": X}`` or a bare JSON array X, where X is
   one 28x28 image, one flat 784-vector, or a list of N of either (also ``[N, 1, 28, 28]``). Values are
@@ -15,9 +12,6 @@ Accepted native inputs (``decode_native``, after ``parse_payload``):
 * Tabular models (input width W): ``{"data": rows}`` or bare ``rows``, with one row of W numbers or a list
   of N rows. For W == 1 a flat list of N numbers means N rows and a bare number means one row.
 
-Open Inference Protocol (KServe v2) and KServe v1 requests are told apart and decoded in
-handlers/protocols.py, which uses the value checks of this module.
-
 Every accepted input becomes a float32 array of shape ``(N, *spec.input_shape)``, normalised exactly as
 training does (``(x - mean) / std`` in float32 when ``spec.normalize`` is set). Anything else raises
 :class:`InputError` with a message naming what was wrong.
@@ -25,16 +19,14 @@ training does (``(x - mean) / std`` in float32 when ``spec.normalize`` is set). 
 from __future__ import annotations
 
 import io
-import json
-import reprlib
-import sys
 from itertools import chain
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from handlers.jsoncodec import NumberList, json_loads
+from handlers.jsoncodec import NumberList
+from wire.values import fmt_shape, is_int, what
 
 MAX_SAMPLES = 1024  # samples per request; more → 413 (split the request)
 MAX_IMAGE_SIDE = 4096  # an uploaded image may declare at most 4096 x 4096 pixels (checked before decoding)
@@ -46,15 +38,6 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 # Other image formats, recognised only to say clearly that they are not accepted.
 OTHER_IMAGE_MAGIC = {b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 
-# Open Inference Protocol datatypes we accept, with the integer range each one allows (None: float).
-V2_DATATYPES: dict[str, tuple[int, int] | None] = {
-    "FP16": None,
-    "FP32": None,
-    "FP64": None,
-    **{f"UINT{b}": (0, 2**b - 1) for b in (8, 16, 32, 64)},
-    **{f"INT{b}": (-(2 ** (b - 1)), 2 ** (b - 1) - 1) for b in (8, 16, 32, 64)},
-}
-
 
 class InputError(ValueError):
     """A request input the service refuses; ``status`` is the HTTP code (400 default, 413 oversize)."""
@@ -65,80 +48,31 @@ class InputError(ValueError):
         self.status = status
 
 
-# --------------------------------------------------------------------------------------------- entry
+# ------------------------------------------------------------------------------------------- formats
 
 
-def request_payload(request: Any) -> Any:
-    """The payload of one TorchServe request dict: field ``data`` if present (multipart), else ``body``."""
-    if not isinstance(request, dict):
-        raise InputError(f"malformed request: expected a dict of fields, got {type(request).__name__}")
-    for key in ("data", "body"):
-        if key in request:
-            return request[key]
-    fields = ", ".join(_short(str(name), 30) for name in sorted(map(str, request))[:5]) or "none"
-    # Most often a raw body sent as application/x-www-form-urlencoded, which TorchServe parses as a form.
-    raise InputError(
-        f"no request body and no form field 'data' reached the model (form fields: {fields}); a body sent "
-        "as application/x-www-form-urlencoded (curl -d's default) is parsed as a form by TorchServe: send "
-        "JSON with 'Content-Type: application/json', an image with 'Content-Type: image/png' or "
-        "'image/jpeg', or a multipart form field named 'data'"
-    )
+def is_image(raw: bytes) -> bool:
+    """True when ``raw`` starts like a PNG or JPEG file (the image formats accepted)."""
+    return raw.startswith(PNG_MAGIC) or raw.startswith(JPEG_MAGIC)
 
 
-def parse_payload(payload: Any) -> Any:
-    """Turn raw bytes/str into a JSON value; PNG/JPEG bytes are returned as ``bytes``; parsed JSON passes.
-
-    Raises InputError for an empty body, undecodable text or malformed JSON.
-    """
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        raw = bytes(payload)
-        if raw.startswith(PNG_MAGIC) or raw.startswith(JPEG_MAGIC):
-            return raw
-        if not raw.strip():
-            raise InputError("empty request body; send JSON like {\"data\": [...]} or a PNG/JPEG image")
-        other = _other_image_format(raw)
-        if other:
-            raise InputError(f"only PNG and JPEG images are accepted; the body looks like a {other} image")
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise InputError("request body is neither UTF-8 JSON nor a PNG/JPEG image") from None
-        return _parse_json(text)
-    if isinstance(payload, str):
-        if not payload.strip():
-            raise InputError("empty request body; send JSON like {\"data\": [...]} or a PNG/JPEG image")
-        return _parse_json(payload)
-    return payload
-
-
-def _other_image_format(raw: bytes) -> str | None:
+def other_image_format(raw: bytes) -> str | None:
+    """The name of an image format that is NOT accepted (GIF, BMP, TIFF, WebP) when ``raw`` starts like one."""
     if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
         return "WebP"
     return next((name for magic, name in OTHER_IMAGE_MAGIC.items() if raw.startswith(magic)), None)
-
-
-def _parse_json(text: str) -> Any:
-    try:
-        return json_loads(text.removeprefix("\ufeff"))  # a byte-order mark is harmless, json refuses it
-    except RecursionError:
-        raise InputError("malformed JSON: nested too deeply") from None
-    except json.JSONDecodeError as err:
-        raise InputError(f"malformed JSON: {err}") from None
-    except ValueError:  # Python refuses integer literals over sys.get_int_max_str_digits() digits
-        limit = sys.get_int_max_str_digits()
-        raise InputError(f"malformed JSON: a number has more than {limit} digits") from None
 
 
 # ------------------------------------------------------------------------------------ native requests
 
 
 def decode_native(body: Any, spec) -> tuple[np.ndarray, bool]:
-    """Decode a non-v2 body (JSON value or image bytes); returns ``(samples, is_list)``, see module doc."""
+    """Decode a native body (a parsed JSON value, or PNG/JPEG bytes) into ``(samples, is_list)``; see module doc."""
     if isinstance(body, bytes):
         if not spec.is_image_model:
             raise InputError(f"model {spec.name!r} takes rows of numbers as JSON, not an image")
         pixels = decode_image_bytes(body, spec.image_size)
-        return _finish(pixels.reshape(1, -1), spec), False
+        return finish(pixels.reshape(1, -1), spec), False
     if isinstance(body, dict):
         if "data" not in body:
             keys = ", ".join(repr(k) for k in sorted(map(str, body))) or "none"
@@ -148,14 +82,14 @@ def decode_native(body: Any, spec) -> tuple[np.ndarray, bool]:
             )
         body = body["data"]
     if not isinstance(body, (list, int, float)) or isinstance(body, bool):
-        raise InputError(f"'data' must be an array of numbers; got {_what(body)}")
+        raise InputError(f"'data' must be an array of numbers; got {what(body)}")
     values = numeric_array(body, "data")
     if spec.is_image_model:
         samples, is_list = _image_rows(values, spec.image_size)
     else:
         samples, is_list = _tabular_rows(values, spec.input_width)
-    _check_count(len(samples))
-    return _finish(samples, spec), is_list
+    check_count(len(samples))
+    return finish(samples, spec), is_list
 
 
 def _image_rows(values: np.ndarray, image_size: tuple[int, int]) -> tuple[np.ndarray, bool]:
@@ -339,8 +273,8 @@ def _nested_shape(value: Any, where: str, depth: int) -> tuple[int, ...]:
         shape = _nested_shape(item, f"{where}[{i}]", depth + 1)
         if shape != first:
             raise InputError(
-                f"{where} is ragged: {where}[{i}] has shape {_fmt_shape(shape)} "
-                f"but {where}[0] has shape {_fmt_shape(first)}"
+                f"{where} is ragged: {where}[{i}] has shape {fmt_shape(shape)} "
+                f"but {where}[0] has shape {fmt_shape(first)}"
             )
     return (len(value),) + first
 
@@ -349,14 +283,14 @@ _NUMBER_TYPES = {int, float}
 
 
 def _check_number(value: Any, where: str) -> None:
-    if not (_is_int(value) or isinstance(value, float)):
-        raise InputError(f"{where} must be a number; got {_what(value)}")
+    if not (is_int(value) or isinstance(value, float)):
+        raise InputError(f"{where} must be a number; got {what(value)}")
 
 
 # ---------------------------------------------------------------------------------------- finishing
 
 
-def _finish(samples: np.ndarray, spec) -> np.ndarray:
+def finish(samples: np.ndarray, spec) -> np.ndarray:
     """Range-check image intensities, normalise like training, cast to float32 ``(N, *input_shape)``."""
     if spec.is_image_model:
         x = _check_intensities(samples).astype(np.float32)  # within [0, 1]: no float32 overflow
@@ -383,36 +317,10 @@ def _check_intensities(pixels: np.ndarray) -> np.ndarray:
     return pixels if lo >= 0.0 and hi <= 1.0 else np.clip(pixels, 0.0, 1.0)
 
 
-def _check_count(n: int) -> None:
+def check_count(n: int) -> None:
+    """InputError (413) when a request carries more than MAX_SAMPLES samples."""
     if n > MAX_SAMPLES:
         raise InputError(f"too many samples: {n} > {MAX_SAMPLES} per request; split the request", status=413)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _what(value: Any) -> str:
-    """``null``, or the JSON type name and a short rendering, e.g. ``string "abc"``."""
-    return "null" if value is None else f"{_type_name(value)} {_short(value)}"
-
-
-def _type_name(value: Any) -> str:
-    names = {type(None): "null", bool: "boolean", str: "string", dict: "object", list: "list"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    """JSON-like rendering cut to ``limit`` characters; a dict shows its keys only (it may be huge)."""
-    if isinstance(value, dict):
-        text = "{" + ", ".join(json.dumps(str(k)) for k in list(value)[:5]) + (", ...}" if len(value) > 5 else "}")
-    elif isinstance(value, list):
-        text = reprlib.repr(value)  # bounded: shows at most 6 items per level
-    elif isinstance(value, (str, bool)) or value is None:
-        text = json.dumps(value)
-    else:
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _describe(shape: tuple[int, ...]) -> str:
@@ -422,8 +330,4 @@ def _describe(shape: tuple[int, ...]) -> str:
         return f"one row of {shape[0]} values"
     if len(shape) == 2:
         return f"{shape[0]} row{'s' if shape[0] != 1 else ''} of {shape[1]} values"
-    return f"an array of shape {_fmt_shape(shape)}"
-
-
-def _fmt_shape(shape: tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
+    return f"an array of shape {fmt_shape(shape)}"

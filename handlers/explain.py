@@ -49,7 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from handlers.decoding import InputError, _finish, _is_int, _short, _what
+from handlers.decoding import InputError, finish
+from wire.values import is_int, short, what
 
 DEFAULT_STEPS = 50
 MAX_STEPS = 256
@@ -92,7 +93,7 @@ def read_parameters(source: Any, where: str) -> dict:
     if source is None:
         return {}
     if not isinstance(source, dict):
-        raise InputError(f"{where} must be an object; got {_what(source)}")
+        raise InputError(f"{where} must be an object; got {what(source)}")
     return {name: source[name] for name in PARAMETER_NAMES if name in source}
 
 
@@ -112,7 +113,7 @@ def text_parameters(request: Any, headers: dict[str, str] | None = None) -> dict
             if isinstance(value, str):
                 text = value.strip()
                 if not re.fullmatch(r"[+-]?\d{1,6}", text):
-                    raise InputError(f"{where} must be an integer; got {_short(text)}")
+                    raise InputError(f"{where} must be an integer; got {short(text)}")
                 value = int(text)
             found[name] = value
     return found
@@ -127,8 +128,8 @@ def options(parameters: dict, spec, n_samples: int) -> ExplainOptions:
             status=413,
         )
     steps = parameters.get("steps", DEFAULT_STEPS)
-    if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
-        raise InputError(f"steps must be an integer from 1 to {MAX_STEPS} (the cap); got {_short(steps)}")
+    if not is_int(steps) or not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"steps must be an integer from 1 to {MAX_STEPS} (the cap); got {short(steps)}")
     target = parameters.get("target")
     if target is None:
         return ExplainOptions(None, steps)
@@ -137,8 +138,8 @@ def options(parameters: dict, spec, n_samples: int) -> ExplainOptions:
     if len(targets) != n_samples:
         raise InputError(f"target lists {len(targets)} classes for {n_samples} sample(s); give one int or one per sample")
     for value in targets:
-        if not _is_int(value):
-            raise InputError(f"target must be an integer class (or a list of them); got {_short(value)}")
+        if not is_int(value):
+            raise InputError(f"target must be an integer class (or a list of them); got {short(value)}")
         if not 0 <= value < classes:
             allowed = "0" if classes == 1 else f"0-{classes - 1}"
             what = "has one output" if classes == 1 else f"has classes {allowed}"
@@ -156,9 +157,9 @@ class Explainer:
         self.device = device
         self.model = model
         self.ig = IntegratedGradients(self._forward)
-        # The black image (or zero row) normalised exactly as a request's pixels are (decoding._finish), so
+        # The black image (or zero row) normalised exactly as a request's pixels are (decoding.finish), so
         # pixels equal to the baseline get exactly 0 attribution.
-        self.baseline = torch.from_numpy(_finish(np.zeros((1, spec.input_width)), spec)).to(device)
+        self.baseline = torch.from_numpy(finish(np.zeros((1, spec.input_width)), spec)).to(device)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)

@@ -1,93 +1,48 @@
-"""Wire protocols: one request in → float32 samples; named output arrays → that protocol's response.
+"""Wire protocols for the handlers: one TorchServe request in → float32 samples; named output arrays (or an
+explanation) → that protocol's response, with its content type and headers.
 
-``ServingHandler`` (handlers/base.py) only sees decoded samples and named outputs; this module is
-the only one that knows request and response formats. Which one a request uses:
-
-1. header ``inference-header-content-length`` present → **Open Inference Protocol (KServe v2) with the
-   binary tensor extension** (Triton's ``extension_binary_data.md``, what ``tritonclient.http`` sends):
-   the body is N bytes of JSON header, then the raw little-endian row-major bytes of every input whose
-   ``parameters.binary_data_size`` is set, in input order; other inputs carry JSON ``data``.
-2. a KServe route (``/v1/models/{m}:predict``, ``/v2/models/{m}[/versions/{v}]/infer``; see
-   :func:`is_kserve_route`) → ``{"instances": [...]}`` is **KServe v1**, anything else must be OIP JSON
-   with ``inputs`` (else 400): no native forms there.
-3. otherwise (``/predictions``) a JSON object with ``inputs`` → OIP JSON, ``{"instances": [...]}`` →
-   KServe v1, anything else → the native forms of handlers/decoding.py.
-
-OIP request: exactly one input ``{"name", "shape", "datatype", "data" | parameters.binary_data_size}``;
-datatype FP16/FP32/FP64, (U)INT8..64 (BOOL, BYTES → 400); shape ``[N, 784]``, ``[N, 28, 28]`` or
-``[N, 1, 28, 28]`` (images) or ``[N, W]`` (``[N]`` when W == 1), 1 <= N <= MAX_SAMPLES; UINT8 image
-data are 0..255 pixels (divided by 255), other datatypes intensities in [0, 1]. Optional request
-``id``, ``parameters.binary_data_output`` and ``outputs: [{"name", "parameters": {"binary_data"}}]``.
-Every size is checked against the bytes actually received before anything is allocated.
-
-OIP response: ``{"model_name", "model_version", "id", "outputs": [{"name", "datatype", "shape",
-"data"}]}`` with the model's outputs (``ModelSpec.outputs``; only the requested ones, in the requested
-order, if ``outputs`` was given; an unknown name → 400). ``id`` echoes the request's, else TorchServe's
-request id. An output is binary when its ``parameters.binary_data`` is true, else when the request's
-``parameters.binary_data_output`` is true: its entry then has ``parameters: {"binary_data_size": n}``
-instead of ``data``, the body is the JSON header followed by the binary outputs' bytes in output order,
-with response headers ``Inference-Header-Content-Length: <JSON length>`` and Content-Type
-``application/octet-stream``. Without binary outputs: plain JSON, ``application/json``.
-Header ``explain: True`` (``/explanations``, ``/v1/models/{m}:explain``, ``/v2/models/{m}/explain``) →
-an explanation (handlers/explain.py): the request decodes as above and ``Decoded.explain`` carries its
-parameters (``target``, ``steps``); OIP explanations answer the outputs of ``explain.oip_outputs``.
-
-KServe v1: ``{"instances": [i0, i1, ...]}`` → ``{"predictions": [p0, p1, ...]}``, one per instance, in
-order. Image instance: one 28x28 image or 784 intensities, or ``{"data"|"b64": "<base64 PNG/JPEG>"}``.
-Tabular instance: one row of W numbers (W == 1: a bare number too). A prediction is the model's single
-output for that instance (regression: the number), or, for several outputs, an object of them keyed by
-their OIP names: images ``{"probabilities": [...], "predicted_class": k}``, mlp
-``{"probabilities": p(class 1), "predicted_class": c}``. A bad instance → 400 naming ``instances[i]``.
-
-Errors of every protocol are JSON ``{"error": "<message>", "code": <status>}`` (handlers/base.py).
+``ServingHandler`` (handlers/base.py) only sees decoded samples and named outputs; this is the only handler
+module that knows request and response formats (native JSON/PNG, KServe v1, Open Inference Protocol JSON and
+binary, TorchServe's request envelopes). It tells each request's protocol apart and dispatches; native forms,
+images and number arrays go to handlers/decoding.py, the OIP byte layout is wire/oip.py's. The formats:
+docs/protocols.md.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
-import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from handlers.decoding import (
-    JPEG_MAGIC,
     MAX_SAMPLES,
-    PNG_MAGIC,
-    V2_DATATYPES,
     InputError,
-    _check_count,
-    _finish,
-    _fmt_shape,
-    _is_int,
-    _parse_json,
-    _short,
-    _type_name,
-    _what,
+    check_count,
     decode_image_bytes,
     decode_native,
+    finish,
+    is_image,
     numeric_array,
-    parse_payload,
-    request_payload,
+    other_image_format,
 )
-from handlers.jsoncodec import encode_json
+from handlers.jsoncodec import encode_json, json_loads
+from wire import oip
+from wire.values import fmt_shape, is_int, short, type_name, what
 
 HEADER_LENGTH = "inference-header-content-length"  # request header names arrive lowercased
 OIP_REQUEST = "oip-request"
 EXPLAIN = "explain"
 URL_PATH = "url_path"
-RESPONSE_HEADER_LENGTH = "Inference-Header-Content-Length"
+RESPONSE_HEADER_LENGTH = oip.HEADER_LENGTH
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
-
-# Little-endian numpy dtype of every OIP datatype we read or write.
-NUMPY_DTYPES = {
-    "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
-    **{f"UINT{b}": f"<u{b // 8}" for b in (8, 16, 32, 64)},
-    **{f"INT{b}": f"<i{b // 8}" for b in (8, 16, 32, 64)},
-}
+# OIP input datatypes the models take (numbers; BOOL and BYTES are refused), in the order messages list them.
+INPUT_DATATYPES = ("FP16", "FP32", "FP64", *(f"{kind}{bits}" for kind in ("UINT", "INT") for bits in (8, 16, 32, 64)))
 
 
 @dataclass
@@ -140,8 +95,74 @@ def has_request(context, idx: int) -> bool:
     return processors is not None and 0 <= idx < len(processors) and processors[idx] is not None
 
 
+def request_payload(request: Any) -> Any:
+    """The payload of one TorchServe request dict: field ``data`` if present (multipart), else ``body``.
+
+    Its Python type depends on the request's Content-Type: ``application/json`` arrives already parsed
+    (dict, list, number, str or None), ``text/*`` as ``str``, anything else (and JSON that failed to
+    parse) as ``bytes``/``bytearray``.
+    """
+    if not isinstance(request, dict):
+        raise InputError(f"malformed request: expected a dict of fields, got {type(request).__name__}")
+    for key in ("data", "body"):
+        if key in request:
+            return request[key]
+    fields = ", ".join(short(str(name), 30) for name in sorted(map(str, request))[:5]) or "none"
+    # Most often a raw body sent as application/x-www-form-urlencoded, which TorchServe parses as a form.
+    raise InputError(
+        f"no request body and no form field 'data' reached the model (form fields: {fields}); a body sent "
+        "as application/x-www-form-urlencoded (curl -d's default) is parsed as a form by TorchServe: send "
+        "JSON with 'Content-Type: application/json', an image with 'Content-Type: image/png' or "
+        "'image/jpeg', or a multipart form field named 'data'"
+    )
+
+
+def parse_payload(payload: Any) -> Any:
+    """Turn raw bytes/str into a JSON value; PNG/JPEG bytes are returned as ``bytes``; parsed JSON passes.
+
+    Raises InputError for an empty body, undecodable text or malformed JSON.
+    """
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        raw = bytes(payload)
+        if is_image(raw):
+            return raw
+        if not raw.strip():
+            raise InputError("empty request body; send JSON like {\"data\": [...]} or a PNG/JPEG image")
+        other = other_image_format(raw)
+        if other:
+            raise InputError(f"only PNG and JPEG images are accepted; the body looks like a {other} image")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise InputError("request body is neither UTF-8 JSON nor a PNG/JPEG image") from None
+        return parse_json(text)
+    if isinstance(payload, str):
+        if not payload.strip():
+            raise InputError("empty request body; send JSON like {\"data\": [...]} or a PNG/JPEG image")
+        return parse_json(payload)
+    return payload
+
+
+def parse_json(text: str) -> Any:
+    """A request's JSON text parsed (handlers/jsoncodec.py); InputError naming what is malformed."""
+    try:
+        return json_loads(text.removeprefix("\ufeff"))  # a byte-order mark is harmless, json refuses it
+    except RecursionError:
+        raise InputError("malformed JSON: nested too deeply") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"malformed JSON: {err}") from None
+    except ValueError:  # Python refuses integer literals over sys.get_int_max_str_digits() digits
+        limit = sys.get_int_max_str_digits()
+        raise InputError(f"malformed JSON: a number has more than {limit} digits") from None
+
+
 def decode_request(request: Any, spec, headers: dict[str, str] | None = None) -> Decoded:
-    """Decode one TorchServe request dict for ``spec`` (a ``models.registry.ModelSpec``); see module doc."""
+    """Decode one TorchServe request dict for ``spec`` (a ``models.registry.ModelSpec``).
+
+    Which protocol: header ``inference-header-content-length`` → OIP with binary tensors; a KServe route
+    (:func:`is_kserve_route`) → KServe v1 ``instances`` or OIP JSON; otherwise OIP JSON (``inputs``),
+    KServe v1 (``instances``) or a native form. Header ``explain: True`` → an explanation request.
+    """
     headers = headers or {}
     payload = request_payload(request)
     kserve = is_kserve_route(headers)
@@ -218,9 +239,10 @@ def is_v2_request(body: Any) -> bool:
 
 
 def _oip_json(payload: Any) -> Any:
+    """The JSON of a body sent to a KServe route (no native forms there)."""
     if isinstance(payload, (bytes, bytearray, memoryview)):
         raw = bytes(payload)
-        if raw.startswith(PNG_MAGIC) or raw.startswith(JPEG_MAGIC):
+        if is_image(raw):
             raise InputError("an Open Inference Protocol request must be JSON with 'inputs', not an image")
         if not raw.strip():
             raise InputError("empty request body; an Open Inference Protocol request needs JSON with 'inputs'")
@@ -233,7 +255,7 @@ def _oip_json(payload: Any) -> Any:
     if isinstance(payload, str):
         if not payload.strip():
             raise InputError("empty request body; an Open Inference Protocol request needs JSON with 'inputs'")
-        return _parse_json(payload)
+        return parse_json(payload)
     return payload
 
 
@@ -249,61 +271,10 @@ def split_binary_body(payload: Any, header_length: Any) -> tuple[Any, memoryview
         payload = payload.encode("utf-8")
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         return payload, memoryview(b"")
-    body = memoryview(payload).cast("B")
-    text = str(header_length).strip()
-    if not re.fullmatch(r"[+-]?\d{1,100}", text):
-        raise InputError(f"Inference-Header-Content-Length must be an integer; got {_short(text)}")
-    length = int(text)
-    if length < 0:
-        raise InputError(f"Inference-Header-Content-Length must not be negative; got {length}")
-    if length > len(body):
-        raise InputError(
-            f"Inference-Header-Content-Length is {length} but the body has only {len(body)} bytes"
-        )
-    if length == 0:
-        raise InputError("Inference-Header-Content-Length is 0: the body has no JSON inference header")
     try:
-        text = bytes(body[:length]).decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(
-            f"the first {length} bytes of the body (Inference-Header-Content-Length) are not UTF-8 JSON"
-        ) from None
-    try:
-        header = _parse_json(text)
-    except InputError as err:
-        raise InputError(f"the JSON inference header ({length} bytes) is not valid JSON: {err.message}") from None
-    return header, body[length:]
-
-
-def _binary_sizes(inputs: list, binary: memoryview | None) -> list[int | None]:
-    """Each input's ``binary_data_size`` (None when it carries JSON data); they must add up to the binary section."""
-    sizes = []
-    for i, tensor in enumerate(inputs):
-        parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
-        if parameters is not None and not isinstance(parameters, dict):
-            raise InputError(f"inputs[{i}].parameters must be an object; got {_what(parameters)}")
-        size = (parameters or {}).get("binary_data_size")
-        if size is not None and not (_is_int(size) and size >= 0):
-            raise InputError(
-                f"inputs[{i}].parameters.binary_data_size must be a non-negative integer; got {_what(size)}"
-            )
-        sizes.append(size)
-    declared = sum(s for s in sizes if s is not None)
-    received = 0 if binary is None else len(binary)
-    if declared and binary is None:
-        raise InputError(
-            "inputs declare binary_data_size but the request has no Inference-Header-Content-Length header"
-        )
-    if declared > received:
-        raise InputError(
-            f"inputs declare {declared} bytes of binary data but the body holds only {received} after the JSON header"
-        )
-    if declared < received:
-        raise InputError(
-            f"the body holds {received} bytes after the JSON header but inputs declare only {declared}: "
-            f"{received - declared} trailing bytes"
-        )
-    return sizes
+        return oip.split_body(payload, header_length, loads=parse_json)
+    except oip.WireError as err:
+        raise InputError(str(err)) from None
 
 
 # -------------------------------------------------------------------------------- OIP decoding
@@ -313,7 +284,7 @@ def decode_oip(body: Any, spec, binary: memoryview | None = None, explain: bool 
     """Decode an OIP request (JSON header ``body``, plus its ``binary`` section for the binary extension)."""
     if not isinstance(body, dict):
         raise InputError(
-            f"an Open Inference Protocol request must be a JSON object with 'inputs'; got {_what(body)}"
+            f"an Open Inference Protocol request must be a JSON object with 'inputs'; got {what(body)}"
         )
     if "inputs" not in body:
         keys = ", ".join(repr(k) for k in sorted(map(str, body))) or "none"
@@ -322,11 +293,14 @@ def decode_oip(body: Any, spec, binary: memoryview | None = None, explain: bool 
         )
     inputs = body["inputs"]
     if not isinstance(inputs, list) or len(inputs) != 1:
-        got = f"{len(inputs)} inputs" if isinstance(inputs, list) else _type_name(inputs)
+        got = f"{len(inputs)} inputs" if isinstance(inputs, list) else type_name(inputs)
         raise InputError(f"'inputs' must be a list holding exactly one input tensor; got {got}")
-    (size,) = _binary_sizes(inputs, binary)
+    try:
+        (tensor_bytes,) = oip.binary_tensors(inputs, binary, "inputs")
+    except oip.WireError as err:
+        raise InputError(str(err)) from None
     request = _oip_request(body, spec, explain)
-    return Decoded(_decode_tensor(inputs[0], spec, binary if size is not None else None), "oip", oip=request)
+    return Decoded(_decode_tensor(inputs[0], spec, tensor_bytes), "oip", oip=request)
 
 
 def _oip_request(body: dict, spec, explain: bool = False) -> OipRequest:
@@ -334,35 +308,35 @@ def _oip_request(body: dict, spec, explain: bool = False) -> OipRequest:
     (an explanation's: ``explain.oip_outputs(spec)``)."""
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
-        raise InputError(f"'parameters' must be an object; got {_what(parameters)}")
+        raise InputError(f"'parameters' must be an object; got {what(parameters)}")
     binary_all = parameters.get("binary_data_output", False)
     if not isinstance(binary_all, bool):
-        raise InputError(f"parameters.binary_data_output must be true or false; got {_what(binary_all)}")
+        raise InputError(f"parameters.binary_data_output must be true or false; got {what(binary_all)}")
     known = [name for name, _, _ in output_specs(spec, explain)]
     requested = body.get("outputs")
     if requested is None:
         return OipRequest(body.get("id"), [(name, binary_all) for name in known])
     if not isinstance(requested, list) or not requested:
-        raise InputError(f"'outputs' must be a non-empty list of {{\"name\": ...}} objects; got {_what(requested)}")
+        raise InputError(f"'outputs' must be a non-empty list of {{\"name\": ...}} objects; got {what(requested)}")
     outputs = []
     for i, output in enumerate(requested):
         name = output.get("name") if isinstance(output, dict) else None
         if not isinstance(name, str):
-            raise InputError(f"outputs[{i}] must be an object with a string 'name'; got {_what(output)}")
+            raise InputError(f"outputs[{i}] must be an object with a string 'name'; got {what(output)}")
         if name not in known:
-            raise InputError(f"outputs[{i}] names unknown output {_short(name)}; the outputs of model "
+            raise InputError(f"outputs[{i}] names unknown output {short(name)}; the outputs of model "
                              f"{spec.name!r} are " + ", ".join(repr(k) for k in known))
         if any(name == seen for seen, _ in outputs):
             raise InputError(f"outputs[{i}] requests {name!r} twice")
         out_parameters = output.get("parameters") or {}
         if not isinstance(out_parameters, dict):
-            raise InputError(f"outputs[{i}].parameters must be an object; got {_what(out_parameters)}")
+            raise InputError(f"outputs[{i}].parameters must be an object; got {what(out_parameters)}")
         for unsupported in ("classification", "shared_memory_region"):
             if unsupported in out_parameters:
                 raise InputError(f"outputs[{i}].parameters.{unsupported} is not supported by this server")
         binary = out_parameters.get("binary_data", binary_all)
         if not isinstance(binary, bool):
-            raise InputError(f"outputs[{i}].parameters.binary_data must be true or false; got {_what(binary)}")
+            raise InputError(f"outputs[{i}].parameters.binary_data must be true or false; got {what(binary)}")
         outputs.append((name, binary))
     return OipRequest(body.get("id"), outputs)
 
@@ -370,7 +344,7 @@ def _oip_request(body: dict, spec, explain: bool = False) -> OipRequest:
 def _decode_tensor(tensor: Any, spec, binary: memoryview | None) -> np.ndarray:
     """Samples from ``inputs[0]``: JSON ``data``, or (``binary`` given) exactly the bytes of the binary section."""
     if not isinstance(tensor, dict):
-        raise InputError(f"inputs[0] must be an object with shape, datatype and data; got {_type_name(tensor)}")
+        raise InputError(f"inputs[0] must be an object with shape, datatype and data; got {type_name(tensor)}")
     missing = [k for k in ("shape", "datatype") if k not in tensor]
     if binary is None and "data" not in tensor:
         missing.append("data")
@@ -379,18 +353,18 @@ def _decode_tensor(tensor: Any, spec, binary: memoryview | None) -> np.ndarray:
     if binary is not None and "data" in tensor:
         raise InputError("inputs[0] has both 'data' and parameters.binary_data_size; send one of them")
     datatype = tensor["datatype"]
-    if datatype not in V2_DATATYPES:
+    if datatype not in INPUT_DATATYPES:
         raise InputError(
-            f"inputs[0].datatype must be one of {', '.join(V2_DATATYPES)}; got {_short(datatype)}"
+            f"inputs[0].datatype must be one of {', '.join(INPUT_DATATYPES)}; got {short(datatype)}"
             + (" (this model takes numbers)" if datatype in ("BOOL", "BYTES") else "")
         )
     shape = _v2_shape(tensor["shape"], spec)
     count = math.prod(shape)
     if binary is not None:
-        dtype = np.dtype(NUMPY_DTYPES[datatype])
+        dtype = oip.NUMPY_DTYPES[datatype]
         if len(binary) != count * dtype.itemsize:
             raise InputError(
-                f"inputs[0].parameters.binary_data_size is {len(binary)} bytes but shape {_fmt_shape(shape)} of "
+                f"inputs[0].parameters.binary_data_size is {len(binary)} bytes but shape {fmt_shape(shape)} of "
                 f"{datatype} needs {count} x {dtype.itemsize} = {count * dtype.itemsize} bytes"
             )
         values = np.frombuffer(binary, dtype=dtype).reshape(shape[0], -1)  # a view of the received bytes
@@ -400,23 +374,23 @@ def _decode_tensor(tensor: Any, spec, binary: memoryview | None) -> np.ndarray:
         values = numeric_array(tensor["data"], "inputs[0].data")
         if values.ndim > 1 and values.shape != shape:
             raise InputError(
-                f"inputs[0].data is nested with shape {_fmt_shape(values.shape)} but shape says {_fmt_shape(shape)}"
+                f"inputs[0].data is nested with shape {fmt_shape(values.shape)} but shape says {fmt_shape(shape)}"
             )
         if values.size != count:
-            raise InputError(f"inputs[0].shape {_fmt_shape(shape)} holds {count} values but data has {values.size}")
+            raise InputError(f"inputs[0].shape {fmt_shape(shape)} holds {count} values but data has {values.size}")
         values = _check_integers(values.reshape(shape[0], -1), datatype)
     if spec.is_image_model and datatype == "UINT8":
         values = values / 255.0
-    return _finish(values, spec)
+    return finish(values, spec)
 
 
 def _v2_shape(shape: Any, spec) -> tuple[int, ...]:
-    if not isinstance(shape, list) or not shape or not all(_is_int(d) and d >= 0 for d in shape):
-        raise InputError(f"inputs[0].shape must be a list of non-negative integers; got {_short(shape)}")
+    if not isinstance(shape, list) or not shape or not all(is_int(d) and d >= 0 for d in shape):
+        raise InputError(f"inputs[0].shape must be a list of non-negative integers; got {short(shape)}")
     shape = tuple(shape)
     if math.prod(shape) > MAX_SAMPLES * spec.input_width:
         raise InputError(
-            f"too many samples: inputs[0].shape {_short(list(shape))} holds more than {MAX_SAMPLES} samples "
+            f"too many samples: inputs[0].shape {short(list(shape))} holds more than {MAX_SAMPLES} samples "
             f"of {spec.input_width} values; split the request",
             status=413,
         )
@@ -428,15 +402,15 @@ def _v2_shape(shape: Any, spec) -> tuple[int, ...]:
         allowed = [(spec.input_width,)] + ([()] if spec.input_width == 1 else [])
         expected = f"[N, {spec.input_width}]" + (" or [N]" if spec.input_width == 1 else "")
     if shape[1:] not in allowed:
-        raise InputError(f"inputs[0].shape must be {expected} for model {spec.name!r}; got {_fmt_shape(shape)}")
+        raise InputError(f"inputs[0].shape must be {expected} for model {spec.name!r}; got {fmt_shape(shape)}")
     if shape[0] == 0:
         raise InputError("inputs[0].shape has N = 0 samples; send at least one")
-    _check_count(shape[0])
+    check_count(shape[0])
     return shape
 
 
 def _check_integers(values: np.ndarray, datatype: str) -> np.ndarray:
-    bounds = V2_DATATYPES[datatype]
+    bounds = oip.INTEGER_RANGES.get(datatype)
     if bounds is None:
         return values
     if not np.all(values == np.floor(values)):
@@ -452,10 +426,10 @@ def _check_integers(values: np.ndarray, datatype: str) -> np.ndarray:
 
 
 def decode_instances(instances: Any, spec) -> np.ndarray:
-    """Samples of a KServe v1 ``instances`` list, one per instance (see module doc)."""
+    """Samples of a KServe v1 ``instances`` list, one per instance (docs/protocols.md, "KServe v1")."""
     if not isinstance(instances, list) or not instances:
-        raise InputError(f"'instances' must be a non-empty list; got {_what(instances)}")
-    _check_count(len(instances))
+        raise InputError(f"'instances' must be a non-empty list; got {what(instances)}")
+    check_count(len(instances))
     return np.concatenate([decode_instance(instance, spec, f"instances[{i}]") for i, instance in enumerate(instances)])
 
 
@@ -465,7 +439,7 @@ def decode_instance(instance: Any, spec, where: str) -> np.ndarray:
         if isinstance(instance, dict):
             key = next((k for k in ("data", "b64") if k in instance), None)
             if key is None:
-                raise InputError(f"an object instance needs 'data' or 'b64'; got {_short(instance)}")
+                raise InputError(f"an object instance needs 'data' or 'b64'; got {short(instance)}")
             instance = instance[key]
             if isinstance(instance, str):
                 return _instance_image(instance, spec)
@@ -474,13 +448,13 @@ def decode_instance(instance: Any, spec, where: str) -> np.ndarray:
             h, w = spec.image_size
             if values.shape not in ((h, w), (h * w,), (1, h, w)):
                 raise InputError(f"expected one {h}x{w} image, {h * w} intensities or base64 PNG/JPEG; "
-                                 f"got {'a single number' if values.ndim == 0 else _fmt_shape(values.shape)}")
-            return _finish(values.reshape(1, -1), spec)
+                                 f"got {'a single number' if values.ndim == 0 else fmt_shape(values.shape)}")
+            return finish(values.reshape(1, -1), spec)
         values = numeric_array(instance, where)
         if values.size != spec.input_width or values.ndim > 1:
             raise InputError(f"expected one row of {spec.input_width} number(s); got "
-                             + ("a single number" if values.ndim == 0 else _fmt_shape(values.shape)))
-        return _finish(values.reshape(1, -1), spec)
+                             + ("a single number" if values.ndim == 0 else fmt_shape(values.shape)))
+        return finish(values.reshape(1, -1), spec)
     except InputError as err:
         message = err.message if err.message.startswith(where) else f"{where}: {err.message}"
         raise InputError(message, err.status) from None
@@ -493,9 +467,9 @@ def _instance_image(text: str, spec) -> np.ndarray:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InputError("not valid base64") from None
-    if not (raw.startswith(PNG_MAGIC) or raw.startswith(JPEG_MAGIC)):
+    if not is_image(raw):
         raise InputError("the base64 data is not a PNG or JPEG image")
-    return _finish(decode_image_bytes(raw, spec.image_size).reshape(1, -1), spec)
+    return finish(decode_image_bytes(raw, spec.image_size).reshape(1, -1), spec)
 
 
 # ----------------------------------------------------------------------- TorchServe's envelopes
@@ -540,19 +514,48 @@ def encode_response(decoded: Decoded, outputs: dict[str, np.ndarray], handler, c
     if decoded.kind == "tensor":
         return np.asarray(outputs[handler.spec.outputs[0][0]]).tolist()
     if decoded.kind == "oip":
-        body, header_length = oip_response(outputs, decoded.oip, handler, context.get_request_id(idx))
-        if header_length is not None:
-            set_header(context, idx, RESPONSE_HEADER_LENGTH, str(header_length))
-            set_content_type(context, idx, BINARY_TYPE)
-        else:
-            set_content_type(context, idx, JSON_TYPE)
-        return body
+        return _answer_oip(oip_response(outputs, decoded.oip, handler, context.get_request_id(idx)), context, idx)
     if decoded.kind == "v1":
         response = {"predictions": instance_predictions(outputs, handler.spec)}
     else:
         response = handler.to_native(outputs, decoded.is_list)
     set_content_type(context, idx, JSON_TYPE)
     return encode_json(response)
+
+
+def encode_explanation(
+    decoded: Decoded, options, model_outputs: dict, result: dict, handler, context, idx: int
+) -> bytes:
+    """One explanation's body in its request's protocol, its content type / headers set on ``context``.
+
+    ``options``: the request's ``explain.ExplainOptions``; ``model_outputs``: the handler's named outputs for
+    its samples; ``result``: its rows of ``explain.Explainer.explain`` (handlers/explain.py says what is in it).
+    """
+    from handlers import explain
+
+    if decoded.kind == "oip":
+        arrays = explain.oip_arrays(handler.spec, model_outputs, result)
+        answer = oip_response(arrays, decoded.oip, handler, context.get_request_id(idx), explain=True,
+                              parameters=explain.describe(handler.spec, options.steps))
+        return _answer_oip(answer, context, idx)
+    answers = explain.sample_objects(handler.spec, model_outputs, result, options.steps)
+    if decoded.kind == "v1":
+        response = {"explanations": answers}
+    else:
+        response = answers if decoded.is_list else answers[0]
+    set_content_type(context, idx, JSON_TYPE)
+    return encode_json(response)
+
+
+def _answer_oip(answer: tuple[bytes, int | None], context, idx: int) -> bytes:
+    """An OIP body from :func:`oip_response`, with its headers: binary (Inference-Header-Content-Length) or JSON."""
+    body, header_length = answer
+    if header_length is not None:
+        set_header(context, idx, RESPONSE_HEADER_LENGTH, str(header_length))
+        set_content_type(context, idx, BINARY_TYPE)
+    else:
+        set_content_type(context, idx, JSON_TYPE)
+    return body
 
 
 def output_specs(spec, explain: bool = False) -> tuple:
@@ -580,11 +583,11 @@ def oip_response(
             raise ValueError(f"output {name!r} has shape {list(array.shape)}; the registry says {shape}")
         entry = {"name": name, "datatype": datatype, "shape": shape}
         if binary:
-            blob = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype]).tobytes()
+            blob = oip.tensor_bytes(array, datatype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = array.astype(NUMPY_DTYPES[datatype], copy=False).ravel().tolist()
+            entry["data"] = array.astype(oip.NUMPY_DTYPES[datatype], copy=False).ravel().tolist()
         entries.append(entry)
     response = {
         "model_name": handler.model_name,
@@ -594,10 +597,7 @@ def oip_response(
     }
     if parameters:
         response["parameters"] = parameters
-    header = encode_json(response)
-    if not blobs:
-        return header, None
-    return b"".join([header, *blobs]), len(header)
+    return oip.join_body(encode_json(response), blobs)
 
 
 def instance_predictions(outputs: dict[str, np.ndarray], spec) -> list:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handlers.decoding import MAX_SAMPLES, InputError, _shrink, decode_image_bytes, request_payload
+from handlers.decoding import MAX_SAMPLES, InputError, _shrink, decode_image_bytes
 from handlers.protocols import decode_payload as decode_body
-from handlers.protocols import is_v2_request
+from handlers.protocols import is_v2_request, request_payload
 from models.registry import MNIST_STD, get_spec
 from train.data import mnist_arrays, normalize_images
 

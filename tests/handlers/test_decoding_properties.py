@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from handlers.decoding import MAX_SAMPLES, V2_DATATYPES, InputError
-from handlers.protocols import Decoded, OipRequest, decode_payload, decode_request
+from handlers.decoding import MAX_SAMPLES, InputError
+from handlers.protocols import INPUT_DATATYPES, Decoded, OipRequest, decode_payload, decode_request
 from models.registry import REGISTRY, get_spec
 
 SPECS = st.sampled_from(sorted(REGISTRY.values(), key=lambda s: s.name))
@@ -102,7 +102,7 @@ def near_valid_arrays(draw):
 
 @FAST
 @given(case=near_valid_arrays(), wrap=st.sampled_from(["bare", "data", "v2"]),
-       datatype=st.sampled_from(["FP32", "FP64"]) | st.sampled_from(sorted(V2_DATATYPES)),
+       datatype=st.sampled_from(["FP32", "FP64"]) | st.sampled_from(sorted(INPUT_DATATYPES)),
        drop=st.sampled_from([0, 0, 0, 1]))
 def test_near_valid_arrays(case, wrap, datatype, drop):
     spec, array = case
@@ -152,7 +152,7 @@ def binary_requests(draw):
     n = draw(st.integers(0, 3))
     width = spec.input_width
     shape = draw(st.sampled_from([[n, width], [n], [n, width + 1], [width], [n, 1, width], [-1, width]]))
-    datatype = draw(st.sampled_from(sorted(V2_DATATYPES) + ["BOOL", "BYTES", "FP32"]))
+    datatype = draw(st.sampled_from(sorted(INPUT_DATATYPES) + ["BOOL", "BYTES", "FP32"]))
     itemsize = int(datatype[-2:]) // 8 if datatype[-2:].isdigit() else 1
     true_size = max(0, int(np.prod(shape))) * itemsize
     size = draw(st.sampled_from([true_size, true_size]) | st.integers(-2, true_size + 8) | st.just("1") | st.none())
