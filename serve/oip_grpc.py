@@ -46,10 +46,8 @@ import argparse
 import http.client
 import json
 import logging
-import math
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -63,6 +61,8 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from wire import oip
+
 LOG = logging.getLogger("serve.oip_grpc")
 
 DEFAULT_LISTEN = "127.0.0.1:7070"
@@ -74,7 +74,7 @@ DEFAULT_REST_TIMEOUT_S = 130.0
 DEFAULT_GRACE_S = 5.0
 # 1024 MNIST images are 3.2 MB of FP32; leave ample room for larger inputs and outputs.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-INFERENCE_HEADER = "Inference-Header-Content-Length"
+INFERENCE_HEADER = oip.HEADER_LENGTH
 
 # REST status → gRPC code; every other non-2xx status → INTERNAL.
 HTTP_TO_GRPC = {
@@ -89,24 +89,6 @@ HTTP_TO_GRPC = {
     429: grpc.StatusCode.UNAVAILABLE,
     503: grpc.StatusCode.UNAVAILABLE,
 }
-
-# OIP datatype → little-endian numpy dtype (BF16 has no numpy type: raw bytes only; BYTES is variable).
-NUMPY_DTYPES = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
-ELEMENT_SIZES = {**{name: dtype.itemsize for name, dtype in NUMPY_DTYPES.items()}, "BF16": 2}
-DATATYPES = (*ELEMENT_SIZES, "BYTES")
 
 # OIP datatype → the InferTensorContents field that carries it (FP16 and BF16: raw only).
 CONTENTS_FIELDS = {
@@ -308,35 +290,10 @@ def element_count(name: str, shape) -> int:
 
 def check_bytes_tensor(name: str, data: bytes | memoryview, count: int) -> None:
     """A BYTES tensor is ``count`` elements, each a 4-byte little-endian length and that many bytes."""
-    offset, size = 0, len(data)
-    for index in range(count):
-        if offset + 4 > size:
-            raise OipError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"input '{name}': BYTES data ends after {index} of {count} elements",
-            )
-        (length,) = struct.unpack_from("<I", data, offset)
-        offset += 4 + length
-        if offset > size:
-            raise OipError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"input '{name}': BYTES element {index} runs past the data"
-            )
-    if offset != size:
-        raise OipError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"input '{name}': {size - offset} bytes left after the {count} BYTES elements of its shape",
-        )
-
-
-def serialize_bytes(values) -> bytes:
-    """BYTES elements as OIP binary data: a 4-byte little-endian length before each element."""
-    parts = []
-    for value in values:
-        if isinstance(value, str):
-            value = value.encode("utf-8")
-        parts.append(struct.pack("<I", len(value)))
-        parts.append(bytes(value))
-    return b"".join(parts)
+    try:
+        oip.deserialize_bytes(data, count)
+    except oip.WireError as err:
+        raise OipError(grpc.StatusCode.INVALID_ARGUMENT, f"input '{name}': {err}") from None
 
 
 def typed_contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor, count: int) -> bytes:
@@ -370,8 +327,8 @@ def typed_contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor, count: i
             f"needs {count}",
         )
     if datatype == "BYTES":
-        return serialize_bytes(values)
-    dtype = NUMPY_DTYPES[datatype]
+        return oip.serialize_bytes(values)
+    dtype = oip.NUMPY_DTYPES[datatype]
     if dtype.kind in "iu":
         wide = np.array(values, dtype=np.int64 if dtype.kind == "i" else np.uint64)
         info = np.iinfo(dtype)
@@ -405,10 +362,10 @@ def input_tensors(request: pb.ModelInferRequest) -> tuple[list[dict], list[bytes
         if name in names:
             raise OipError(grpc.StatusCode.INVALID_ARGUMENT, f"input '{name}' appears more than once")
         names.add(name)
-        if datatype not in DATATYPES:
+        if datatype not in oip.DATATYPES:
             raise OipError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"input '{name}': unknown datatype {datatype!r} (one of {', '.join(DATATYPES)})",
+                f"input '{name}': unknown datatype {datatype!r} (one of {', '.join(oip.DATATYPES)})",
             )
         params = parameters_dict(tensor.parameters)
         if any(key.startswith("shared_memory") for key in params):
@@ -423,11 +380,12 @@ def input_tensors(request: pb.ModelInferRequest) -> tuple[list[dict], list[bytes
             data = raw[index]
             if datatype == "BYTES":
                 check_bytes_tensor(name, data, count)
-            elif len(data) != count * ELEMENT_SIZES[datatype]:
+            elif len(data) != count * oip.ELEMENT_SIZES[datatype]:
+                size = oip.ELEMENT_SIZES[datatype]
                 raise OipError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"input '{name}': {len(data)} bytes of raw_input_contents, but shape {list(tensor.shape)} "
-                    f"of {datatype} needs {count} x {ELEMENT_SIZES[datatype]} = {count * ELEMENT_SIZES[datatype]}",
+                    f"of {datatype} needs {count} x {size} = {count * size}",
                 )
         else:
             data = typed_contents_bytes(tensor, count)
@@ -440,36 +398,25 @@ def input_tensors(request: pb.ModelInferRequest) -> tuple[list[dict], list[bytes
 def output_bytes_from_json(output: dict) -> bytes:
     """Raw little-endian bytes of an output REST returned as JSON ``data``."""
     datatype, name = output.get("datatype"), output.get("name")
-    data = output.get("data", [])
-    if datatype == "BYTES":
-        flat = np.array(data, dtype=object).reshape(-1) if data else []
-        return serialize_bytes(flat)
-    if datatype not in NUMPY_DTYPES:
+    if datatype not in oip.NUMPY_DTYPES and datatype != "BYTES":
         raise OipError(grpc.StatusCode.INTERNAL, f"REST returned output '{name}' with unusable datatype {datatype!r}")
     try:
-        return np.array(data, dtype=NUMPY_DTYPES[datatype]).tobytes()
+        return oip.tensor_bytes(output.get("data", []), datatype)
     except (TypeError, ValueError) as exc:
         raise OipError(grpc.StatusCode.INTERNAL, f"REST returned unusable data for output '{name}': {exc}") from None
 
 
-def split_infer_response(response: RestResponse) -> tuple[dict, bytes]:
+def split_infer_response(response: RestResponse) -> tuple[dict, memoryview]:
     """The JSON header and the binary part of a REST infer response."""
-    header_length = response.headers.get(INFERENCE_HEADER)
-    body = response.body
     try:
-        if header_length is None:
-            return json.loads(body), b""
-        length = int(header_length)
-        if not 0 <= length <= len(body):
-            raise ValueError(f"{INFERENCE_HEADER} {length} for a {len(body)}-byte body")
-        return json.loads(body[:length]), body[length:]
-    except (ValueError, UnicodeDecodeError) as exc:
+        return oip.split_body(response.body, response.headers.get(INFERENCE_HEADER))
+    except oip.WireError as exc:
         raise OipError(grpc.StatusCode.INTERNAL, f"unreadable REST infer response: {exc}") from None
 
 
-def infer_response(request: pb.ModelInferRequest, header: dict, binary: bytes) -> pb.ModelInferResponse:
+def infer_response(request: pb.ModelInferRequest, header: dict, binary) -> pb.ModelInferResponse:
     """The gRPC response for REST's JSON header and binary data; outputs in the requested order."""
-    outputs = header.get("outputs")
+    outputs = header.get("outputs") if isinstance(header, dict) else None
     if not isinstance(outputs, list):
         raise OipError(grpc.StatusCode.INTERNAL, "REST infer response has no outputs list")
     result = pb.ModelInferResponse(
@@ -479,25 +426,16 @@ def infer_response(request: pb.ModelInferRequest, header: dict, binary: bytes) -
     )
     for key, value in (header.get("parameters") or {}).items():
         set_parameter(result.parameters[key], value)
+    try:
+        parts = oip.binary_tensors(outputs, memoryview(binary), "outputs")
+    except oip.WireError as exc:
+        raise OipError(grpc.StatusCode.INTERNAL, f"REST infer response: {exc}") from None
     decoded = []
-    offset = 0
-    view = memoryview(binary)
-    for output in outputs:
+    for output, part in zip(outputs, parts):
         params = dict(output.get("parameters") or {})
-        size = params.pop("binary_data_size", None)
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise OipError(
-                    grpc.StatusCode.INTERNAL,
-                    f"REST output '{output.get('name')}' claims {size} bytes; only {len(binary) - offset} are left",
-                )
-            data = bytes(view[offset:offset + size])
-            offset += size
-        else:
-            data = output_bytes_from_json(output)
+        params.pop("binary_data_size", None)
+        data = output_bytes_from_json(output) if part is None else bytes(part)
         decoded.append((output, params, data))
-    if offset != len(binary):
-        raise OipError(grpc.StatusCode.INTERNAL, f"REST infer response has {len(binary) - offset} unclaimed bytes")
     if request.outputs:
         by_name = {item[0].get("name"): item for item in decoded}
         missing = [o.name for o in request.outputs if o.name not in by_name]
@@ -506,10 +444,10 @@ def infer_response(request: pb.ModelInferRequest, header: dict, binary: bytes) -
         decoded = [by_name[o.name] for o in request.outputs]
     for output, params, data in decoded:
         name, datatype, shape = output.get("name"), output.get("datatype"), output.get("shape")
-        if not isinstance(name, str) or datatype not in DATATYPES or not isinstance(shape, list):
+        if not isinstance(name, str) or datatype not in oip.DATATYPES or not isinstance(shape, list):
             raise OipError(grpc.StatusCode.INTERNAL, f"REST returned an incomplete output description: {output}")
         if datatype != "BYTES":
-            needed = math.prod(shape) * ELEMENT_SIZES[datatype]
+            needed = oip.byte_size(datatype, shape)
             if needed != len(data):
                 raise OipError(
                     grpc.StatusCode.INTERNAL,
@@ -649,13 +587,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             params["binary_data_output"] = True
         header["parameters"] = params
-        json_header = json.dumps(header, separators=(",", ":")).encode()
+        body, header_length = oip.join_body(header, blobs)
         headers = {
             "Content-Type": "application/octet-stream",
-            INFERENCE_HEADER: str(len(json_header)),
+            INFERENCE_HEADER: str(header_length),
             **self._headers(context),
         }
-        body = b"".join([json_header, *blobs])
         response = self.rest.request("POST", path, body=body, headers=headers, timeout=context.time_remaining())
         if response.status != 200:
             raise rest_failure(response)

@@ -29,10 +29,20 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor, triton_to_np_dtype
 
 from paths import REPO_ROOT
-from serve.oip_grpc import NUMPY_DTYPES, OipError, serialize_bytes, start_server
+from serve.oip_grpc import OipError, start_server
+
+
+def np_dtype(datatype: str) -> np.dtype:
+    """tritonclient's own numpy dtype for an OIP datatype, little-endian as the wire carries it."""
+    return np.dtype(triton_to_np_dtype(datatype)).newbyteorder("<")
+
+
+def serialize_bytes(values) -> bytes:
+    """tritonclient's own BYTES framing of ``values``."""
+    return serialize_byte_tensor(np.array(values, dtype=np.object_)).item()
 
 TOKEN = "s3cret-inference-key"
 
@@ -243,7 +253,7 @@ class _StandInHandler(BaseHTTPRequestHandler):
             if tensor["datatype"] == "BYTES":
                 typed[tensor["name"]] = ("BYTES", raw)
                 continue
-            dtype = NUMPY_DTYPES[tensor["datatype"]]
+            dtype = np_dtype(tensor["datatype"])
             if len(raw) != int(np.prod(tensor["shape"])) * dtype.itemsize:
                 return self._error(400, f"stand-in: wrong size for {tensor['name']}")
             value = np.frombuffer(raw, dtype=dtype).reshape(tensor["shape"])
@@ -275,7 +285,7 @@ class _StandInHandler(BaseHTTPRequestHandler):
                 json_data = None
             else:
                 entry = {"name": out_name, "datatype": datatype, "shape": list(value.shape)}
-                data = np.ascontiguousarray(value, dtype=NUMPY_DTYPES[datatype]).tobytes()
+                data = np.ascontiguousarray(value, dtype=np_dtype(datatype)).tobytes()
                 json_data = value.reshape(-1).tolist()
             if binary:
                 entry["parameters"] = {"binary_data_size": len(data)}
@@ -479,7 +489,7 @@ def test_typed_contents_become_little_endian_bytes(stub, standin, datatype, fiel
     response = stub.ModelInfer(request)
     (output,) = response.outputs
     assert (output.name, output.datatype, list(output.shape)) == ("x_out", datatype, [2, 2])
-    expected = np.array(values, dtype=NUMPY_DTYPES[datatype])
+    expected = np.array(values, dtype=np_dtype(datatype))
     assert response.raw_output_contents[0] == expected.tobytes()
 
 
