@@ -20,7 +20,7 @@
 #   builder deps + torch-model-archiver: weights + .mar archives (the ones already in the build context's
 #           weights/ and model_store/ are reused; anything missing is trained/packaged here)
 #   oip     a JDK compiles the OIP agent jar against the venv's TorchServe
-#   runtime base + tini + oip's jlink'ed JRE + deps' venv + archives + agent jar + config + serve/ (gRPC front) + deploy/docker/
+#   runtime base + tini + oip's jlink'ed JRE + deps' venv + archives + agent jar + config + wire/ and serve/ (gRPC front) + deploy/docker/
 #
 # BASE_IMAGE: any Debian/Ubuntu image with python3 (3.10+) and python3-venv (e.g. a CUDA runtime image).
 ARG BASE_IMAGE=python:3.11-slim
@@ -117,8 +117,9 @@ RUN { grep -v '^enable_envvars_config=' /app/config.properties.repo; \
 COPY --from=oip /out/oip-agent.jar /app/oip/oip-agent.jar
 COPY --from=builder /src/model_store/*.mar /app/model_store/
 # serve/ for the OIP gRPC front (python -m serve.oip_grpc, started by the entrypoint with PYTHONPATH=/app),
-# and paths/, the repository layout that serve/__init__.py imports.
+# paths/, the repository layout that serve/__init__.py imports, and wire/, the OIP codec it imports.
 COPY paths/ /app/paths/
+COPY wire/ /app/wire/
 COPY serve/ /app/serve/
 # entrypoint.sh is committed executable (mode 100755); COPY keeps the mode.
 COPY deploy/docker/ /app/docker/

@@ -3,9 +3,9 @@
 For every requested model (default: all registered models) this
 
 1. trains it first if ``<weights-dir>/<name>.pt`` is missing (``python -m train <name>``);
-2. stages a build directory holding the ``models/`` and ``handlers/`` packages (``.py`` files only),
-   so that the handler and the model file can ``import models...`` / ``import handlers...`` inside
-   the archive;
+2. stages a build directory holding the ``models/``, ``handlers/`` and ``wire/`` packages (``.py`` files
+   only), so that the handler and the model file can ``import models...`` / ``import handlers...`` /
+   ``import wire...`` inside the archive;
 3. writes a per-model YAML config (workers, dynamic batching, response timeout) from the registry;
 4. runs ``torch-model-archiver`` into a temporary export directory next to the store and moves the
    result over ``<store>/<name>.mar`` with ``os.replace``, so a failed build never destroys a good
@@ -33,8 +33,8 @@ import yaml
 from models.registry import REGISTRY, ModelSpec, get_spec
 from paths import MODEL_STORE, REPO_ROOT, WEIGHTS_DIR
 
-# Python packages shipped inside every archive (only their .py files).
-ARCHIVED_PACKAGES = ("models", "handlers")
+# Python packages shipped inside every archive (only their .py files): the handlers and what they import.
+ARCHIVED_PACKAGES = ("models", "handlers", "wire")
 # Seconds TorchServe waits for one batch before it declares the worker stuck and restarts it.
 RESPONSE_TIMEOUT_S = 120
 
@@ -99,7 +99,7 @@ def stage_packages(staging: Path, root: Path = REPO_ROOT) -> None:
     """Copy the archived packages' ``.py`` files into ``staging/<package>/`` (keeping subfolders).
 
     torch-model-archiver copies the CONTENTS of an ``--extra-files`` directory into the archive root,
-    so passing ``staging`` ships ``models/`` and ``handlers/`` as importable packages.
+    so passing ``staging`` ships ``models/``, ``handlers/`` and ``wire/`` as importable packages.
     """
     for src in source_files(root):
         dst = staging / src.relative_to(root)

@@ -135,8 +135,7 @@ def test_dockerignore_admits_everything_the_build_copies():
     assert rules[0] == "*", ".dockerignore is a whitelist: it must start by excluding everything"
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
     needed = {"requirements.txt", "requirements-serve.txt", "config.properties", "paths", "models", "train", "serve",
-              "handlers",
-              "data/mnist", "deploy/docker", "weights", "model_store"}
+              "handlers", "wire", "data/mnist", "deploy/docker", "weights", "model_store"}
     assert needed <= allowed, f"not admitted: {sorted(needed - allowed)}"
     for path in needed - {"weights", "config.properties"}:  # build products / another helper's file
         assert (REPO / path).exists(), f"{path} is admitted but missing from the repository"

@@ -57,7 +57,7 @@ def test_archive_manifest_config_and_contents(tmp_path, fresh_weights, name):
     assert config["minWorkers"] == config["maxWorkers"] == spec.workers
 
     # The handler/model files at the root can import the packages shipped next to them.
-    for package in ("models", "handlers"):
+    for package in ("models", "handlers", "wire"):
         sources = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / package).rglob("*.py")
                          if "__pycache__" not in p.parts)
         assert sources and set(sources) <= set(members)
