@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.worker                       # mnistnet, JSON and PNG, batches of 8
     .venv/bin/python -m bench.worker --forms json --stages  # and CPU per request by stage
+    .venv/bin/python -m bench.worker --forms json,oip       # JSON and the OIP binary tensor form
     .venv/bin/python -m bench.worker --env SERVE_FAST_WORKER=0  # TorchServe's own worker pieces
 
 The archive is built by serve/package.py and unpacked; TorchServe's model loader loads it with our metrics
@@ -52,9 +53,10 @@ def inference_frame(requests: list[tuple[bytes, dict[str, str]]]) -> bytes:
     return b"I" + b"".join(frames) + _INT.pack(-1)
 
 
-def batch_frame(body: bytes, content_type: str, batch: int) -> bytes:
-    """An inference message of ``batch`` identical requests with the headers wrk sends."""
-    headers = {**HEADERS, "Content-Type": content_type, "content-length": str(len(body))}
+def batch_frame(body: bytes, content_type: str, batch: int, extra: dict | None = None) -> bytes:
+    """An inference message of ``batch`` identical requests with the headers wrk sends; ``extra``: more
+    request headers (the OIP binary form's Inference-Header-Content-Length)."""
+    headers = {**HEADERS, "Content-Type": content_type, "content-length": str(len(body)), **(extra or {})}
     return inference_frame([(body, headers)] * batch)
 
 
@@ -168,7 +170,7 @@ STAGES = (
     ("Service.predict", "ts.service", "Service.predict"),
     ("  decode + validate", "handlers.protocols", "decode_request"),
     ("    numeric_array", "handlers.decoding", "numeric_array"),
-    ("    _finish (range, normalise)", "handlers.decoding", "_finish"),
+    ("    finish (range, normalise)", "handlers.decoding", "finish"),
     ("  forward", "handlers.base", "ServingHandler.forward"),
     ("  postprocess", "image_classifier", "ImageClassifier.postprocess"),
     ("  encode", "handlers.protocols", "encode_response"),
@@ -217,7 +219,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mnistnet")
     parser.add_argument("--batch", type=int, default=8, help="requests per batch (default 8, mnistnet's batchSize)")
-    parser.add_argument("--forms", default="json,png", help="json, png (default both)")
+    parser.add_argument("--forms", default="json,png",
+                        help="json, png, oip (one digit as OIP binary FP32, what tritonclient sends); default json,png")
     parser.add_argument("--rounds", type=int, default=2000, help="timed batches per form (default 2000)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per form; the table shows each (default 3)")
     parser.add_argument("--stages", action="store_true", help="also time the stages of a request (STAGES)")
@@ -232,16 +235,16 @@ def main(argv=None) -> int:
 
     from bench import payloads
 
-    forms = {"json": payloads.json_images(1), "png": payloads.png_image()}
+    forms = {"json": payloads.json_images(1), "png": payloads.png_image(), "oip": payloads.v2_binary_images(1)}
     chosen = [f.strip() for f in args.forms.split(",") if f.strip()]
     if set(chosen) - set(forms):
-        parser.error("--forms takes json and png")
+        parser.error("--forms takes json, png and oip")
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         service, retrieve = load_service(args.model, args.batch, Path(tmp))
         print(f"{args.model}, batches of {args.batch}, 1-min load {os.getloadavg()[0]:.2f}; CPU µs per request")
         for form in chosen:
-            body, content_type = forms[form]
-            replay = Replay(service, retrieve, batch_frame(body, content_type, args.batch))
+            body, content_type, *extra = forms[form]
+            replay = Replay(service, retrieve, batch_frame(body, content_type, args.batch, *extra))
             answer = replay.round()
             if b'"predicted_class"' not in answer:
                 raise SystemExit(f"{form}: unexpected answer {answer[:300]!r}")
