@@ -233,7 +233,8 @@ class ServingHandler:
             part = {key: value[rows] for key, value in result.items()}
             try:
                 model_outputs = self.postprocess(torch.from_numpy(part["outputs"]))
-                responses[idx] = protocols.encode_explanation(decoded, options, model_outputs, part, self, context, idx)
+                responses[idx] = protocols.encode_explanation(
+                    decoded, options, model_outputs, part, self, context, idx)
             except Exception as err:
                 logger.exception("encoding explanation %d failed", idx)
                 responses[idx] = self._error(status_context, idx, 500, f"encoding the explanation failed: {type(err).__name__}")

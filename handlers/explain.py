@@ -142,8 +142,8 @@ def options(parameters: dict, spec, n_samples: int) -> ExplainOptions:
             raise InputError(f"target must be an integer class (or a list of them); got {short(value)}")
         if not 0 <= value < classes:
             allowed = "0" if classes == 1 else f"0-{classes - 1}"
-            what = "has one output" if classes == 1 else f"has classes {allowed}"
-            raise InputError(f"cannot explain target {value}: model {spec.name!r} {what}")
+            has = "has one output" if classes == 1 else f"has classes {allowed}"
+            raise InputError(f"cannot explain target {value}: model {spec.name!r} {has}")
     return ExplainOptions(list(targets), steps)
 
 
