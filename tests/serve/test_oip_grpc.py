@@ -44,6 +44,7 @@ def serialize_bytes(values) -> bytes:
     """tritonclient's own BYTES framing of ``values``."""
     return serialize_byte_tensor(np.array(values, dtype=np.object_)).item()
 
+
 TOKEN = "s3cret-inference-key"
 
 # ------------------------------------------------------------------------------------ REST stand-in

@@ -19,7 +19,7 @@ from tritonclient.utils import (
 )
 
 from client.oip import binary_v2_request, parse_binary_v2_response
-from serve import REPO_ROOT
+from paths import REPO_ROOT
 from wire import oip
 
 # Every datatype of the KServe v2 protocol (its "Tensor Data Types" table).
