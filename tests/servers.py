@@ -8,9 +8,12 @@
 * :func:`error_message`: the message of a JSON error body, failing the test when there is none.
 * :func:`workers`, :func:`worker_pids`, :func:`all_ready`: worker state from the management API.
 * :func:`free_port`: one loopback port the OS reports free (for servers that are not :class:`Server`).
+* :func:`clean_env`: the environment for every subprocess a test starts: the inherited one minus what
+  changes behaviour (:func:`inherited_variable`), plus the test's own settings.
 """
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -20,6 +23,38 @@ from client.api import TorchServeError
 from serve.server import Ports, Server
 
 READY_TIMEOUT_S = 300  # seven workers on a busy 2-core CI machine can take a minute or two
+
+# What a caller's shell may set that changes what the interpreters, TorchServe, its JVM, the container
+# entrypoint or our own CLIs do, so that a test would pass or fail with the caller's settings, not the code's.
+INHERITED_PREFIXES = ("PYTHON", "TS_", "SERVE_", "OIP_", "LOADTEST_")
+INHERITED_NAMES = {"JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "FORK_WORKERS", "APP_DIR",
+                   "LOG_LOCATION", "METRICS_LOCATION", "PYTEST_ADDOPTS", "LOCAL_RANK"}
+# ... except these PYTHON* switches, which change output buffering or encoding only.
+HARMLESS = {"PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONUTF8", "PYTHONHASHSEED",
+            "PYTHONFAULTHANDLER"}
+
+
+def inherited_variable(name: str) -> bool:
+    """True for an environment variable no test may inherit (PYTHONPATH, PYTHONHOME, TS_*, SERVE_*, ...)."""
+    return name not in HARMLESS and (name in INHERITED_NAMES or name.startswith(INHERITED_PREFIXES))
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """The environment for a subprocess a test starts: ``os.environ`` without the variables
+    :func:`inherited_variable` names, with ``settings`` on top (those are the test's own, kept as given)."""
+    env = {name: value for name, value in os.environ.items() if not inherited_variable(name)}
+    env.update(settings)
+    return env
+
+
+def clear_inherited_environment() -> dict[str, str]:
+    """Remove those variables from ``os.environ`` itself (tests/conftest.py, at start-up), so that what
+    the code under test starts from ``os.environ`` (serve/server.py's TorchServe) inherits none either;
+    returns what was removed."""
+    removed = {name: value for name, value in os.environ.items() if inherited_variable(name)}
+    for name in removed:
+        del os.environ[name]
+    return removed
 
 
 def free_port() -> int:
