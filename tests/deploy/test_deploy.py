@@ -26,6 +26,7 @@ from dockerfile_support import dockerfile_instructions
 
 from paths import REPO_ROOT as REPO
 from serve.server import load_properties
+from servers import clean_env
 DOCKERFILE = REPO / "Dockerfile"
 K8S_DIR = REPO / "deploy" / "k8s"
 KSERVE_DIR = REPO / "deploy" / "kserve"
@@ -741,7 +742,7 @@ def entrypoint_env(tmp_path):
         fake.chmod(0o755)
     jar = tmp_path / "oip-agent.jar"
     jar.write_bytes(b"")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_path),
+    env = {**clean_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_path),
            "TS_WORKDIR": str(tmp_path), "APP_DIR": "/app", "OIP_AGENT_JAR": str(jar),
            "OIP_GRPC_LISTEN": "0.0.0.0:7070", "TS_INFERENCE_ADDRESS": "http://0.0.0.0:8080",
            "TS_CONFIG_FILE": "/elsewhere/config.properties"}

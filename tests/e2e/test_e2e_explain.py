@@ -14,7 +14,7 @@ import requests
 import torch
 
 from e2e_support import normalise_pixels
-from servers import post
+from servers import clean_env, post
 from handlers.explain import MAX_EXPLAIN_SAMPLES, MAX_STEPS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -135,7 +135,7 @@ def test_client_explain_and_cli_overlay(server, client, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "client", "--url", server.inference_url, "--token", server.keys()["inference"],
          "explain", "mnistnet", "--png", str(DIGIT_7), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=clean_env(),
     )
     assert result.returncode == 0, result.stderr
     assert '"predicted_class": 7' in result.stdout and out.is_file()
@@ -148,7 +148,7 @@ def test_client_explain_and_cli_overlay(server, client, tmp_path):
     bad = subprocess.run(
         [sys.executable, "-m", "client", "--url", server.inference_url, "--token", server.keys()["inference"],
          "explain", "mnistnet", "--png", str(DIGIT_7), "--target", "11"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=clean_env(),
     )
     assert bad.returncode == 1 and "400" in bad.stderr and "cannot explain target 11" in bad.stderr
 

@@ -3,7 +3,6 @@ against a second, one-model TorchServe with its own config, ports, working direc
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import pytest
 from paths import REPO_ROOT
 from serve.package import package_models
 from serve.server import DEFAULT_CONFIG, Ports, effective_config, load_properties, read_keys, write_properties
+from servers import clean_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -21,7 +21,7 @@ def run(*args: str, env: dict | None = None, timeout: float = 360) -> subprocess
     """Run ``python -m <args>`` from the repository root and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env=clean_env(**(env or {})),
     )
 
 

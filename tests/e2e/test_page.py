@@ -20,6 +20,7 @@ from PIL import Image
 
 from client.api import TorchServeClient
 from client.page import make_server, mnist_pixels
+from servers import clean_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -34,7 +35,7 @@ def browser_paths() -> tuple[str, str]:
 
     chromium, driver = found()
     if not (chromium and driver) and shutil.which("apt-get") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        env = clean_env(DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, capture_output=True, timeout=600)
         subprocess.run(["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], env=env, check=False,
                        capture_output=True, timeout=1200)

@@ -43,7 +43,7 @@ from client.api import TorchServeClient, TorchServeError
 from paths import REPO_ROOT
 from serve.server import Ports, Server, effective_config, load_properties, write_properties
 
-from servers import error_message, manage, send, worker_pids
+from servers import clean_env, error_message, manage, send, worker_pids
 
 from .support import JSON
 
@@ -134,7 +134,7 @@ def serve_cli(*args: str, timeout: float = 120) -> tuple[int, str, str, float]:
     """``python -m serve ARGS`` → (exit code, stdout, stderr, seconds)."""
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "serve", *args], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=timeout)
+                            text=True, timeout=timeout, env=clean_env())
     return result.returncode, result.stdout, result.stderr, time.monotonic() - started
 
 
@@ -466,12 +466,11 @@ def test_entrypoint_exits_non_zero_when_the_jvm_dies(tmp_path, matrix):
     server_config(app / "config.properties", ports, app / "model_store")
     (tmp_path / "work").mkdir()
     (tmp_path / "t").mkdir()
-    env = {**os.environ, "APP_DIR": str(app), "OIP_AGENT_JAR": "", "PYTHON": sys.executable,
+    env = {**clean_env(), "APP_DIR": str(app), "OIP_AGENT_JAR": "", "PYTHON": sys.executable,
            "OIP_GRPC_LISTEN": f"127.0.0.1:{ports.oip_grpc}", "TS_WORKDIR": str(tmp_path / "work"),
            "TMPDIR": str(tmp_path / "t"), "TEMP": str(tmp_path / "t"), "PYTHONPATH": str(REPO_ROOT),
            "OIP_GRPC_REST": f"http://127.0.0.1:{ports.inference}",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    env.pop("TS_CONFIG_FILE", None)
     with open(tmp_path / "entrypoint.out", "wb") as out:
         entry = subprocess.Popen(["bash", str(REPO_ROOT / "deploy" / "docker" / "entrypoint.sh")], env=env,
                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

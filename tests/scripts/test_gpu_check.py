@@ -8,7 +8,6 @@ CPU with the real handlers. Expectations come from the network run directly in t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from models.registry import get_spec
 from paths import REPO_ROOT as REPO
 from scripts.gpu_check import __main__ as cli
 from scripts.gpu_check import inprocess, served
+from servers import clean_env
 from train.data import mnist_arrays, normalize_images
 
 
@@ -66,7 +66,7 @@ def run_summary(argv) -> tuple[int, dict]:
 
 def test_the_command_without_a_gpu_says_so_and_exits_0(tmp_path):
     out = tmp_path / "gpu.json"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, also on a machine that has one
+    env = clean_env(CUDA_VISIBLE_DEVICES="")  # no GPU, also on a machine that has one
     result = subprocess.run([sys.executable, "-m", "scripts.gpu_check", "--weights", str(tmp_path / "none"),
                              "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -3,7 +3,6 @@ client as TorchServe runs it (serve/worker_python ts/model_service_worker.py ...
 Exit codes, stdout/stderr, signals, a killed client, and the plain-interpreter fallbacks."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import ts
 from paths import REPO_ROOT
 from serve.forkserver import import_time_environment
 from serve.server import FORKSERVER, WORKER_PYTHON
+from servers import clean_env
 
 WORKER = str(Path(ts.__file__).resolve().parent / "model_service_worker.py")
 METRICS = str(REPO_ROOT / "serve" / "metrics.yaml")
@@ -32,8 +32,7 @@ def forkserver(tmp_path_factory):
     """A running fork server (same environment as the clients below) and the clients' environment."""
     root = tmp_path_factory.mktemp("fork")
     sock = root / "f.sock"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)
+    env = clean_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     log = open(root / "forkserver.out", "wb")
     server = subprocess.Popen([sys.executable, "-P", str(FORKSERVER), "--serve", str(sock)], env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -18,6 +18,7 @@ from train.data import load_dataset
 from train.trainer import evaluate, load_trained, shift_images, train_model
 
 from paths import REPO_ROOT as REPO
+from servers import clean_env
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COMMON_KEYS = {
     "model", "model_class", "task", "dataset", "epochs", "batch_size", "lr", "weight_decay", "lr_schedule",
@@ -32,7 +33,7 @@ def quiet_train(spec, output_dir, **kwargs):
 
 def run_cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=clean_env())
 
 
 def assert_valid_png(path: Path):
