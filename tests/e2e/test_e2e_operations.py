@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from client.api import TorchServeClient, TorchServeError
-from servers import post
+from servers import clean_env, post
 from models.registry import REGISTRY, get_spec
 from serve.package import RESPONSE_TIMEOUT_S
 
@@ -108,14 +108,18 @@ def test_client_follows_a_rotated_inference_key(server):
 
 
 def _jvm_threads_started(pid: int) -> int:
-    """The frontend JVM's count of threads started since it began (HotSpot counter ``java.threads.started``)."""
-    jcmd = Path(shutil.which("java") or "java").resolve().parent / "jcmd"
-    if not jcmd.exists():
-        pytest.skip(f"no jcmd beside {jcmd.parent}/java")
-    done = subprocess.run([str(jcmd), str(pid), "PerfCounter.print"], capture_output=True, text=True, timeout=60)
+    """The frontend JVM's count of threads started since it began (HotSpot counter ``java.threads.started``).
+
+    Read with ``jstat -snap`` from the JVM's performance-data file (/tmp/hsperfdata_<user>/<pid>), which needs
+    no attach to the JVM (``jcmd`` does, and its attach can time out on a loaded machine). The JDK that
+    TorchServe and the OIP agent need ships jstat, so a missing counter is a failure, not a skip.
+    """
+    jstat = Path(shutil.which("java") or "java").resolve().parent / "jstat"
+    assert jstat.exists(), f"no jstat beside {jstat.parent}/java: the JDK (openjdk-17-jdk-headless) is required"
+    done = subprocess.run([str(jstat), "-J-Djstat.showUnsupported=true", "-snap", str(pid)], capture_output=True,
+                          text=True, timeout=60, env=clean_env())
     counts = [line.split("=", 1)[1] for line in done.stdout.splitlines() if line.startswith("java.threads.started=")]
-    if not counts:  # the JVM refused the attach (e.g. another user, attach disabled)
-        pytest.skip(f"jcmd could not read the JVM's counters: {(done.stdout + done.stderr).strip()[:200]}")
+    assert counts, f"jstat could not read the JVM's counters: {(done.stdout + done.stderr).strip()[:300]}"
     return int(counts[0])
 
 
