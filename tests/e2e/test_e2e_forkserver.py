@@ -5,21 +5,42 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import psutil
 import pytest
+from PIL import Image
 
 from client.api import TorchServeClient
+from e2e_support import TOLERANCE, normalise_pixels
+from paths import REPO_ROOT
 from serve.package import package_models
 from serve.server import Ports, Server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+DIGITS = sorted((REPO_ROOT / "examples").glob("digit_[0-9].png"))  # real MNIST test digits, one per class
 
 
 def worker_pids(server: Server) -> list[int]:
     return sorted(w["pid"] for w in server.describe("mnistnet")["workers"])
 
 
-def test_forked_workers_answer_are_replaced_and_stop_cleanly(tmp_path, weights_dir):
+def assert_digits_answered_like_the_model(client: TorchServeClient, reference) -> None:
+    """Each example digit as PNG, one request each (so both workers answer), and all ten as one JSON batch:
+    class and probabilities equal the in-process model's (the weights the server serves)."""
+    assert [int(path.stem[-1]) for path in DIGITS] == list(range(10))
+    pixels = np.stack([np.asarray(Image.open(path).convert("L")) for path in DIGITS])
+    expected = reference("mnistnet", normalise_pixels(pixels).reshape(len(pixels), -1))
+    assert expected.argmax(axis=1).tolist() == list(range(10)), "the in-process model reads every example digit"
+    answers = [client.predict("mnistnet", path.read_bytes()) for path in DIGITS]
+    answers += client.predict("mnistnet", {"data": (pixels / 255.0).tolist()})
+    for i, answer in enumerate(answers):
+        digit = i % 10
+        assert answer["predicted_class"] == digit, (DIGITS[digit].name, answer)
+        np.testing.assert_allclose(answer["probabilities"], expected[digit], atol=TOLERANCE, err_msg=DIGITS[digit].name)
+
+
+def test_forked_workers_answer_are_replaced_and_stop_cleanly(tmp_path, weights_dir, reference):
     store = tmp_path / "store"
     package_models(["mnistnet"], weights_dir, store)
     server = Server(ports=Ports.free(), tmpdir=tmp_path / "t", workdir=tmp_path / "w", model_store=store,
@@ -31,7 +52,7 @@ def test_forked_workers_answer_are_replaced_and_stop_cleanly(tmp_path, weights_d
         pids = worker_pids(server)
         assert len(pids) == 2 and all(psutil.Process(pid).ppid() == forkserver.pid for pid in pids), pids
         client = TorchServeClient(server.inference_url, key_file=server.key_file)
-        assert client.predict("mnistnet", {"data": [0.0] * 784})["predicted_class"] in range(10)
+        assert_digits_answered_like_the_model(client, reference)
 
         clients = [p for p in psutil.Process(server.pid()).children() if "model_service_worker" in " ".join(p.cmdline())]
         assert len(clients) == 2 and not {c.pid for c in clients} & set(pids)
@@ -50,7 +71,7 @@ def test_forked_workers_answer_are_replaced_and_stop_cleanly(tmp_path, weights_d
         assert len(gone) == 1 and not psutil.pid_exists(gone[0])
         (new,) = set(now) - set(pids)
         assert psutil.Process(new).ppid() == forkserver.pid, "the replacement was forked too"
-        assert client.predict("mnistnet", {"data": [0.0] * 784})["predicted_class"] in range(10)
+        assert_digits_answered_like_the_model(client, reference)  # the replacement answers too
         workers = [psutil.Process(pid) for pid in now]
     finally:
         server.stop()
