@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -130,10 +131,32 @@ def make_server(root: Path, store: Path, models, **settings: str) -> Server:
                   models=list(models), env={"FAULT_CONTROL_DIR": str(root / "control")})
 
 
-def serve_cli(*args: str, timeout: float = 120) -> tuple[int, str, str, float]:
-    """``python -m serve ARGS`` → (exit code, stdout, stderr, seconds)."""
+NOBODY = 65534  # the unprivileged user (Debian's ``nobody``/``nogroup``) the read-only-folder case runs as under root
+
+
+def as_unprivileged() -> list[str]:
+    """The command prefix that runs ``python -m serve`` without root's power over file permissions when the
+    tests run as root (util-linux's setpriv), nothing for anyone else: root writes into a mode-0500 folder
+    anyway. As ``nobody``; where nobody cannot run this interpreter or read the checkout (both under /root,
+    say), as root without the capabilities that bypass permissions (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "running a case as an unprivileged user under root needs setpriv (util-linux)"
+    nobody = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    probe = subprocess.run([*nobody, sys.executable, "-c", "import serve.server"], cwd=REPO_ROOT, capture_output=True,
+                           timeout=120, env=clean_env())
+    if probe.returncode == 0:
+        return nobody
+    return [setpriv, "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def serve_cli(*args: str, timeout: float = 120, unprivileged: bool = False) -> tuple[int, str, str, float]:
+    """``python -m serve ARGS`` → (exit code, stdout, stderr, seconds); ``unprivileged``: under root, without
+    root's power over file permissions (:func:`as_unprivileged`)."""
+    prefix = as_unprivileged() if unprivileged else []
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "serve", *args], cwd=REPO_ROOT, capture_output=True,
+    result = subprocess.run([*prefix, sys.executable, "-m", "serve", *args], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=timeout, env=clean_env())
     return result.returncode, result.stdout, result.stderr, time.monotonic() - started
 
@@ -287,8 +310,12 @@ def test_hung_worker_is_answered_and_replaced(fault_server, batch_body, matrix):
         thread.join(timeout=RESPONSE_TIMEOUT_S + 30)
         assert not thread.is_alive(), "no answer for the hung request"
         response = hung["response"]
-        assert response.status_code >= 400, response.text
-        message = error_message(response)  # a JSON body with a message
+        # TorchServe's answer when responseTimeout passes (its worker thread gives up on the worker); "error"
+        # is the copy of "message" every error body carries (serve/java).
+        assert response.status_code == 500, response.text
+        assert response.json() == {"code": 500, "type": "InternalServerException", "message": "Worker died.",
+                                   "error": "Worker died."}, response.text
+        message = error_message(response)
         assert hung["seconds"] < RESPONSE_TIMEOUT_S + 3, hung["seconds"]
         not_ready = None
         deadline = time.monotonic() + 90
@@ -344,28 +371,39 @@ def test_rotated_key_is_refused_and_the_client_rereads_it(fault_server, matrix):
 
 
 def test_workflow_registration_loads_nothing(fault_server, tmp_path, matrix):
+    """A real archive (the served mnistnet.mar, named wf.war) by every URL form: refused outside the store,
+    and by bare name inside it read and refused, because its manifest names no workflow."""
     server = fault_server
     outside = tmp_path / "wf.war"
-    outside.write_bytes(b"PK\x05\x06" + b"\x00" * 18)  # an (empty) zip: refused before it is opened
+    shutil.copy2(server.model_store / "mnistnet.mar", outside)
     inside = server.model_store / "wf.war"
     shutil.copy2(outside, inside)
     traversal = os.path.relpath(outside, server.model_store)  # ../../…/wf.war, relative to the store
+    models_before = manage(server, "GET", "/models").json()
+    not_allowed = "WorkflowNotFoundException", "Given URL {} does not match any allowed URL(s)"
+    expected = {
+        f"file://{outside}": (404, *not_allowed),
+        f"file://{inside}": (404, *not_allowed),
+        "http://127.0.0.1:9/wf.war": (404, *not_allowed),
+        traversal: (404, "WorkflowNotFoundException", "Relative path is not allowed in url: {}"),
+        "wf.war": (500, "InvalidWorkflowException", "Workflow name is not defined."),
+    }
     try:
         answers = {}
-        for url in (f"file://{outside}", f"file://{inside}", traversal, "http://127.0.0.1:9/wf.war", "wf.war"):
+        for url, (status, kind, message) in expected.items():
             response = manage(server, "POST", "/workflows", params={"url": url})
             answers[url] = (response.status_code, error_message(response))
-            assert response.status_code >= 400, (url, response.text)
+            text = message.format(url)
+            assert (response.status_code, response.json()) == (
+                status, {"code": status, "type": kind, "message": text, "error": text}), (url, response.text)
         assert manage(server, "GET", "/workflows").json() == {"workflows": []}
+        assert manage(server, "GET", "/models").json() == models_before
     finally:
         inside.unlink()
-    for url in (f"file://{outside}", f"file://{inside}", "http://127.0.0.1:9/wf.war"):
-        assert "does not match any allowed URL(s)" in answers[url][1], answers
-    assert "not allowed" in answers[traversal][1].lower() or "allowed url" in answers[traversal][1].lower(), answers
     print("\n".join(f"  POST /workflows?url={url}: {code} {message[:100]}" for url, (code, message) in answers.items()))
     record(matrix, "workflow registration", "refused for every URL outside the store (file://, ../, http://): "
-           f"{answers[f'file://{outside}'][0]} 'does not match any allowed URL(s)'; a .war in the store by name: "
-           f"{answers['wf.war'][0]} {answers['wf.war'][1][:50]!r}", "nothing registered", "-")
+           f"{answers[f'file://{outside}'][0]} 'does not match any allowed URL(s)'; a real archive in the store by "
+           f"name: {answers['wf.war'][0]} {answers['wf.war'][1][:50]!r}", "nothing registered", "-")
 
 
 # ------------------------------------------------------------------------------------ 5b + 3. expiry, JVM death
@@ -517,6 +555,21 @@ def bad_starts(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bad-starts").resolve()
 
 
+@pytest.fixture
+def unprivileged_root(tmp_path_factory):
+    """A folder for a bad start that :func:`as_unprivileged`'s user can read (pytest's own temporary folders
+    are private to root): world-readable, under the system's temporary folder; removed afterwards."""
+    if os.geteuid() != 0:
+        yield tmp_path_factory.mktemp("unprivileged").resolve()
+        return
+    root = Path(tempfile.mkdtemp(prefix="ts-bad-start-")).resolve()
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def bad_start(root: Path, store: Path, archive_bytes: bytes | None = None, rewrite: dict | None = None,
               log_dir: Path | None = None, ports: Ports | None = None) -> tuple[list[str], Ports]:
     model_store = root / "store"
@@ -548,11 +601,10 @@ BAD_STARTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_STARTS))
-def test_bad_start_fails_fast_with_one_line(case, bad_starts, store, matrix):
+def test_bad_start_fails_fast_with_one_line(case, bad_starts, store, matrix, request):
     how, words = BAD_STARTS[case]
-    if how == "log-dir-mode" and os.geteuid() == 0:
-        pytest.skip("root writes into a mode-0500 folder anyway (the 'unwritable log folder' case covers root)")
-    root = bad_starts / how
+    # Root writes into a mode-0500 folder anyway: under root that case runs as nobody, from a folder it can read.
+    root = request.getfixturevalue("unprivileged_root") / how if how == "log-dir-mode" else bad_starts / how
     good = (store / "mnistnet.mar").read_bytes()
     listener = None
     if how == "truncated":
@@ -575,14 +627,19 @@ def test_bad_start_fails_fast_with_one_line(case, bad_starts, store, matrix):
         listener.listen()
     elif how == "log-dir-mode":
         read_only = root.parent / f"{how}-logs"
-        read_only.mkdir(mode=0o500)
         args, ports = bad_start(root, store, log_dir=read_only)
+        read_only.mkdir()
+        if os.geteuid() == 0:  # the unprivileged user's own folders: its work folder, and logs it may only read
+            for path in (root / "work", read_only):
+                path.mkdir(exist_ok=True)
+                os.chown(path, NOBODY, NOBODY)
+        read_only.chmod(0o500)
     else:
         blocker = root.parent / f"{how}-file"
         blocker.write_text("a file where the log folder should be\n")
         args, ports = bad_start(root, store, log_dir=blocker / "logs")
     try:
-        code, out, err, seconds = serve_cli(*args, timeout=180)
+        code, out, err, seconds = serve_cli(*args, timeout=180, unprivileged=how == "log-dir-mode")
     finally:
         if listener is not None:
             listener.close()
