@@ -14,6 +14,7 @@ import requests
 import torch
 
 from e2e_support import normalise_pixels
+from explain_reference import assert_matches_captum, binary_forward, captum_ig, regression_forward
 from servers import clean_env, post
 from handlers.explain import MAX_EXPLAIN_SAMPLES, MAX_STEPS
 
@@ -23,15 +24,22 @@ from paths import REPO_ROOT as REPO
 DIGIT_7 = REPO / "examples" / "digit_7.png"
 
 
-def black_logits(weights_dir, name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+BLACK = normalise_pixels(np.zeros((1, 28, 28), np.uint8)).reshape(1, 784)  # the digit nets' baseline
+
+
+def served_model(weights_dir, name: str) -> torch.nn.Module:
+    """The in-process network from the weights the session server serves."""
     from models.registry import get_spec
 
     model = get_spec(name).build()
     model.load_state_dict(torch.load(weights_dir / f"{name}.pt", weights_only=True))
-    model.eval()
-    base = normalise_pixels(np.zeros((1, 28, 28), np.uint8)).reshape(1, 784)
+    return model.eval()
+
+
+def black_logits(weights_dir, name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    model = served_model(weights_dir, name)
     with torch.no_grad():
-        return model(torch.as_tensor(x)).numpy(), model(torch.as_tensor(base)).numpy()
+        return model(torch.as_tensor(x)).numpy(), model(torch.as_tensor(BLACK)).numpy()
 
 
 @pytest.mark.parametrize("model", ["mnistnet", "deepnet", "feedforwardnet"])
@@ -67,6 +75,42 @@ def test_target_steps_versions_and_lists(server, mnist_test):
     assert form.status_code == 200 and form.json()["target"] == 4, form.text
 
 
+def test_non_default_steps_match_captum(server, weights_dir, mnist_test):
+    """Served maps and deltas for steps other than the default (JSON body, headers) equal Captum's own
+    Integrated Gradients on the served weights."""
+    images, _ = mnist_test
+    model = served_model(weights_dir, "deepnet")
+    x = normalise_pixels(images[:3]).reshape(3, 784)
+    response = post(server, "/explanations/deepnet", json={"data": (images[:3] / 255.0).tolist(), "steps": 33})
+    assert response.status_code == 200, response.text
+    predicted = model(torch.as_tensor(x)).argmax(dim=1).tolist()
+    assert [a["target"] for a in response.json()] == predicted
+    assert_matches_captum(response.json(), captum_ig(model, x, BLACK, predicted, 33), 33)
+    header = post(server, "/explanations/deepnet", data=DIGIT_7.read_bytes(),
+                  headers={"Content-Type": "image/png", "X-Explain-Target": "2", "X-Explain-Steps": "5"})
+    assert header.status_code == 200, header.text
+    from PIL import Image
+
+    digit = normalise_pixels(np.asarray(Image.open(DIGIT_7).convert("L"))[None]).reshape(1, 784)
+    assert_matches_captum([header.json()], captum_ig(model, digit, BLACK, 2, 5), 5)
+
+
+def test_kserve_v1_explanations_match_captum(server, weights_dir, mnist_test):
+    images, _ = mnist_test
+    model = served_model(weights_dir, "mnistnet")
+    x = normalise_pixels(images[10:12]).reshape(2, 784)
+    instances = (images[10:12] / 255.0).tolist()
+    default = post(server, "/v1/models/mnistnet:explain", json={"instances": instances})
+    assert default.status_code == 200, default.text
+    predicted = model(torch.as_tensor(x)).argmax(dim=1).tolist()
+    assert_matches_captum(default.json()["explanations"], captum_ig(model, x, BLACK, predicted, 50), 50)
+    chosen = post(server, "/v1/models/mnistnet:explain",
+                  json={"instances": instances, "parameters": {"target": 3, "steps": 20}})
+    assert chosen.status_code == 200, chosen.text
+    assert [e["target"] for e in chosen.json()["explanations"]] == [3, 3]
+    assert_matches_captum(chosen.json()["explanations"], captum_ig(model, x, BLACK, 3, 20), 20)
+
+
 def test_kserve_v1_and_v2_explain(server, mnist_test):
     images, labels = mnist_test
     v1 = post(server, "/v1/models/mnistnet:explain", json={"instances": (images[:2] / 255.0).round(6).tolist()})
@@ -83,14 +127,25 @@ def test_kserve_v1_and_v2_explain(server, mnist_test):
     assert v2.json()["parameters"]["steps"] == 32
 
 
-@pytest.mark.parametrize("model, rows, width", [("mlp", [[1.0, -0.5], [-1.0, 0.5]], 2),
-                                                ("regressionnet", [[0.1] * 10], 10),
-                                                ("linearregression", [[2.0]], 1)])
-def test_tabular_models_attribute_their_features(server, model, rows, width):
+@pytest.mark.parametrize("model, rows, width", [("mlp", [[1.0, -0.5], [-1.0, 0.5], [0.3, 0.2]], 2),
+                                                ("regressionnet", np.linspace(-1, 1, 20).reshape(2, 10).tolist(), 10),
+                                                ("linearregression", [[2.0], [-0.5]], 1)])
+def test_tabular_models_attribute_their_features(server, weights_dir, model, rows, width):
+    """Values, not only shapes: Captum on p(target) (mlp) or the prediction (regression nets) from the zero
+    row, for the default and a non-default steps, natively and through KServe v1."""
+    net = served_model(weights_dir, model)
+    forward = binary_forward(net) if model == "mlp" else regression_forward(net)
+    x, zero = np.array(rows, np.float32), np.zeros((1, width), np.float32)
     response = post(server, f"/explanations/{model}", json={"data": rows})
     assert response.status_code == 200, response.text
     answers = response.json()
     assert len(answers) == len(rows) and all(np.shape(a["attributions"]) == (width,) for a in answers)
+    targets = forward(torch.as_tensor(x)).argmax(dim=1).tolist()  # mlp: the predicted class; regression: 0
+    assert [a["target"] for a in answers] == targets
+    assert_matches_captum(answers, captum_ig(forward, x, zero, targets, 50), 50)
+    v1 = post(server, f"/v1/models/{model}:explain", json={"instances": rows, "parameters": {"steps": 16}})
+    assert v1.status_code == 200, v1.text
+    assert_matches_captum(v1.json()["explanations"], captum_ig(forward, x, zero, targets, 16), 16)
 
 
 @pytest.mark.parametrize("path, kwargs, status, fragment", [

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from explain_reference import ATOL, assert_matches_captum, binary_forward, captum_ig, regression_forward
 from handlers import explain
 from test_handlers import digits, keep_torch_threads, png, run_batch, serve, softmax_of, statuses  # noqa: F401
 from train.data import normalize_images
@@ -64,6 +65,24 @@ def test_captum_agrees(mnist, digits):
     direct = IntegratedGradients(reference).attribute(x, baselines=torch.from_numpy(black()), target=3, n_steps=50)
     assert answer["target"] == 3
     np.testing.assert_allclose(np.reshape(answer["attributions"], (1, 784)), direct.detach().numpy(), atol=1e-5)
+
+
+def test_non_default_steps_match_captum(mnist, digits):
+    """steps=7 and steps=100, predicted and named targets, in one batch: each map and delta is Captum's."""
+    handler, context, reference = mnist
+    images = (digits[:3] / 255.0).tolist()
+    answers = run_batch(handler, context, [{"body": {"data": images, "steps": 7}},
+                                           {"body": {"data": images, "steps": 100, "target": [3, 1, 4]}}], [NATIVE] * 2)
+    assert statuses(context, 2) == [200, 200]
+    x = normalize_images(digits[:3]).reshape(3, 784).numpy()
+    predicted = logits(reference, x).argmax(axis=1).tolist()
+    assert [a["target"] for a in answers[0]] == predicted and [a["target"] for a in answers[1]] == [3, 1, 4]
+    seven = captum_ig(reference, x, black(), predicted, 7)
+    assert_matches_captum(answers[0], seven, 7)
+    assert_matches_captum(answers[1], captum_ig(reference, x, black(), [3, 1, 4], 100), 100)
+    # The steps matter: 7 Gauss-Legendre points give another map than the default 50, well beyond ATOL.
+    fifty = captum_ig(reference, x, black(), predicted, explain.DEFAULT_STEPS)
+    assert np.abs(seven[0] - fifty[0]).max() > 100 * ATOL
 
 
 def test_a_batch_mixes_explanations_predictions_and_errors(mnist, digits):
@@ -131,6 +150,12 @@ def test_kserve_v1_explain(mnist, digits):
     assert statuses(context, 1) == [200]
     assert [e["target"] for e in answer["explanations"]] == [4, 4]
     assert np.shape(answer["explanations"][0]["attributions"]) == (28, 28)
+    x = normalize_images(digits[:2]).reshape(2, 784).numpy()
+    assert_matches_captum(answer["explanations"], captum_ig(reference, x, black(), 4, explain.DEFAULT_STEPS),
+                          explain.DEFAULT_STEPS)
+    # steps among the KServe parameters
+    (answer,) = run_batch(handler, context, [{"body": {**body, "parameters": {"target": 4, "steps": 24}}}], [KSERVE])
+    assert_matches_captum(answer["explanations"], captum_ig(reference, x, black(), 4, 24), 24)
 
 
 def test_oip_explain(mnist, digits):
@@ -172,6 +197,14 @@ def test_binary_classifier_explains_either_class(tmp_path):
                                -np.array(answers[0][0]["attributions"]) * (1 if answers[0][0]["target"] == 1 else -1),
                                atol=1e-5)
     assert "has classes 0-1" in answers[2]["error"]
+    # The values: Captum on p(target), zero-row baseline, default and non-default steps.
+    x = np.array(rows, np.float32)
+    zero = np.zeros((1, 2), np.float32)
+    predicted = [a["target"] for a in answers[0]]
+    assert_matches_captum(answers[0], captum_ig(binary_forward(reference), x, zero, predicted, 50), 50)
+    assert_matches_captum(answers[1], captum_ig(binary_forward(reference), x, zero, 0, 50), 50)
+    (stepped,) = run_batch(handler, context, [{"body": {"data": rows, "target": [1, 0], "steps": 12}}], [NATIVE])
+    assert_matches_captum(stepped, captum_ig(binary_forward(reference), x, zero, [1, 0], 12), 12)
 
 
 def test_regression_attributions_over_features(tmp_path):
@@ -188,6 +221,12 @@ def test_regression_attributions_over_features(tmp_path):
         assert sum(a["attributions"]) == pytest.approx(value - y0, abs=abs(a["convergence_delta"]) + 1e-4)
         assert a["baseline"] == "zero row: 0 for every feature"
     assert "has one output" in answers[1]["error"]
+    x = np.array(rows, np.float32)
+    zero = np.zeros((1, 10), np.float32)
+    assert_matches_captum(answers[0], captum_ig(regression_forward(reference), x, zero, 0, 50), 50)
+    kserve = {"instances": rows, "parameters": {"steps": 9}}
+    (answer,) = run_batch(handler, context, [{"body": kserve}], [KSERVE])
+    assert_matches_captum(answer["explanations"], captum_ig(regression_forward(reference), x, zero, 0, 9), 9)
 
 
 def test_predictions_are_unchanged_by_the_explain_header_false(mnist, digits):
