@@ -64,8 +64,8 @@ RUN python -m train all --missing --no-progress \
  && ls -l model_store/*.mar
 
 # ----------------------------------------------------------------------------------------------- oip
-# The Open Inference Protocol agent (serve/oip_agent.py: serve/java compiled against the venv's
-# model-server.jar). The JDK stays in this stage; the runtime only needs the JRE.
+# The Open Inference Protocol agent (serve/torchserve/agent.py: serve/torchserve/java compiled against the
+# venv's model-server.jar). The JDK stays in this stage; the runtime only needs the JRE.
 FROM deps AS oip
 ARG DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
@@ -76,9 +76,10 @@ RUN mkdir -p /usr/share/man/man1 \
 WORKDIR /src
 # Only what the agent build reads, so a change elsewhere in serve/ does not recompile it.
 COPY paths/ paths/
-COPY serve/__init__.py serve/oip_agent.py serve/
-COPY serve/java/ serve/java/
-RUN python -m serve.oip_agent --out /out/oip-agent.jar
+COPY serve/__init__.py serve/
+COPY serve/torchserve/__init__.py serve/torchserve/agent.py serve/torchserve/
+COPY serve/torchserve/java/ serve/torchserve/java/
+RUN python -m serve.torchserve.agent --out /out/oip-agent.jar
 # The runtime's Java: a jlink'ed JRE of just the modules TorchServe's frontend uses (`jdeps
 # --print-module-deps` of ts/frontend/model-server.jar), plus java.instrument (the agent), jdk.crypto.ec (TLS),
 # jdk.management and jdk.zipfs: ~50 MB where Debian's openjdk-17-jre-headless is ~350 MB with its libraries.

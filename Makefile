@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-serve.txt requirements-dev.txt pyproject.toml
-	@command -v javac >/dev/null || { echo "TorchServe needs Java 17, and its OIP agent (serve/java) a JDK: install it first (Debian: apt-get install -y openjdk-17-jdk-headless)"; exit 1; }
+	@command -v javac >/dev/null || { echo "TorchServe needs Java 17, and its OIP agent (serve/torchserve/java) a JDK: install it first (Debian: apt-get install -y openjdk-17-jdk-headless)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .

@@ -44,16 +44,16 @@ MODEL = "mnistnet"
 # py-spy frames → stage of a request's life in the worker; the first matching rule (innermost frame first) wins.
 STAGES = (
     ("metrics + logging", ("logging/__init__.py", "ModelMetrics.", "caching_metric.py", "metric_cache",
-                           "_prediction_time")),
+                           "prediction_time_line", "_BatchRecord")),
     ("JSON parse", ("json/decoder.py", "json_loads", "_decoded")),
-    ("socket read/write + framing", ("otf_message_handler.py", "fast_worker.py:retrieve_msg", "_inference_msg",
-                                     "fast_worker.py:_Reader", "socket.py", "handle_connection")),
+    ("socket read/write + framing", ("otf_message_handler.py", "torchserve/worker.py:retrieve_msg", "_inference_msg",
+                                     "torchserve/worker.py:_Reader", "socket.py", "handle_connection")),
     ("validate + decode", ("decoding.py", "protocols.py:decode", "protocols.py:_decode", "protocols.py:request_headers",
                            "PIL/", "Handler.preprocess")),
     ("forward", ("torch/nn/", "mnist_net.py", "ServingHandler.forward", "BaseHandler.inference")),
     ("encode response", ("protocols.py:encode", "json/encoder.py", "image_classifier.py", "_response_frame",
                          "create_predict_response", "postprocess")),
-    ("TorchServe request bookkeeping", ("service.py", "context.py", "fast_worker.py:predict")),
+    ("TorchServe request bookkeeping", ("service.py", "context.py", "torchserve/worker.py:predict")),
 )
 
 
@@ -61,9 +61,9 @@ def worker_processes(server) -> list[psutil.Process]:
     """The server's backend workers: the frontend's children, and the fork server's children when it forks them."""
     frontend = psutil.Process(server.pid())
     found = frontend.children(recursive=True)
-    forkserver = getattr(server, "_forkserver", None)
-    if forkserver is not None and forkserver.poll() is None:
-        found += psutil.Process(forkserver.pid).children(recursive=True)
+    forkserver = server.forkserver_pid()
+    if forkserver is not None:
+        found += psutil.Process(forkserver).children(recursive=True)
     return found
 
 

@@ -8,7 +8,7 @@
 The archive is built by serve/package.py and unpacked; TorchServe's model loader loads it with our metrics
 YAML (so the model-quality metrics run), exactly as a worker does. Each round writes one batch frame, as the
 frontend sends it (request id, the headers wrk sends, the body), into a socket pair; the worker side reads it
-with the worker's ``retrieve_msg`` (handlers/fast_worker.py's unless switched off), answers through
+with the worker's ``retrieve_msg`` (serve/torchserve/worker.py's unless switched off), answers through
 ``Service.predict`` and ``sendall``, and the feeding side reads the answer back. No frontend, no HTTP, one
 process: CPU per request here is the worker's share of a served request without scheduling noise (the
 feeding side's write and read are included, a few µs). Log lines go to /dev/null.
@@ -96,23 +96,22 @@ def load_service(model: str, batch: int, root: Path, *, weights: Path | None = N
 
     ``weights``: the state dict to archive (default ``weights/<model>.pt``, trained when missing);
     ``gpu_id``: the GPU TorchServe would give the worker (None: none). ``as_worker`` makes this process look
-    like a worker's loop, so that handlers/fast_worker.py swaps its pieces in (for the whole process, as in a
-    worker); without it TorchServe's own ``retrieve_msg`` and ``Service.predict`` run. Returns
+    like a worker: the worker patches (serve/torchserve/worker.py) are installed, for the whole process, as the
+    worker launch does; without it TorchServe's own ``retrieve_msg`` and ``Service.predict`` run. Returns
     ``(service, retrieve_msg)``; the archive goes to ``root/store``, unpacked into ``root/<model>``.
     """
-    import __main__
-
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
     from ts.model_loader import ModelLoaderFactory
     from ts.protocol import otf_message_handler
 
     from models.registry import get_spec
     from serve.package import build_archive, ensure_weights, model_config
+    from serve.torchserve import worker
 
     if as_worker:
-        # A worker runs ts/model_service_worker.py as __main__, which imported retrieve_msg by name; our
-        # handler swaps in fast_worker's pieces only there (fast_worker.install), so look like one.
-        __main__.retrieve_msg = otf_message_handler.retrieve_msg
+        # What the worker launch does before the worker script runs (serve/torchserve/run_worker.py): the worker
+        # patches, unless SERVE_FAST_WORKER=0 (or another TorchServe) keeps TorchServe's own pieces.
+        worker.install()
     spec = get_spec(model)
     archive = build_archive(spec, weights or ensure_weights(spec, WEIGHTS_DIR), root / "store",
                             config=model_config(spec))
@@ -126,8 +125,7 @@ def load_service(model: str, batch: int, root: Path, *, weights: Path | None = N
     cache.model_name = model
     service = ModelLoaderFactory.get_model_loader().load(
         model, str(model_dir), manifest["model"]["handler"], gpu_id, batch, None, True, cache)
-    retrieve = __main__.retrieve_msg if as_worker else otf_message_handler.retrieve_msg
-    return service, retrieve
+    return service, otf_message_handler.retrieve_msg
 
 
 class Replay:
@@ -165,8 +163,8 @@ class Replay:
 
 # Stage name → (module, attribute path) timed by wrapping; nested stages are indented under their caller.
 STAGES = (
-    ("read the frame (incl. JSON parse)", "handlers.fast_worker", "_inference_msg"),
-    ("  JSON parse", "handlers.fast_worker", "json_loads"),
+    ("read the frame (incl. JSON parse)", "serve.torchserve.worker", "_inference_msg"),
+    ("  JSON parse", "serve.torchserve.worker", "_json_loads"),
     ("Service.predict", "ts.service", "Service.predict"),
     ("  decode + validate", "handlers.protocols", "decode_request"),
     ("    numeric_array", "handlers.decoding", "numeric_array"),
@@ -175,7 +173,7 @@ STAGES = (
     ("  postprocess", "image_classifier", "ImageClassifier.postprocess"),
     ("  encode", "handlers.protocols", "encode_response"),
     ("  model metrics", "handlers.metrics", "ModelMetrics.predictions"),
-    ("  response frame", "handlers.fast_worker", "_response_frame"),
+    ("  response frame", "serve.torchserve.worker", "_response_frame"),
 )
 
 

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from handlers import explain, fast_worker, protocols
+from handlers import explain, protocols
 from handlers.decoding import InputError
+from handlers.jsoncodec import json_loads
 from handlers.metrics import ModelMetrics
 from models.registry import get_spec
 
@@ -73,6 +74,9 @@ class ServingHandler:
     """Base handler; subclasses set ``tasks`` (the ModelSpec tasks they serve) and implement ``postprocess``."""
 
     tasks: tuple[str, ...] = ()
+    # The JSON parser for request bodies that TorchServe decodes before the handler sees them; the leaner
+    # worker loop (serve/torchserve/worker.py) takes it from the loaded handler.
+    json_loads = staticmethod(json_loads)
 
     def __init__(self):
         self.spec = None
@@ -110,10 +114,6 @@ class ServingHandler:
         self.model_name = model_info.get("modelName", self.spec.name)
         self.model_version = model_info.get("modelVersion", self.spec.version)
         self.metrics = ModelMetrics(getattr(context, "metrics", None), self.model_name, self.spec.task)
-        # Inside a TorchServe worker: its socket reading and per-batch bookkeeping, leaner (handlers/fast_worker.py),
-        # which then writes the metrics' record together with its own lines for the batch.
-        if fast_worker.install():
-            self.metrics.write = fast_worker.batch_log
         self.initialized = True
         logger.info(
             "serving %s (%s) on %s with %d thread(s)",

@@ -1,7 +1,7 @@
 """JSON text in and out of the handlers: orjson for speed, the standard library as the reference.
 
-``json_loads`` parses request bodies (also for handlers/fast_worker.py, which decodes JSON bodies as
-TorchServe would), ``encode_json`` writes responses. A list parsed from a text of nothing but numbers and
+``json_loads`` parses request bodies (also for serve/torchserve/worker.py, which decodes JSON bodies as
+TorchServe would, through the handler's ``json_loads``), ``encode_json`` writes responses. A list parsed from a text of nothing but numbers and
 brackets comes back as a :class:`NumberList`, which handlers/decoding.numeric_array converts in one call.
 """
 from __future__ import annotations

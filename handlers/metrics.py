@@ -23,21 +23,20 @@ With ``metrics_mode=prometheus`` TorchServe only exports metrics declared in its
 given (``context.metrics``) at start-up and reports only what is declared there, so a server without
 the YAML costs nothing here.
 
-Cost: the handler collects a batch's observations and writes them in ONE log record (lines in exactly
-the ``[METRICS]`` format of ``ts.metrics.caching_metric.CachingMetric.emit_metrics``, which the frontend
-parses line by line from the worker's stdout) instead of one ``logging`` call per observation. Inside a
-TorchServe worker that record joins the worker's ``PredictionTime`` line (handlers/fast_worker.py): one
-write to stdout per batch for both.
+The handler collects a batch's observations and writes them in ONE log record, one line each in the
+``[METRICS]`` format the frontend parses (serve/torchserve/metric_lines.py, shipped in the archive)
+instead of one ``logging`` call per observation; with the worker patches on, that record joins the
+worker's ``PredictionTime`` line (serve/torchserve/worker.py). Measured cost: README.md.
 """
 from __future__ import annotations
 
 import logging
 import re
-import socket
-import time
 from collections import Counter
 
 import numpy as np
+
+from serve.torchserve.metric_lines import label, line_end, line_parts
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +85,9 @@ class ModelMetrics:
     """Collects one batch's observations (``begin`` … ``flush``) and writes them in one record."""
 
     def __init__(self, metrics_cache, model_name: str, task: str):
-        self.model_name = _label(model_name)
+        self.model_name = label(model_name)
         self.task = task
         self.enabled = declared(metrics_cache)
-        self.hostname = socket.gethostname()
         self.lines: list[str] = []
         self._parts: dict[tuple, tuple[str, str]] = {}  # (name, labels) → (line head, line tail before hostname)
         self.write = logger.info  # where flush() sends the batch's record
@@ -101,8 +99,7 @@ class ModelMetrics:
         parts = self._parts.get((name, labels))
         if parts is None:
             kind, unit, dims = DECLARED[name]
-            dimensions = ",".join(f"{d}:{v}" for d, v in zip(dims, (self.model_name, *labels)))
-            parts = self._parts[(name, labels)] = (f"[METRICS]{name}.{unit}:", f"|#{dimensions}|#type:{kind.upper()}")
+            parts = self._parts[(name, labels)] = line_parts(name, unit, zip(dims, (self.model_name, *labels)), kind)
         return parts
 
     def _add(self, name: str, value, labels: tuple[str, ...] = ()) -> None:
@@ -139,7 +136,7 @@ class ModelMetrics:
         """Write the batch's observations: one record, one ``[METRICS]`` line each."""
         if not self.lines:
             return
-        suffix = f"|#hostname:{self.hostname},{int(time.time())}\n"
+        suffix = line_end() + "\n"
         self.write(suffix.join(self.lines) + suffix[:-1])
         self.lines = []
 
@@ -161,8 +158,3 @@ def declared(metrics_cache) -> bool:
         logger.info("model-quality metrics off: %s", err)
         return False
     return True
-
-
-def _label(value: str) -> str:
-    """A label value the frontend's ``[METRICS]`` parser accepts (no ',', ':', '|' or line breaks)."""
-    return re.sub(r"[,:|\s]", "_", str(value))

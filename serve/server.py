@@ -9,7 +9,7 @@ A :class:`Server` owns everything one TorchServe needs to be independent of any 
 * its log directory (``torchserve.out`` gets the launcher's stdout/stderr; log4j writes ``ts_log.log``,
   ``model_log.log`` there).
 
-``Server.start()`` starts the fork server (serve/forkserver.py: one process that imports torch once and
+``Server.start()`` starts the fork server (serve/torchserve/forkserver.py: one process that imports torch once and
 forks every backend worker from it, instead of each worker importing torch itself) and then
 ``torchserve --start`` with its output redirected to a file (never a pipe: the Java child would keep a
 pipe open forever), ``wait_ready()`` polls the management API until every model's workers are READY
@@ -38,7 +38,10 @@ from tqdm import tqdm
 from client.api import TorchServeClient, TorchServeError
 from client.api import read_keys as read_key_file
 from paths import LOG_DIR, REPO_ROOT, SERVE_WORKDIR
-from serve import oip_agent
+from serve.torchserve import agent as oip_agent
+from serve.torchserve import SUPPORTED_VERSION, unsupported
+from serve.torchserve.launch import (FORK_SWITCH, FORKSERVER, FORKSERVER_SOCKET, WORKER_PYTHON, forkserver_command,
+                                    torchserve_command, worker_environment)
 
 DEFAULT_CONFIG = REPO_ROOT / "config.properties"
 DEFAULT_WORKDIR = SERVE_WORKDIR
@@ -52,11 +55,8 @@ PID_FILE = ".model_server.pid"  # written by torchserve's launcher into $TMPDIR
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 # Unix socket paths are limited to 107 bytes; TorchServe puts $TMPDIR/.ts.sock.<port> there.
 MAX_SOCKET_PATH = 107
-FORKSERVER = REPO_ROOT / "serve" / "forkserver.py"
-WORKER_PYTHON = REPO_ROOT / "serve" / "worker_python"  # the workers' "python" with the fork server
 # wait_ready's poll interval: a describe of every model not yet READY costs the frontend ~1 ms each.
 READY_POLL_S = 0.1
-FORKSERVER_SOCKET = ".ts.fork.sock"  # in $TMPDIR (no longer than the workers' .ts.sock.<port>)
 
 JAVA_HELP = (
     "TorchServe needs Java 17 (a JRE is enough) on PATH or in JAVA_HOME. Install it with\n"
@@ -223,6 +223,14 @@ def check_java() -> str:
     return java
 
 
+def check_torchserve(version: str | None = None) -> None:
+    """The version guard (serve/torchserve): ``ServerError`` saying why unless ``version`` (default: the
+    installed TorchServe) is the one the Java agent and the worker patches are written for."""
+    refusal = unsupported(version)
+    if refusal:
+        raise ServerError(f"{refusal}; install it with `pip install torchserve=={SUPPORTED_VERSION}`")
+
+
 def read_keys(workdir: Path) -> dict[str, str]:
     """The token-auth keys TorchServe wrote to ``<workdir>/key_file.json`` (``client.api.read_keys``):
     ``inference``, ``management`` and ``api``; empty if the file is absent."""
@@ -287,48 +295,73 @@ def _wait_exited(processes: list[psutil.Process], timeout: float) -> list[psutil
         time.sleep(0.05)
 
 
-def _helper_pid(pid_file: Path, marker: str) -> int | None:
-    """The pid in ``pid_file`` (a helper process we started: the fork server, the gRPC front) if that process
-    still runs, is not a zombie and has ``marker`` in its command line; else None."""
-    try:
-        pid = int(pid_file.read_text().strip())
-        process = psutil.Process(pid)
-        if process.status() != psutil.STATUS_ZOMBIE and marker in process.cmdline():
-            return pid
-    except (FileNotFoundError, ValueError, psutil.Error):
-        pass
-    return None
+class HelperProcess:
+    """A process a :class:`Server` runs beside TorchServe (the fork server, the OIP gRPC front): started in
+    its own session with its output appended to ``log_file`` and its pid in ``pid_file``, so that a later
+    ``serve status|stop`` finds it; stopped with SIGTERM, then SIGKILL after a timeout."""
 
+    def __init__(self, name: str, pid_file: Path, marker: str, log_file: Path, kill_children: bool = False):
+        self.name = name
+        self.pid_file = pid_file
+        self.marker = marker  # a word of its command line: a reused pid is not taken for it
+        self.log_file = log_file
+        self.kill_children = kill_children  # SIGKILL what it leaves behind (the fork server's workers)
+        self.process: subprocess.Popen | None = None  # when started by this object
 
-def _stop_helper(pid: int | None, launched: subprocess.Popen | None, pid_file: Path, timeout: float,
-                 children: bool = False) -> None:
-    """SIGTERM the helper process ``pid``, SIGKILL it after ``timeout`` s (and, with ``children``, whatever of
-    its children is left 1 s later); reap ``launched`` if this object started it; remove ``pid_file``."""
-    if pid is not None:
+    def pid(self) -> int | None:
+        """Its pid (from the pid file) while it runs, not a zombie, with ``marker`` in its command line."""
         try:
+            pid = int(self.pid_file.read_text().strip())
             process = psutil.Process(pid)
-            kids = process.children() if children else []
-            process.terminate()
-            for leftover in _wait_exited([process], timeout) + _wait_exited(kids, 1):
-                leftover.kill()
-        except psutil.Error:
+            if process.status() != psutil.STATUS_ZOMBIE and self.marker in process.cmdline():
+                return pid
+        except (FileNotFoundError, ValueError, psutil.Error):
             pass
-    if launched is not None:
+        return None
+
+    def running_here(self) -> bool:
+        """True while the process this object started runs."""
+        return self.process is not None and self.process.poll() is None
+
+    def exit_code(self) -> int | None:
+        """The exit code of the process this object started once it has exited, else None."""
+        return self.process.poll() if self.process is not None else None
+
+    def start(self, cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+        self.stop()  # one left by a server that died
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as out:
+            self.process = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid_file.write_text(f"{self.process.pid}\n")
+        return self.process
+
+    def log_tail(self, lines: int = 10) -> str:
         try:
-            launched.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            launched.kill()
-    pid_file.unlink(missing_ok=True)
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
 
-
-def _torchserve_command(worker_python: Path | None = None) -> list[str]:
-    """The venv's ``torchserve`` launcher (its module if the console script is missing). The launcher hands
-    its own ``sys.executable`` to the frontend as the workers' ``python``; ``worker_python`` replaces it."""
-    if worker_python is not None:
-        launch = "import sys; sys.executable = sys.argv.pop(1); from ts.model_server import start; start()"
-        return [sys.executable, "-c", launch, str(worker_python)]
-    script = Path(sys.executable).parent / "torchserve"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ts.model_server"]
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM it, SIGKILL after ``timeout`` s (and, with ``kill_children``, whatever of its children is
+        left 1 s later); reap it if this object started it; remove the pid file."""
+        pid = self.pid()
+        if pid is not None:
+            try:
+                process = psutil.Process(pid)
+                kids = process.children() if self.kill_children else []
+                process.terminate()
+                for leftover in _wait_exited([process], timeout) + _wait_exited(kids, 1):
+                    leftover.kill()
+            except psutil.Error:
+                pass
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self.pid_file.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ server
@@ -347,7 +380,7 @@ class Server:
         log_dir: where ``torchserve.out`` and the log4j files go (default: ``logs/``).
         log_config: log4j2 XML (default: ``serve/log4j2.xml``, WARN to size-capped files).
         env: extra environment for the frontend and its workers (``OMP_NUM_THREADS`` defaults to 1).
-        fork_workers: start the backend workers from the fork server (serve/forkserver.py); default on
+        fork_workers: start the backend workers from the fork server (serve/torchserve/forkserver.py); default on
             unless the environment says ``SERVE_FORK_WORKERS=0``.
     """
 
@@ -385,11 +418,14 @@ class Server:
         self.log_config = Path(log_config).resolve()
         self.extra_env = dict(env or {})
         if fork_workers is None:
-            fork_workers = os.environ.get("SERVE_FORK_WORKERS", "1") != "0"
+            fork_workers = os.environ.get(FORK_SWITCH, "1") != "0"
         self.fork_workers = fork_workers
         self._launcher: subprocess.Popen | None = None
-        self._grpc: subprocess.Popen | None = None
-        self._forkserver: subprocess.Popen | None = None
+        # serve/torchserve/forkserver.py, the backend workers' parent; serve/oip_grpc.py, the OIP gRPC front
+        self.forkserver = HelperProcess("fork server", self.workdir / "forkserver.pid", str(FORKSERVER),
+                                        self.log_dir / "forkserver.out", kill_children=True)
+        self.grpc = HelperProcess("OIP gRPC front", self.workdir / "oip_grpc.pid", "serve.oip_grpc",
+                                  self.log_dir / "oip_grpc.out")
         self._log_offsets: dict[str, int] = {}
         self._client: TorchServeClient | None = None
 
@@ -475,11 +511,12 @@ class Server:
             LOG_LOCATION=str(self.log_dir),
             METRICS_LOCATION=str(self.log_dir),
         )
-        if self.fork_workers:  # read by serve/worker_python and the client in serve/forkserver.py
-            env.update(SERVE_FORKSERVER=str(self.forkserver_socket), SERVE_WORKER_PYTHON=sys.executable)
+        # read by serve/torchserve/torchserve/worker_python and the fork server's client
+        env.update(worker_environment(self.forkserver_socket if self.fork_workers else None))
         return env
 
     def _check_can_start(self) -> None:
+        check_torchserve()
         check_java()
         missing = [name for name in self.models if not (self.model_store / f"{name}.mar").is_file()]
         if missing:
@@ -515,13 +552,13 @@ class Server:
         """
         self._check_can_start()
         self._check_dirs()
-        if self.fork_workers and not self._forkserver_running_here():
+        if self.fork_workers and not self.forkserver.running_here():
             self._start_forkserver()  # first: its torch import is the longest step, it overlaps the JVM's start
         try:
             self._launch(foreground)
         except BaseException:
             if not self.is_running():
-                self._stop_forkserver()
+                self.forkserver.stop()
             raise
 
     def _launch(self, foreground: bool) -> None:
@@ -542,7 +579,7 @@ class Server:
             ts_config,
             f"Generated by serve/server.py from {self.config}; edit that file instead.",
         )
-        cmd = _torchserve_command(WORKER_PYTHON if self.fork_workers else None) + [
+        cmd = torchserve_command(WORKER_PYTHON) + [
             "--start",
             "--ts-config", str(ts_config),
             "--model-store", str(self.model_store),
@@ -580,21 +617,14 @@ class Server:
     def forkserver_socket(self) -> Path:
         return self.tmpdir / FORKSERVER_SOCKET
 
-    @property
-    def forkserver_pid_file(self) -> Path:
-        return self.workdir / "forkserver.pid"
-
     def forkserver_pid(self) -> int | None:
-        """Pid of this server's fork server (serve/forkserver.py) if it is running."""
-        return _helper_pid(self.forkserver_pid_file, str(FORKSERVER))
-
-    def _forkserver_running_here(self) -> bool:
-        return self._forkserver is not None and self._forkserver.poll() is None
+        """Pid of this server's fork server (serve/torchserve/forkserver.py) if it is running."""
+        return self.forkserver.pid()
 
     def start_forkserver(self) -> bool:
         """Start the fork server ahead of :meth:`start` (which then keeps it), e.g. while the caller still
         imports the model registry; nothing when a server already runs here. True if started."""
-        if not self.fork_workers or self.is_running() or self._forkserver_running_here():
+        if not self.fork_workers or self.is_running() or self.forkserver.running_here():
             return False
         self._check_dirs()
         self._start_forkserver()
@@ -602,28 +632,15 @@ class Server:
 
     def stop_forkserver(self) -> None:
         """Stop the fork server this object started, when TorchServe did not start after all."""
-        if self._forkserver_running_here() and not self.is_running():
-            self._stop_forkserver()
+        if self.forkserver.running_here() and not self.is_running():
+            self.forkserver.stop()
 
     def _start_forkserver(self) -> None:
         """Start the fork server; it listens at once and answers workers once torch is imported. It gets
         the workers' environment (minus PYTHONPATH: each worker's own builds its sys.path)."""
-        self._stop_forkserver()  # one left by a server that died
         env = self._environment()
         env.pop("PYTHONPATH", None)
-        # -P: no script directory on sys.path (a worker's is TorchServe's ts/, set per child).
-        cmd = [sys.executable, "-P", str(FORKSERVER), "--serve", str(self.forkserver_socket)]
-        with open(self.log_dir / "forkserver.out", "ab") as out:
-            self._forkserver = subprocess.Popen(
-                cmd, cwd=self.tmpdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.forkserver_pid_file.write_text(f"{self._forkserver.pid}\n")
-
-    def _stop_forkserver(self, timeout: float = 10.0) -> None:
-        """SIGTERM the fork server (it kills and reaps the workers it still has), SIGKILL after ``timeout``."""
-        _stop_helper(self.forkserver_pid(), self._forkserver, self.forkserver_pid_file, timeout, children=True)
-        self._forkserver = None
+        self.forkserver.start(forkserver_command(self.forkserver_socket), self.tmpdir, env)
 
     # ------------------------------------------------------------------------- OIP gRPC front
 
@@ -632,37 +649,19 @@ class Server:
         """host:port of the Open Inference Protocol gRPC front (serve/oip_grpc.py)."""
         return f"127.0.0.1:{self.ports.oip_grpc}"
 
-    @property
-    def grpc_pid_file(self) -> Path:
-        return self.workdir / "oip_grpc.pid"
-
     def grpc_pid(self) -> int | None:
         """Pid of this server's OIP gRPC front if it is running."""
-        return _helper_pid(self.grpc_pid_file, "serve.oip_grpc")
+        return self.grpc.pid()
 
     def _start_grpc(self) -> None:
         """Start the gRPC front beside TorchServe (same token auth: it forwards the caller's key to REST)."""
-        cmd = [
-            sys.executable, "-m", "serve.oip_grpc",
-            "--listen", self.grpc_address,
-            "--rest", self.inference_url,
-        ]
-        with open(self.log_dir / "oip_grpc.out", "ab") as out:
-            process = subprocess.Popen(
-                cmd, cwd=REPO_ROOT, env=self._environment(), stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        self.grpc_pid_file.write_text(f"{process.pid}\n")
-        self._grpc = process
+        cmd = [sys.executable, "-m", "serve.oip_grpc", "--listen", self.grpc_address, "--rest", self.inference_url]
+        process = self.grpc.start(cmd, REPO_ROOT, self._environment())
         deadline = time.monotonic() + 20
         while port_is_free(self.ports.oip_grpc):
             if process.poll() is not None or time.monotonic() > deadline:
-                tail = (self.log_dir / "oip_grpc.out").read_text(errors="replace").splitlines()[-10:]
-                raise ServerError("the OIP gRPC front did not start:\n" + "\n".join(tail))
+                raise ServerError("the OIP gRPC front did not start:\n" + self.grpc.log_tail())
             time.sleep(0.1)
-
-    def _stop_grpc(self, timeout: float = 10.0) -> None:
-        _stop_helper(self.grpc_pid(), self._grpc, self.grpc_pid_file, timeout)
 
     @property
     def launched(self) -> bool:
@@ -811,7 +810,7 @@ class Server:
         """Stop this server (``torchserve --stop`` with its ``TMPDIR``) and wait for the frontend and
         its workers to exit, killing leftovers after ``timeout`` seconds. Returns False if it was not running.
         """
-        self._stop_grpc()
+        self.grpc.stop()
         pid = self.pid()
         if pid is None:
             orphans = self.orphan_workers()
@@ -821,7 +820,7 @@ class Server:
                 except psutil.Error:
                     pass
             _wait_exited(orphans, 10)
-            self._stop_forkserver()
+            self.forkserver.stop()
             self.key_file.unlink(missing_ok=True)
             return False
         try:
@@ -832,7 +831,7 @@ class Server:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_file, "ab") as out:
             subprocess.run(
-                _torchserve_command() + ["--stop"], cwd=self.workdir, env=self._environment(),
+                torchserve_command(None) + ["--stop"], cwd=self.workdir, env=self._environment(),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=60,
             )
         _, alive = psutil.wait_procs(processes, timeout=timeout)
@@ -842,7 +841,7 @@ class Server:
             except psutil.Error:
                 pass
         psutil.wait_procs(alive, timeout=10)
-        self._stop_forkserver()
+        self.forkserver.stop()
         if self._launcher is not None:
             try:
                 self._launcher.wait(timeout=10)

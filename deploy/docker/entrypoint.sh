@@ -15,7 +15,7 @@
 #   OIP_GRPC_REST      the REST address the front forwards to   (TS_INFERENCE_ADDRESS, via loopback)
 #   PYTHON             the Python that runs the gRPC front and the fork server   (python3)
 #   FORK_WORKERS       1: TorchServe's backend workers are forked from one process that has imported
-#                      torch (serve/forkserver.py, as `make serve` does); 0: each imports it itself   (1)
+#                      torch (serve/torchserve/forkserver.py, as `make serve` does); 0: each imports it itself   (1)
 #
 # Why not exec torchserve directly: `torchserve --foreground` is a Python launcher that starts the Java
 # frontend as its child and dies on SIGTERM without stopping it; when the launcher (the container's
@@ -42,7 +42,7 @@ case " $* " in *" --model-store "* | *" --model-store="*) ;; *) defaults+=(--mod
 unset TS_CONFIG_FILE
 
 # Open Inference Protocol REST: TorchServe's OIP handler on (TS_OPEN_INFERENCE_PROTOCOL=oip) with our
-# agent's replacement classes (serve/oip_agent.py builds the jar; `make serve` adds the same flag).
+# agent's replacement classes (serve/torchserve/agent.py builds the jar; `make serve` adds the same flag).
 if [ -n "$OIP_AGENT_JAR" ]; then
     if [ ! -f "$OIP_AGENT_JAR" ]; then
         echo "entrypoint: OIP agent $OIP_AGENT_JAR not found (set OIP_AGENT_JAR= to run without it)" >&2
@@ -52,17 +52,17 @@ if [ -n "$OIP_AGENT_JAR" ]; then
     export TS_OPEN_INFERENCE_PROTOCOL=oip
 fi
 
-# The fork server (serve/forkserver.py): it imports torch while Java starts; TorchServe's "python" is then
-# serve/worker_python, which has each backend worker forked from it (a plain Python when it cannot).
+# The fork server (serve/torchserve/forkserver.py): it imports torch while Java starts; TorchServe's "python" is then
+# serve/torchserve/worker_python, which has each backend worker forked from it (a plain Python when it cannot).
 launcher=(torchserve)
 fork_pid=
-if [ "${FORK_WORKERS:-1}" != 0 ] && [ -f "$APP_DIR/serve/forkserver.py" ] && [ -x "$APP_DIR/serve/worker_python" ]; then
+if [ "${FORK_WORKERS:-1}" != 0 ] && [ -f "$APP_DIR/serve/torchserve/torchserve/forkserver.py" ] && [ -x "$APP_DIR/serve/torchserve/torchserve/worker_python" ]; then
     export SERVE_FORKSERVER="${TMPDIR:-/tmp}/.ts.fork.sock" SERVE_WORKER_PYTHON
     SERVE_WORKER_PYTHON="$(command -v "$PYTHON")"
-    env -u PYTHONPATH "$PYTHON" -P "$APP_DIR/serve/forkserver.py" --serve "$SERVE_FORKSERVER" &
+    env -u PYTHONPATH "$PYTHON" -P "$APP_DIR/serve/torchserve/torchserve/forkserver.py" --serve "$SERVE_FORKSERVER" &
     fork_pid=$!
     launcher=("$PYTHON" -c 'import sys; sys.executable = sys.argv.pop(1); from ts.model_server import start; start()'
-              "$APP_DIR/serve/worker_python")
+              "$APP_DIR/serve/torchserve/torchserve/worker_python")
 fi
 stop_forkserver() {
     if [ -n "$fork_pid" ]; then kill -TERM "$fork_pid" 2>/dev/null || true; fi

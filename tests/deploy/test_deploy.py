@@ -118,7 +118,7 @@ def test_dockerfile_ships_the_oip_agent_and_the_grpc_front():
     oip = instructions[start[2]:start[3]]
     runtime = instructions[start[3]:]
     assert any("openjdk-17-jdk-headless" in args for ins, args in oip if ins == "RUN")
-    assert any(ins == "RUN" and "python -m serve.oip_agent --out /out/oip-agent.jar" in args for ins, args in oip)
+    assert any(ins == "RUN" and "python -m serve.torchserve.agent --out /out/oip-agent.jar" in args for ins, args in oip)
     assert any(ins == "RUN" and "jlink" in args and "java.instrument" in args and "--output /out/jre" in args
                for ins, args in oip), "the JRE needs java.instrument for the agent"
     assert not any("-jdk-" in args for ins, args in runtime if ins == "RUN"), "the JDK stays in the build stage"

@@ -1,4 +1,4 @@
-"""The fork server (serve/forkserver.py) under a real TorchServe: its workers answer, a worker the frontend
+"""The fork server (serve/torchserve/forkserver.py) under a real TorchServe: its workers answer, a worker the frontend
 kills (destroyForcibly hits the client it started) dies and is replaced by another forked one, and stop
 leaves no process behind."""
 from __future__ import annotations
@@ -51,6 +51,10 @@ def test_forked_workers_answer_are_replaced_and_stop_cleanly(tmp_path, weights_d
         forkserver = psutil.Process(server.forkserver_pid())
         pids = worker_pids(server)
         assert len(pids) == 2 and all(psutil.Process(pid).ppid() == forkserver.pid for pid in pids), pids
+        # TorchServe 0.12.0 here: each worker ran with the worker patches (serve/torchserve/worker.py), as it said
+        log = (tmp_path / "logs" / "model_log.log").read_text()
+        for pid in pids:
+            assert f"serve.torchserve: worker patches on (TorchServe 0.12.0: retrieve_msg, Service.predict), pid {pid}" in log
         client = TorchServeClient(server.inference_url, key_file=server.key_file)
         assert_digits_answered_like_the_model(client, reference)
 

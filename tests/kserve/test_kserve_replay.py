@@ -71,7 +71,7 @@ def _read_only(path: Path, writable: bool = False) -> None:
 def storage(tmp_path_factory, weights_dir):
     """/mnt/models: make_storage.py's layout of freshly built archives, read-only like the volume
     KServe's storage-initializer fills. Yields (storage dir, archive dir, agent jar)."""
-    from serve import oip_agent
+    from serve.torchserve import agent as oip_agent
 
     make_storage = kr.load_make_storage()
     root = tmp_path_factory.mktemp("kserve")

@@ -41,7 +41,7 @@ BATCH_RECEIVED = "Backend received inference at:"
 
 def worker_processes(server: Server) -> list[psutil.Process]:
     """The Python backend workers of ``server``: the processes its Java frontend started and, when the fork
-    server (serve/forkserver.py) runs them, the workers it forked for those."""
+    server (serve/torchserve/forkserver.py) runs them, the workers it forked for those."""
     frontend = psutil.Process(server.pid())
     started = [p for p in frontend.children(recursive=True) if "model_service_worker.py" in " ".join(p.cmdline())]
     forkserver = server.forkserver_pid()

@@ -150,7 +150,7 @@ CASES = [
          "Model version: 9.9 does not exist for model: mnistnet", source="frontend"),
     Case("unknown model (v2)", "/v2/models/nosuchmodel/infer", lambda d: dict(json=v2([1, 784])), 404,
          "Model not found: nosuchmodel", source="frontend"),
-    # Versioned OIP routes are served by our Java agent (serve/java): an unknown version is its 404.
+    # Versioned OIP routes are served by our Java agent (serve/torchserve/java): an unknown version is its 404.
     Case("v2 unknown version", "/v2/models/mnistnet/versions/9.9/infer", lambda d: dict(json=v2([1, 784])), 404,
          'model "mnistnet" has no version "9.9"', source="frontend"),
     Case("unknown path", "/predict/mnistnet", lambda d: dict(json={"data": ZEROS}), 404,

@@ -1,5 +1,5 @@
-"""serve/forkserver.py with TorchServe's real worker script: a real fork server (torch preloaded) and the
-client as TorchServe runs it (serve/worker_python ts/model_service_worker.py ...), without the frontend.
+"""serve/torchserve/forkserver.py with TorchServe's real worker script: a real fork server (torch preloaded) and the
+client as TorchServe runs it (serve/torchserve/worker_python ts/model_service_worker.py ...), without the frontend.
 Exit codes, stdout/stderr, signals, a killed client, and the plain-interpreter fallbacks."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import ts
 
 from paths import REPO_ROOT
-from serve.forkserver import import_time_environment
-from serve.server import FORKSERVER, WORKER_PYTHON
+from serve.torchserve.forkserver import import_time_environment
+from serve.torchserve.launch import FORKSERVER, WORKER_PYTHON
 from servers import clean_env
 
 WORKER = str(Path(ts.__file__).resolve().parent / "model_service_worker.py")
@@ -69,11 +69,14 @@ def test_worker_is_a_child_of_the_fork_server_in_the_clients_directory(forkserve
     sock = tmp_path / ".ts.sock.9000"
     worker = client(listening_worker(tmp_path), env, cwd=tmp_path)
     try:
-        line = worker.stdout.readline()
+        line, before = worker.stdout.readline(), []
         while "[PID]" not in line:
             assert line, worker.stderr.read()
+            before.append(line)
             line = worker.stdout.readline()
         pid = int(line.strip().split("[PID]")[1])
+        # the child installed the worker patches (serve/torchserve/worker.py) before the worker script ran
+        assert any(b.startswith("serve.torchserve: worker patches on") and f"pid {pid}" in b for b in before), before
         child = psutil.Process(pid)
         assert child.ppid() == server.pid and pid != worker.pid
         assert child.cwd() == str(tmp_path)
@@ -114,6 +117,11 @@ def test_other_command_lines_and_other_environments_run_the_plain_interpreter(fo
     shown = client([WORKER, "--help"], gone)
     out, err = shown.communicate(timeout=120)
     assert shown.returncode == 0 and "--sock-type" in out and "starting a plain worker" in err
+    assert out.startswith("serve.torchserve: worker patches on"), out  # plain workers are patched too
+    off = {**gone, "SERVE_FAST_WORKER": "0"}
+    shown = client([WORKER, "--help"], off)
+    out, err = shown.communicate(timeout=120)
+    assert shown.returncode == 0 and out.startswith("usage:"), (out, err)  # TorchServe's own worker loop
 
 
 def test_import_time_environment_ignores_pythonpath_and_per_worker_variables():

@@ -1,4 +1,4 @@
-"""serve/oip_agent.py: the Java agent jar builds from serve/java and is wired into TorchServe's JVM options.
+"""serve/torchserve/agent.py: the Java agent jar builds from serve/torchserve/java and is wired into TorchServe's JVM options.
 
 What the agent's classes DO is tested against a real TorchServe in tests/e2e/test_e2e_oip.py.
 """
@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from serve import oip_agent
+from serve.torchserve import agent as oip_agent
 
 
 def test_agent_jar_builds_with_the_replacement_classes(tmp_path):
@@ -38,6 +38,9 @@ def test_jvm_options_add_the_agent_once_and_switch_on_oip(tmp_path):
     assert props["vmargs"] == f"-Xmx1g -javaagent:{jar}"
     assert props["ts_open_inference_protocol"] == "true" and props["x"] == "1"
     assert oip_agent.jvm_options({}, jar)["vmargs"] == f"-javaagent:{jar}"
+    # No agent (OIP_AGENT_JAR set empty): TorchServe's own OIP handler, an old agent flag removed.
+    assert oip_agent.jvm_options({"vmargs": "-Xmx1g -javaagent:/old.jar"}, None) == {
+        "vmargs": "-Xmx1g", "ts_open_inference_protocol": "true"}
 
 
 def test_prebuilt_jar_from_the_environment(tmp_path, monkeypatch):
@@ -46,3 +49,6 @@ def test_prebuilt_jar_from_the_environment(tmp_path, monkeypatch):
         oip_agent.agent_jar()
     (tmp_path / "missing.jar").write_bytes(b"jar")
     assert oip_agent.agent_jar() == tmp_path / "missing.jar"
+    for off in ("", "off"):
+        monkeypatch.setenv("OIP_AGENT_JAR", off)
+        assert oip_agent.agent_jar() is None

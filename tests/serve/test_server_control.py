@@ -15,6 +15,7 @@ from serve.server import (
     Server,
     ServerError,
     check_java,
+    check_torchserve,
     effective_config,
     java_major_version,
     load_properties,
@@ -163,3 +164,13 @@ def test_old_or_missing_java_is_refused_with_install_help(tmp_path, monkeypatch)
     fake_java(tmp_path / "jdk8" / "bin", 'java version "1.8.0_412"')
     with pytest.raises(ServerError, match="is Java 8; TorchServe needs Java 11"):
         check_java()
+
+
+def test_start_refuses_another_torchserve_saying_why():
+    """The version guard through its real function: 0.12.0 passes (the installed one too), others refuse."""
+    check_torchserve("0.12.0")
+    check_torchserve()
+    for other in ("0.11.1", "0.13.0", ""):
+        with pytest.raises(ServerError, match=r"written for TorchServe 0\.12\.0 only; install it with "
+                                               r"`pip install torchserve==0\.12\.0`"):
+            check_torchserve(other)

@@ -3,27 +3,28 @@
 Every TorchServe backend worker is a fresh ``python ts/model_service_worker.py`` that imports torch
 (~1.5 CPU-s), numpy and PIL before it loads its model: with 8 workers on 2 cores that import is most of a
 cold start. ``serve/server.py`` therefore runs, beside TorchServe, one *fork server* that imports those
-modules once, and gives TorchServe ``serve/worker_python`` as its ``python``. For each worker:
+modules once, and gives TorchServe ``serve/torchserve/worker_python`` as its ``python``. For each worker:
 
-1. the frontend runs ``serve/worker_python ts/model_service_worker.py --sock-type unix ...`` (the *client*,
+1. the frontend runs ``worker_python ts/model_service_worker.py --sock-type unix ...`` (the *client*,
    this file run with ``-IS``: stdlib only, ~20 ms), which sends its arguments, environment, working
    directory and its stdin/stdout/stderr (``SCM_RIGHTS``) to the fork server's unix socket;
 2. the fork server forks; the child takes over those file descriptors, environment, directory, arguments
-   and ``sys.path`` and runs ``model_service_worker.py`` as ``__main__``, exactly as the plain worker would
-   (the frontend reads its stdout for logs and metrics, and its ``[PID]`` line names the child);
+   and ``sys.path`` and runs ``model_service_worker.py`` as ``__main__`` with the worker patches installed
+   (serve/torchserve/worker.py ``run``), as a plain worker would (the frontend reads its stdout for logs and
+   metrics, and its ``[PID]`` line names the child);
 3. the client forwards signals to the child, and exits with the child's exit status.
 
 If the frontend kills the client (``destroyForcibly`` on stop, scale-down or a response timeout), the
 fork server sees the client's connection close and kills the child with SIGKILL; the child also watches
-that connection itself, in case the fork server is gone. Anything else makes the client ``exec`` the plain
-interpreter with the same arguments, so TorchServe gets a stock worker: a command line other than
-``model_service_worker.py`` (pip, the metrics collector), no fork server (``SERVE_FORKSERVER`` unset, not
-listening, dead), or an environment that differs from the fork server's in a variable read while importing
-(``OMP_*``, ``MKL_*``, ``PYTHON*`` ...). The fork server never initialises CUDA and refuses to fork while it
-has more than one thread.
+that connection itself, in case the fork server is gone. Anything else makes the client ``exec`` the real
+interpreter: a command line other than ``model_service_worker.py`` (pip, the metrics collector) runs as it
+is; a worker gets a plain process (run_worker.py: the same patches) when there is no fork server
+(``SERVE_FORKSERVER`` unset, not listening, dead) or its environment differs from the fork server's in a
+variable read while importing (``OMP_*``, ``MKL_*``, ``PYTHON*`` ...). The fork server never initialises
+CUDA and refuses to fork while it has more than one thread.
 
-    python -P serve/forkserver.py --serve SOCKET   # the fork server (serve/server.py starts it)
-    serve/worker_python ARGS...                     # the client, as TorchServe's "python"
+    python -P serve/torchserve/forkserver.py --serve SOCKET   # the fork server (serve/server.py starts it)
+    serve/torchserve/worker_python ARGS...                     # the client, as TorchServe's "python"
 """
 from __future__ import annotations
 
@@ -66,9 +67,17 @@ def _recv_exactly(conn: socket.socket, size: int) -> bytes:
 
 # ------------------------------------------------------------------------------------------ client
 
+RUN_WORKER = os.path.join(os.path.dirname(os.path.realpath(__file__)), "run_worker.py")
+
+
+def _is_worker(argv: list[str]) -> bool:
+    return bool(argv) and os.path.basename(argv[0]) == WORKER_SCRIPT and os.path.isfile(argv[0])
+
+
 def _exec_plain(argv: list[str]) -> None:
-    """Become the plain interpreter with the same arguments (what TorchServe would have run)."""
-    os.execv(sys.executable, [sys.executable, *argv])
+    """Become the real interpreter with the same arguments (what TorchServe would have run); a worker
+    command line through run_worker.py, which installs the worker patches first."""
+    os.execv(sys.executable, [sys.executable, *([RUN_WORKER] if _is_worker(argv) else []), *argv])
 
 
 def _exit_like(status: int) -> None:
@@ -83,8 +92,7 @@ def _exit_like(status: int) -> None:
 def client(argv: list[str]) -> None:
     """Have the fork server run ``argv`` (a worker command line) as a child; fall back to exec."""
     path = os.environ.get(SOCKET_ENV)
-    script = argv[0] if argv else ""
-    if not path or os.path.basename(script) != WORKER_SCRIPT or not os.path.isfile(script):
+    if not path or not _is_worker(argv):
         _exec_plain(argv)
     request = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
     try:
@@ -153,10 +161,12 @@ class ForkServer:
         self.children: dict[int, tuple[socket.socket, int]] = {}  # pid → (client connection, pidfd)
         self.base_path: list[str] = []
         self.base_env: dict[str, str] = {}
+        self.worker = None  # serve.torchserve.worker, imported by preload()
         self.stopping = False
 
     def preload(self) -> None:
-        """Import what every worker imports; remember the interpreter's own sys.path and environment."""
+        """Import what every worker imports, and the worker patches (installed in each child); remember the
+        interpreter's own sys.path and environment."""
         import importlib
         import time
 
@@ -169,6 +179,17 @@ class ForkServer:
             except ImportError as err:
                 print(f"forkserver: cannot preload {name}: {err}", flush=True)
         self.base_path = list(sys.path)
+        # The folder that holds serve/ is on sys.path only while the patches import (as in run_worker.py).
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+        sys.path.insert(0, root)
+        try:
+            from serve.torchserve import worker
+
+            self.worker = worker
+        except ImportError as err:
+            print(f"forkserver: cannot import the worker patches: {err}", flush=True)
+        finally:
+            sys.path.remove(root)
         self.base_env = import_time_environment(dict(os.environ))
         print(f"forkserver: preloaded {', '.join(loaded) or 'nothing'} in {time.perf_counter() - started:.2f} s "
               f"(pid {os.getpid()}); ready at {time.time():.3f}", flush=True)
@@ -311,9 +332,12 @@ class ForkServer:
             sys.argv[:] = argv
             if "numpy.random" in sys.modules:  # a plain worker seeds its own; forked ones would share one
                 sys.modules["numpy.random"].seed()
-            import runpy
+            if self.worker is not None:
+                self.worker.run(argv)
+            else:  # the patches did not import (the fork server said so): the stock worker
+                import runpy
 
-            runpy.run_path(script, run_name="__main__")
+                runpy.run_path(script, run_name="__main__")
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -1,13 +1,11 @@
 """Build ``oip-agent.jar``, the Java agent that gives TorchServe the whole Open Inference Protocol REST surface.
 
-TorchServe 0.12 answers ``POST /v2/models/{m}/infer`` itself (our handlers decode JSON and binary
-tensors), but has no model metadata, no model readiness, a ``/v2/health/ready`` that does not look at
-workers, and error bodies without the ``error`` key OIP clients read. ``serve/java/`` holds our two
-replacement classes and the agent that loads them in place of TorchServe's own (``OipAgent.java``
-says why an agent rather than an endpoint plugin). ``serve start`` adds
-``-javaagent:<jar>`` to the JVM options and ``ts_open_inference_protocol=true``; see :func:`jvm_options`.
+``serve/torchserve/java/`` holds two replacement frontend classes and the agent that loads them in place
+of TorchServe's own (what they replace and why: docs/torchserve-patches.md; ``OipAgent.java`` says why an
+agent rather than an endpoint plugin). ``serve start`` adds ``-javaagent:<jar>`` to the JVM options and
+``ts_open_inference_protocol=true`` (:func:`jvm_options`), in the container too.
 
-    python -m serve.oip_agent [--out build/oip-agent.jar]     # build (or rebuild when sources changed)
+    python -m serve.torchserve.agent [--out build/oip-agent.jar]   # build (or rebuild when sources changed)
 
 Needs ``javac`` (a JDK 17: ``apt-get install -y openjdk-17-jdk-headless``) the first time only.
 """
@@ -22,9 +20,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from paths import BUILD_DIR, REPO_ROOT
+from paths import BUILD_DIR
 
-SOURCES = REPO_ROOT / "serve" / "java"
+SOURCES = Path(__file__).resolve().parent / "java"
 DEFAULT_JAR = BUILD_DIR / "oip-agent.jar"
 AGENT_CLASS = "oip/OipAgent"
 # Classes defined from the jar in place of TorchServe's (must match OipAgent.REPLACED).
@@ -62,7 +60,7 @@ def _stale(jar: Path, inputs: list[Path]) -> bool:
 
 
 def build(out: Path = DEFAULT_JAR, force: bool = False) -> Path:
-    """Compile ``serve/java`` against TorchServe's jar into ``out`` (atomically); skipped when up to date."""
+    """Compile ``serve/torchserve/java`` against TorchServe's jar into ``out`` (atomically); skipped when up to date."""
     out = Path(out)
     sources = sorted(SOURCES.glob("*.java"))
     frontend = torchserve_jar()
@@ -92,9 +90,15 @@ def build(out: Path = DEFAULT_JAR, force: bool = False) -> Path:
     return out
 
 
-def agent_jar() -> Path:
-    """The agent jar to run with: ``$OIP_AGENT_JAR`` when set (prebuilt, e.g. in the image), else built here."""
-    prebuilt = os.environ.get("OIP_AGENT_JAR")
+AGENT_ENV = "OIP_AGENT_JAR"  # a prebuilt jar (the image's); set but empty, or "off": no agent
+
+
+def agent_jar() -> Path | None:
+    """The agent jar to run with: ``$OIP_AGENT_JAR`` when set (prebuilt, e.g. in the image), else built here;
+    None when ``OIP_AGENT_JAR`` is set empty or to ``off`` (TorchServe's own partial OIP)."""
+    prebuilt = os.environ.get(AGENT_ENV)
+    if prebuilt is not None and prebuilt.strip() in ("", "off"):
+        return None
     if prebuilt:
         if not Path(prebuilt).is_file():
             raise AgentBuildError(f"OIP_AGENT_JAR={prebuilt} does not exist")
@@ -102,17 +106,18 @@ def agent_jar() -> Path:
     return build()
 
 
-def jvm_options(props: dict[str, str], jar: Path) -> dict[str, str]:
-    """``props`` (a TorchServe config) with the agent in ``vmargs`` and TorchServe's OIP handler switched on."""
+def jvm_options(props: dict[str, str], jar: Path | None) -> dict[str, str]:
+    """``props`` (a TorchServe config) with the agent in ``vmargs`` and TorchServe's OIP handler switched on;
+    with ``jar`` None, only TorchServe's own OIP handler (no agent)."""
     props = dict(props)
     vmargs = [arg for arg in props.get("vmargs", "").split() if not arg.startswith("-javaagent:")]
-    props["vmargs"] = " ".join(vmargs + [f"-javaagent:{jar}"])
+    props["vmargs"] = " ".join(vmargs + ([f"-javaagent:{jar}"] if jar is not None else []))
     props["ts_open_inference_protocol"] = "true"
     return props
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serve.oip_agent", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m serve.torchserve.agent", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_JAR, help=f"jar to write (default: {DEFAULT_JAR})")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = parser.parse_args(argv)

@@ -1,0 +1,162 @@
+"""serve/torchserve/worker.py reads and writes exactly TorchServe's worker frames (its own code is the reference).
+
+Same bytes in → the same message dicts as ``ts.protocol.otf_message_handler.retrieve_msg`` (also several
+messages in a row through one buffered reader); the same handler answers → the same response frame bytes
+as ``create_predict_response``; the PredictionTime line is the one TorchServe's metrics cache writes. The
+version guard through ``install`` with another version; the launch (run_worker.py) installs the patches
+unless ``SERVE_FAST_WORKER=0``. The real worker loop with these pieces runs in every end-to-end test
+(tests/e2e/test_e2e_forkserver.py checks each worker said so).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from ts.protocol import otf_message_handler
+from ts.protocol.otf_message_handler import create_predict_response, retrieve_msg
+from ts.service import Service
+
+from serve.torchserve import unsupported
+from serve.torchserve import worker as fast_worker
+from serve.torchserve.launch import HERE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handlers"))  # the handler tests' helpers
+from test_handlers import _frame_request, digits, keep_torch_threads, png, serve  # noqa: E402,F401 (fixtures)
+
+BATCH = [
+    ("a", {"Content-Type": "application/json"}, [("body", "application/json", json.dumps({"data": [[0.5] * 28] * 28}).encode())]),
+    ("b", {}, [("body", "application/json", b"{not json")]),
+    ("c", {"X-Note": "t"}, [("body", "text/plain", b'{"data": [1]}')]),
+    ("d", {}, [("body", "application/json", b"\xef\xbb\xbf[1, 2]")]),  # BOM: TorchServe forwards the bytes
+    ("e", {}, [("body", "application/json", b"[NaN, 1e999, 12345678901234567890123]")]),  # stdlib-only JSON
+    ("f", {}, [("body", "application/json", b"\xff\xfe")]),  # not UTF-8
+    ("g", {}, [("data", "image/png", b"\x89PNG..."), ("note", "text/plain", b"hi")]),
+]
+
+
+def _wire(batch) -> bytes:
+    return b"I" + b"".join(_frame_request(rid, h, p) for rid, h, p in batch) + struct.pack("!i", -1)
+
+
+def _read_all(reader, wire: bytes, messages: int) -> list:
+    sender, receiver = socket.socketpair()
+    writer = threading.Thread(target=sender.sendall, args=(wire,))
+    writer.start()
+    try:
+        return [reader(receiver) for _ in range(messages)]
+    finally:
+        writer.join()
+        sender.close(), receiver.close()
+
+
+def _comparable(message):
+    """NaN != NaN: compare JSON values by their repr."""
+    return repr(message)
+
+
+def test_reads_the_messages_torchserve_reads():
+    wire = _wire(BATCH)
+    assert _comparable(_read_all(fast_worker.retrieve_msg, wire, 1)) == _comparable(_read_all(retrieve_msg, wire, 1))
+
+
+def test_one_buffer_across_messages_and_a_load_message():
+    load = (b"L" + struct.pack("!i", 5) + b"mnist" + struct.pack("!i", 3) + b"/m/" + struct.pack("!i", 8)
+            + struct.pack("!i", 7) + b"h.py:fn" + struct.pack("!i", 0) + struct.pack("!i", 0) + b"\x01")
+    wire = load + _wire(BATCH) + _wire(BATCH[:2])
+    assert _comparable(_read_all(fast_worker.retrieve_msg, wire, 3)) == _comparable(_read_all(retrieve_msg, wire, 3))
+
+
+def test_frontend_gone_exits_like_torchserve():
+    sender, receiver = socket.socketpair()
+    sender.sendall(b"I" + struct.pack("!i", 3))
+    sender.close()
+    with pytest.raises(SystemExit):
+        fast_worker.retrieve_msg(receiver)
+    receiver.close()
+
+
+def test_response_frame_is_torchserve_frame(tmp_path, digits):
+    """Statuses, phrases, content types, extra headers and bodies of a mixed batch, byte for byte."""
+    handler, context, _ = serve("mnistnet", tmp_path)
+    batch = BATCH[:6] + [("g", {}, [("data", "image/png", png(digits[0]))])]
+    (_, message), = _read_all(fast_worker.retrieve_msg, _wire(batch), 1)
+    headers, inputs, request_ids = Service.retrieve_data_for_inference(message)
+    context.request_processor, context.request_ids = headers, request_ids
+    results = handler.handle(inputs, context)
+    assert [context.get_response_status(i)[0] or 200 for i in range(len(batch))] == [200, 400, 400, 400, 400, 400, 200]
+    expected = create_predict_response(results, request_ids, "Prediction success", 200, context=context)
+    assert fast_worker._response_frame(results, request_ids, context) == bytes(expected)
+
+
+def test_non_bytes_answers_go_through_torchserve(tmp_path):
+    _, context, _ = serve("mnistnet", tmp_path)
+    (_, message), = _read_all(fast_worker.retrieve_msg, _wire(BATCH[:1]), 1)
+    headers, _, request_ids = Service.retrieve_data_for_inference(message)
+    context.request_processor, context.request_ids = headers, request_ids
+    assert fast_worker._response_frame([{"a": 1}], request_ids, context) is None
+
+
+def test_prediction_time_line_is_the_metrics_cache_line(caplog):
+    """TorchServe's own ``add_time`` through its metrics cache (the reference) against ours."""
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    import ts
+
+    cache = MetricsCacheYamlImpl(config_file_path=str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    cache.initialize_cache()
+    cache.model_name = "mnistnet"
+    ids = {0: "a-1", 1: "b-2"}
+    cache.set_request_ids(ids)
+    with caplog.at_level(logging.INFO):
+        cache.add_time("PredictionTime", 1.25)
+    theirs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]PredictionTime")]
+    ours = fast_worker.prediction_time_line("mnistnet", 1.25, ids)
+    unstamped = lambda line: re.sub(r"(\|#hostname:[^,]+),\d+,", r"\1,<t>,", line)  # noqa: E731 (same second or not)
+    assert [unstamped(ours)] == [unstamped(line) for line in theirs]
+    assert ours.endswith(",a-1,b-2")
+
+
+def test_guard_keeps_another_torchserve_unpatched(capfd):
+    """The real install with another version: nothing of TorchServe replaced, and it says why."""
+    before = (otf_message_handler.retrieve_msg, Service.predict)
+    assert unsupported("0.12.0") is None
+    assert fast_worker.install(version="0.13.0") is False
+    assert (otf_message_handler.retrieve_msg, Service.predict) == before
+    err = capfd.readouterr().err
+    assert "worker patches off: TorchServe 0.13.0 is installed" in err and "0.12.0 only" in err
+    assert "TorchServe is not installed" in unsupported("")
+
+
+SCRIPT = """import sys
+from ts.protocol import otf_message_handler
+from ts.service import Service
+from ts.model_loader import TsModelLoader
+print(otf_message_handler.retrieve_msg.__module__, Service.predict.__module__,
+      getattr(TsModelLoader.load, "serve_torchserve_patch", False), sys.argv[1:], sys.path[0] == sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("switch", [None, "0"])
+def test_the_launch_installs_the_patches_unless_switched_off(tmp_path, switch):
+    """run_worker.py (what a plain worker runs) patches TorchServe before the worker script starts."""
+    script = tmp_path / "model_service_worker.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SERVE_FAST_WORKER")}
+    if switch is not None:
+        env["SERVE_FAST_WORKER"] = switch
+    out = subprocess.run([sys.executable, str(HERE / "run_worker.py"), str(script), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+    if switch is None:
+        assert out[0].startswith("serve.torchserve: worker patches on (TorchServe 0.12.0")
+        assert out[1] == f"serve.torchserve.worker serve.torchserve.worker True ['{tmp_path}'] True"
+    else:
+        assert out == [f"ts.protocol.otf_message_handler ts.service False ['{tmp_path}'] True"]
