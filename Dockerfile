@@ -20,7 +20,8 @@
 #   builder deps + torch-model-archiver: weights + .mar archives (the ones already in the build context's
 #           weights/ and model_store/ are reused; anything missing is trained/packaged here)
 #   oip     a JDK compiles the OIP agent jar against the venv's TorchServe
-#   runtime base + tini + oip's jlink'ed JRE + deps' venv + archives + agent jar + config + wire/ and serve/ (gRPC front) + deploy/docker/
+#   runtime base + tini + oip's jlink'ed JRE + deps' venv + archives + agent jar + config + serve/, client/
+#           and wire/ (`python -m serve start`, as on the host) + deploy/docker/
 #
 # BASE_IMAGE: any Debian/Ubuntu image with python3 (3.10+) and python3-venv (e.g. a CUDA runtime image).
 ARG BASE_IMAGE=python:3.11-slim
@@ -45,7 +46,7 @@ RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "$TORCH
  && python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 COPY requirements-serve.txt /tmp/requirements-serve.txt
 RUN pip install -r /tmp/requirements-serve.txt \
- && python -c 'import torch, ts, captum.attr, grpc, tritonclient.grpc, yaml, PIL, psutil'
+ && python -c 'import torch, ts, captum.attr, grpc, tritonclient.grpc, yaml, PIL, psutil, requests'
 
 # ------------------------------------------------------------------------------------------- builder
 FROM deps AS builder
@@ -117,18 +118,20 @@ RUN { grep -v '^enable_envvars_config=' /app/config.properties.repo; \
  && rm /app/config.properties.repo
 COPY --from=oip /out/oip-agent.jar /app/oip/oip-agent.jar
 COPY --from=builder /src/model_store/*.mar /app/model_store/
-# serve/ for the OIP gRPC front (python -m serve.oip_grpc, started by the entrypoint with PYTHONPATH=/app),
-# paths/, the repository layout that serve/__init__.py imports, and wire/, the OIP codec it imports.
+# serve/ (with serve/torchserve/: the patches, fork server and worker launch), the client it asks the
+# management API with, paths/ (the repository layout serve/ and client/ import) and wire/ (the OIP codec
+# the gRPC front imports): the entrypoint runs `python -m serve start --foreground --image` from /app.
 COPY paths/ /app/paths/
 COPY wire/ /app/wire/
+COPY client/ /app/client/
 COPY serve/ /app/serve/
 # entrypoint.sh is committed executable (mode 100755); COPY keeps the mode.
 COPY deploy/docker/ /app/docker/
 
 # Inference (REST) and the OIP gRPC front on all interfaces (publish them with -p); management and
 # metrics stay on the container's loopback unless overridden, e.g. -e TS_METRICS_ADDRESS=http://0.0.0.0:8082.
-# APP_DIR, OIP_AGENT_JAR and OIP_GRPC_LISTEN are read by deploy/docker/entrypoint.sh; TS_METRICS_CONFIG
-# declares the handlers' model-quality metrics (serve/metrics.yaml; `serve start` passes the same file).
+# APP_DIR is read by deploy/docker/entrypoint.sh, OIP_AGENT_JAR and OIP_GRPC_LISTEN by `serve start`;
+# TS_METRICS_CONFIG declares the handlers' model-quality metrics (serve/metrics.yaml, as on the host).
 ENV PATH=/opt/venv/bin:/opt/java/bin:$PATH \
     JAVA_HOME=/opt/java \
     APP_DIR=/app \

@@ -9,7 +9,7 @@ In one run, one after the other on the same machine (never at the same time):
 * **ours, plain workers** (``SERVE_FORK_WORKERS=0``; ``--no-plain`` skips it): the same start with every
   worker importing torch itself, what ``serve start`` did before the fork server;
 * ``--image TAG``: the container (``podman run``, deploy/docker/entrypoint.sh) until its models answer and
-  are READY, with the fork server and (unless ``--no-plain``) without (``FORK_WORKERS=0``).
+  are READY, with the fork server and (unless ``--no-plain``) without (``SERVE_FORK_WORKERS=0``).
 
 Each start is timed from its command, with pollers every ~25 ms (TCP connect, a real prediction per model,
 the management API's worker states, the frontend's child processes) and the logs' timestamps for the phases:
@@ -265,7 +265,7 @@ def run_container(image: str, models: list[str], fork_workers: bool = True) -> d
         raise RuntimeError(f"image {image} does not exist (build it first: see the Dockerfile)")
     port = Ports.free().inference
     cmd = ["podman", "run", "-d", "-p", f"127.0.0.1:{port}:8080", "--read-only", "--tmpfs", "/tmp:rw,mode=1777",
-           "--tmpfs", "/home/model-server:rw,U", "-e", f"FORK_WORKERS={int(fork_workers)}", image]
+           "--tmpfs", "/home/model-server:rw,U", "-e", f"SERVE_FORK_WORKERS={int(fork_workers)}", image]
     t0 = time.time()
     started = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if started.returncode != 0:

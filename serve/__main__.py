@@ -1,28 +1,46 @@
 """``python -m serve start|stop|status``: run TorchServe with every packaged model.
 
     python -m serve start [--models all|a,b] [--foreground] [--timeout 300]
+    python -m serve start --foreground --image [-- TORCHSERVE FLAGS]   # the container's entrypoint
     python -m serve stop
     python -m serve status
-    (each takes --config config.properties, --workdir .serve, --log-dir logs)
+    (each takes --config config.properties, --workdir .serve, --log-dir logs, --tmpdir WORKDIR/tmp)
 
 TorchServe runs in ``.serve/`` (``key_file.json``, its TMPDIR ``.serve/tmp``) and logs to ``logs/``
 (``torchserve.out``, ``ts_log.log``, ``model_log.log``). ``start`` returns once every model's workers
 are READY and prints the URLs (native REST, Open Inference Protocol REST and gRPC), the keys and a curl
 command to try. ``start`` also runs the OIP gRPC front (serve/oip_grpc.py) and ``stop`` stops it.
+
+``--foreground`` stays until SIGTERM/SIGINT (then stops the gRPC front, TorchServe and the fork server
+and exits 0) or until TorchServe or the gRPC front exits by itself (then stops the other and exits
+non-zero). ``--image`` is how deploy/docker/entrypoint.sh runs it: the config's own addresses (``TS_*``
+variables override them) and models, the gRPC front on ``OIP_GRPC_LISTEN`` (``off``: none), everything
+logged to stdout, no keys printed; flags after ``--`` go to torchserve, and its ``--ts-config`` and
+``--model-store`` replace ``--config`` and the store.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
 from pathlib import Path
 
-from models.registry import get_spec
 from paths import EXAMPLES_DIR
-from serve.package import parse_model_names
-from serve.server import DEFAULT_CONFIG, DEFAULT_LOG_DIR, DEFAULT_WORKDIR, PID_FILE, Server, ServerError
+from serve.server import (DEFAULT_CONFIG, DEFAULT_LOG_CONFIG, DEFAULT_LOG_DIR, DEFAULT_WORKDIR, PID_FILE, Server,
+                          ServerError)
+
+GRPC_LISTEN_ENV = "OIP_GRPC_LISTEN"  # --image: host:port of the OIP gRPC front, "off" for none
+
+
+class StopRequested(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow it
+    """SIGTERM (docker stop, Kubernetes, systemd) or SIGINT: stop the servers cleanly."""
+
+
+def _request_stop(signum, _frame):
+    raise StopRequested(signal.Signals(signum).name)
 
 EXAMPLE_PNG = EXAMPLES_DIR / "digit_7.png"
 
@@ -70,6 +88,8 @@ def usage_text(server: Server, descriptions: dict[str, dict]) -> str:
                      f"-H \"Content-Type: image/png\" --data-binary @{shlex.quote(png)}")
         lines.append(f"  {_python()} -m client predict {model} --png {shlex.quote(png)}    (finds the key itself)")
     else:
+        from models.registry import get_spec  # here, not at the top: the image runs this module without models/
+
         sample = json.dumps({"data": [0.5] * get_spec(model).input_width})
         lines.append(f"  curl -X POST {server.inference_url}/predictions/{model} {auth} "
                      f"-H \"Content-Type: application/json\" -d {shlex.quote(sample)}")
@@ -77,42 +97,115 @@ def usage_text(server: Server, descriptions: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _option_value(args: list[str], name: str) -> tuple[str | None, list[str]]:
+    """The last value of torchserve flag ``name`` in ``args`` (``--name V`` or ``--name=V``) and ``args``
+    without it."""
+    value, rest, i = None, [], 0
+    while i < len(args):
+        if args[i] == name and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith(name + "="):
+            value = args[i].split("=", 1)[1]
+        else:
+            rest.append(args[i])
+        i += 1
+    return value, rest
+
+
+def image_models(server: Server, torchserve_args: list[str]) -> list[str]:
+    """The models TorchServe will load in ``--image`` mode: those of a ``--models`` flag, else of the config's
+    ``model_snapshot`` or ``load_models``, else every archive in the store (``load_models=all``)."""
+    entries: list[str] = []
+    if "--models" in torchserve_args:
+        for arg in torchserve_args[torchserve_args.index("--models") + 1:]:
+            if arg.startswith("-"):
+                break
+            entries += arg.split(",")
+    elif "model_snapshot" in server.base_props:
+        return list(json.loads(server.base_props["model_snapshot"]).get("models", {}))
+    elif server.base_props.get("load_models", "all").strip().lower() not in ("", "all"):
+        entries = server.base_props["load_models"].split(",")
+    if not entries:
+        return sorted(path.stem for path in server.model_store.glob("*.mar"))
+    return [entry.split("=", 1)[0] if "=" in entry else Path(entry.strip()).name.removesuffix(".mar")
+            for entry in entries if entry.strip()]
+
+
+def make_server(args: argparse.Namespace) -> Server:
+    if not getattr(args, "image", False):
+        return Server(config=args.config, models=[], workdir=args.workdir, log_dir=args.log_dir, tmpdir=args.tmpdir)
+    config, rest = _option_value(list(args.torchserve_args), "--ts-config")
+    store, rest = _option_value(rest, "--model-store")
+    server = Server(config=Path(config) if config else args.config, models=[], workdir=args.workdir,
+                    log_dir=args.log_dir, tmpdir=args.tmpdir, model_store=Path(store) if store else args.model_store,
+                    log_config=args.log_config or DEFAULT_LOG_CONFIG, image=True, torchserve_args=rest,
+                    grpc_listen=os.environ.get(GRPC_LISTEN_ENV))
+    server.models = image_models(server, rest)
+    return server
+
+
 def cmd_start(args: argparse.Namespace) -> int:
-    server = Server(config=args.config, models=[], workdir=args.workdir, log_dir=args.log_dir)
-    # SIGTERM (docker stop, systemd, timeout) while starting or in the foreground: stop TorchServe
-    # cleanly, as for Ctrl-C, instead of dying and leaving it running.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    server = make_server(args)
+    # SIGTERM (docker stop, Kubernetes, systemd, timeout) as Ctrl-C: stop TorchServe cleanly instead of dying
+    # and leaving it running.
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
     try:
-        # The fork server imports torch while this process reads the model registry (milliseconds: no torch).
-        server.start_forkserver()
-        server.models = parse_model_names(args.models)
-        print(f"Starting TorchServe ({len(server.models)} models from {_relative(server.model_store)}); "
-              f"output goes to {_relative(server.output_file)}", flush=True)
+        if args.image:
+            print(f"Starting TorchServe ({len(server.models)} models from {server.model_store})", flush=True)
+        else:
+            from serve.package import parse_model_names  # the registry: the host's (the image has none)
+
+            # The fork server imports torch while this process reads the model registry (milliseconds: no torch).
+            server.start_forkserver()
+            server.models = parse_model_names(args.models)
+            print(f"Starting TorchServe ({len(server.models)} models from {_relative(server.model_store)}); "
+                  f"output goes to {_relative(server.output_file)}", flush=True)
         server.start(foreground=args.foreground)
-        descriptions = server.wait_ready(timeout=args.timeout)
-    except BaseException:
+        descriptions = server.wait_ready(timeout=args.timeout, progress=not args.image)
+    except BaseException as exc:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the stop short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if isinstance(exc, StopRequested):
+            print(f"serve: {exc} received while starting, stopping the servers", file=sys.stderr, flush=True)
         # Stop only a server this call launched (never one that was already running).
         if server.launched and server.is_running():
-            print("TorchServe did not become ready; stopping it.", flush=True)  # stderr: the cause only
+            if not isinstance(exc, StopRequested):
+                print("TorchServe did not become ready; stopping it.", flush=True)  # stderr: the cause only
             server.stop()
         server.stop_forkserver()
+        if isinstance(exc, StopRequested):
+            code = 0 if args.foreground else 143
+            print(f"serve: servers stopped (status {code})", file=sys.stderr, flush=True)
+            return code
         raise
-    print(usage_text(server, descriptions), flush=True)
-    if args.foreground:
-        try:
-            return server.wait() or 0
-        except KeyboardInterrupt:
-            return 130
-        finally:
-            if server.is_running():
-                print("\nStopping TorchServe...", flush=True)
-                server.stop()
-            server.stop_forkserver()  # TorchServe exited by itself
-    return 0
+    if args.image:
+        workers = sum(len(d.get("workers", [])) for d in descriptions.values())
+        print(f"serve: TorchServe is ready: {len(descriptions)} models, {workers} workers READY; OIP gRPC front "
+              f"{server.grpc_listen or 'off'}", flush=True)
+    else:
+        print(usage_text(server, descriptions), flush=True)
+    if not args.foreground:
+        return 0
+    try:
+        name, code = server.supervise()
+    except StopRequested as exc:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(f"serve: {exc} received, stopping the servers", file=sys.stderr, flush=True)
+        server.stop()
+        print("serve: servers stopped (status 0)", file=sys.stderr, flush=True)
+        return 0
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(f"serve: {name} exited on its own (status {code}); stopping the rest", file=sys.stderr, flush=True)
+    server.stop()
+    return code or 1  # an exit nobody asked for is a failure (the launcher says 0 whatever happened to Java)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    server = Server(config=args.config, models=[], workdir=args.workdir, log_dir=args.log_dir)
+    server = make_server(args)
     grpc_pid, stale, orphans = server.grpc_pid(), server.stale_pid(), server.orphan_workers()
     if server.stop():
         print("TorchServe stopped.")
@@ -132,7 +225,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Exit code 0 when running with every served model READY, 1 when some are not, 3 when not running
     (also when it died: a pid file whose process is gone is reported as such)."""
-    server = Server(config=args.config, models=[], workdir=args.workdir, log_dir=args.log_dir)
+    server = make_server(args)
     pid = server.pid()
     if pid is None:
         stale, grpc_pid, orphans = server.stale_pid(), server.grpc_pid(), server.orphan_workers()
@@ -179,6 +272,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_argument("--workdir", type=Path, default=argparse.SUPPRESS,
                         help="where TorchServe runs: key_file.json, TMPDIR tmp/ (default: .serve/)")
     common.add_argument("--log-dir", type=Path, default=argparse.SUPPRESS, help="log directory (default: logs/)")
+    common.add_argument("--tmpdir", type=Path, default=argparse.SUPPRESS,
+                        help="TorchServe's TMPDIR: pid file, worker sockets (default: <workdir>/tmp)")
     parser = argparse.ArgumentParser(prog="python -m serve", parents=[common],
                                      description="Run TorchServe with the packaged models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -186,10 +281,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     start.add_argument("--models", default="all", help="comma-separated model names (default: all)")
     start.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the server")
     start.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for READY (default: 300)")
+    start.add_argument("--image", action="store_true",
+                       help="the container's way: the config's own addresses and models, output on stdout; "
+                            "flags after -- go to torchserve (deploy/docker/entrypoint.sh)")
+    start.add_argument("--model-store", type=Path, default=None, help="with --image: the archives' folder")
+    start.add_argument("--log-config", type=Path, default=None, help="with --image: log4j2 XML for TorchServe")
     commands.add_parser("stop", parents=[common], help="stop TorchServe and wait for it to exit")
     commands.add_parser("status", parents=[common], help="show the workers of every model")
-    args = parser.parse_args(argv)
-    for name, default in (("config", DEFAULT_CONFIG), ("workdir", DEFAULT_WORKDIR), ("log_dir", DEFAULT_LOG_DIR)):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.torchserve_args = passed
+    if passed and not getattr(args, "image", False):
+        parser.error("torchserve flags after -- need start --image")
+    for name, default in (("config", DEFAULT_CONFIG), ("workdir", DEFAULT_WORKDIR), ("log_dir", DEFAULT_LOG_DIR),
+                          ("tmpdir", None)):
         if not hasattr(args, name):
             setattr(args, name, default)
     return args

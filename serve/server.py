@@ -1,20 +1,13 @@
-"""Start, watch and stop one TorchServe instance: the code behind ``python -m serve``, the e2e tests and bench/.
+"""Start, watch and stop one TorchServe instance: ``python -m serve`` (host and container), the tests, bench/.
 
-A :class:`Server` owns everything one TorchServe needs to be independent of any other on the machine:
-
-* its ports (:class:`Ports`: inference, management, metrics, gRPC x2 and the first worker port),
-* its ``TMPDIR`` (TorchServe keeps its pid file, worker sockets and unpacked archives there, and
-  ``torchserve --stop`` finds the server through it),
-* its working directory (where TorchServe writes ``key_file.json``, and our effective config),
-* its log directory (``torchserve.out`` gets the launcher's stdout/stderr; log4j writes ``ts_log.log``,
-  ``model_log.log`` there).
-
-``Server.start()`` starts the fork server (serve/torchserve/forkserver.py: one process that imports torch once and
-forks every backend worker from it, instead of each worker importing torch itself) and then
-``torchserve --start`` with its output redirected to a file (never a pipe: the Java child would keep a
-pipe open forever), ``wait_ready()`` polls the management API until every model's workers are READY
-(``/ping`` says Healthy long before that), ``stop()`` runs ``torchserve --stop`` with the same ``TMPDIR``
-and waits until the frontend, its workers and the fork server are gone.
+A :class:`Server` owns what one TorchServe needs to be independent of any other on the machine: its
+:class:`Ports`, its ``TMPDIR`` (pid file, worker sockets; ``torchserve --stop`` finds the server through
+it), its working directory (``key_file.json``, the generated config) and its log directory. ``start()``
+runs the fork server and the launcher (serve/torchserve/launch.py) and then the OIP gRPC front, the two
+helpers as :class:`HelperProcess`; ``wait_ready()`` polls the management API until every model's workers
+are READY; ``supervise()`` watches a foreground server; ``stop()`` stops the gRPC front, TorchServe (waiting
+for Java) and the fork server. ``image=True`` is the container's way (deploy/docker/entrypoint.sh): the
+config's own addresses and models, everything on stdout.
 """
 from __future__ import annotations
 
@@ -29,7 +22,7 @@ import sys
 import time
 import zipfile
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -55,7 +48,7 @@ PID_FILE = ".model_server.pid"  # written by torchserve's launcher into $TMPDIR
 JAVA_MAIN_CLASS = "org.pytorch.serve.ModelServer"
 # Unix socket paths are limited to 107 bytes; TorchServe puts $TMPDIR/.ts.sock.<port> there.
 MAX_SOCKET_PATH = 107
-# wait_ready's poll interval: a describe of every model not yet READY costs the frontend ~1 ms each.
+# wait_ready's poll interval (each poll describes every model not yet READY).
 READY_POLL_S = 0.1
 
 JAVA_HELP = (
@@ -181,6 +174,24 @@ def effective_config(base: dict[str, str], ports: Ports, model_store: Path) -> d
     return props
 
 
+# TorchServe's environment variables for the addresses (read when the config says enable_envvars_config=true).
+ADDRESS_VARIABLES = {
+    "TS_INFERENCE_ADDRESS": "inference_address",
+    "TS_MANAGEMENT_ADDRESS": "management_address",
+    "TS_METRICS_ADDRESS": "metrics_address",
+    "TS_GRPC_INFERENCE_PORT": "grpc_inference_port",
+    "TS_GRPC_MANAGEMENT_PORT": "grpc_management_port",
+}
+
+
+def with_environment(props: dict[str, str]) -> dict[str, str]:
+    """``props`` with the addresses TorchServe takes from ``TS_*`` variables when the config allows it."""
+    props = dict(props)
+    if props.get("enable_envvars_config", "false").lower() == "true":
+        props.update({key: os.environ[var] for var, key in ADDRESS_VARIABLES.items() if os.environ.get(var)})
+    return props
+
+
 def write_properties(props: dict[str, str], path: Path, header: str) -> None:
     lines = [f"# {line}" for line in header.splitlines()]
     lines += [f"{key}={value}" for key, value in props.items()]
@@ -300,11 +311,11 @@ class HelperProcess:
     its own session with its output appended to ``log_file`` and its pid in ``pid_file``, so that a later
     ``serve status|stop`` finds it; stopped with SIGTERM, then SIGKILL after a timeout."""
 
-    def __init__(self, name: str, pid_file: Path, marker: str, log_file: Path, kill_children: bool = False):
+    def __init__(self, name: str, pid_file: Path, marker: str, log_file: Path | None, kill_children: bool = False):
         self.name = name
         self.pid_file = pid_file
         self.marker = marker  # a word of its command line: a reused pid is not taken for it
-        self.log_file = log_file
+        self.log_file = log_file  # None: this process's stdout (the container's log)
         self.kill_children = kill_children  # SIGKILL what it leaves behind (the fork server's workers)
         self.process: subprocess.Popen | None = None  # when started by this object
 
@@ -329,14 +340,23 @@ class HelperProcess:
 
     def start(self, cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
         self.stop()  # one left by a server that died
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as out:
+        if self.log_file is None:
+            out = None
+        else:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_file, "ab")
+        try:
             self.process = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            if out is not None:
+                out.close()
         self.pid_file.write_text(f"{self.process.pid}\n")
         return self.process
 
     def log_tail(self, lines: int = 10) -> str:
+        if self.log_file is None:
+            return "(its output went to stdout)"
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
@@ -396,6 +416,9 @@ class Server:
         log_config: Path = DEFAULT_LOG_CONFIG,
         env: dict[str, str] | None = None,
         fork_workers: bool | None = None,
+        image: bool = False,
+        torchserve_args: list[str] | tuple[str, ...] = (),
+        grpc_listen: str | None = None,
     ):
         self.config = Path(config).resolve()
         if not self.config.is_file():
@@ -404,7 +427,15 @@ class Server:
             self.base_props = load_properties(self.config)
         except ValueError as err:
             raise ServerError(f"{err}: fix the config file") from None
-        self.ports = ports or Ports.from_properties(self.base_props)
+        self.image = image
+        self.torchserve_args = list(torchserve_args)
+        self.ports = ports or Ports.from_properties(with_environment(self.base_props) if image else self.base_props)
+        # host:port of the OIP gRPC front; None: none
+        if grpc_listen is None:
+            grpc_listen = f"127.0.0.1:{self.ports.oip_grpc}"
+        self.grpc_listen = None if grpc_listen.strip() in ("", "off") else grpc_listen.strip()
+        if self.grpc_listen:
+            self.ports = replace(self.ports, oip_grpc=_port_of(self.grpc_listen))
         self.workdir = Path(workdir).resolve()
         self.tmpdir = Path(tmpdir).resolve() if tmpdir else self.workdir / "tmp"
         store = model_store or self.config.parent / self.base_props.get("model_store", "model_store")
@@ -422,10 +453,11 @@ class Server:
         self.fork_workers = fork_workers
         self._launcher: subprocess.Popen | None = None
         # serve/torchserve/forkserver.py, the backend workers' parent; serve/oip_grpc.py, the OIP gRPC front
+        logs = None if image else self.log_dir  # the image: everything on stdout, the container's log
         self.forkserver = HelperProcess("fork server", self.workdir / "forkserver.pid", str(FORKSERVER),
-                                        self.log_dir / "forkserver.out", kill_children=True)
-        self.grpc = HelperProcess("OIP gRPC front", self.workdir / "oip_grpc.pid", "serve.oip_grpc",
-                                  self.log_dir / "oip_grpc.out")
+                                        logs and logs / "forkserver.out", kill_children=True)
+        self.grpc = HelperProcess("the OIP gRPC front", self.workdir / "oip_grpc.pid", "serve.oip_grpc",
+                                  logs and logs / "oip_grpc.out")
         self._log_offsets: dict[str, int] = {}
         self._client: TorchServeClient | None = None
 
@@ -529,7 +561,7 @@ class Server:
                 f"a TorchServe with TMPDIR {self.tmpdir} is already running (pid {self.pid()}); "
                 "stop it first (`python -m serve stop`)"
             )
-        busy = [f"{port} ({name})" for name, port in self.ports.listening().items() if not port_is_free(port)]
+        busy = [f"{port} ({name})" for name, port in self.listening_ports().items() if not port_is_free(port)]
         if busy:
             raise ServerError(f"port(s) already in use: {', '.join(busy)}; stop what listens there or pick other ports")
         socket_path = self.tmpdir / f".ts.sock.{self.ports.worker + 999}"
@@ -574,29 +606,40 @@ class Server:
             agent = oip_agent.agent_jar()
         except oip_agent.AgentBuildError as err:
             raise ServerError(f"cannot build the Open Inference Protocol agent: {err}") from None
-        write_properties(
-            oip_agent.jvm_options(effective_config(self.base_props, self.ports, self.model_store), agent),
-            ts_config,
-            f"Generated by serve/server.py from {self.config}; edit that file instead.",
-        )
+        if self.image:  # the config's own addresses and models (the image's, or KServe's storage config)
+            props = dict(self.base_props)
+            props.setdefault("metrics_config", str(DEFAULT_METRICS_CONFIG))
+        else:
+            props = effective_config(self.base_props, self.ports, self.model_store)
+        write_properties(oip_agent.jvm_options(props, agent), ts_config,
+                         f"Generated by serve/server.py from {self.config}; edit that file instead.")
         cmd = torchserve_command(WORKER_PYTHON) + [
             "--start",
             "--ts-config", str(ts_config),
             "--model-store", str(self.model_store),
-            "--models", *[f"{name}={name}.mar" for name in self.models],
+            *([] if self.image else ["--models", *[f"{name}={name}.mar" for name in self.models]]),
             "--ncs",  # no config snapshots: the served set is what config + archives say, nothing else
             "--log-config", str(self.log_config),
+            *self.torchserve_args,
         ]
         if foreground:
             cmd.append("--foreground")
-        with open(self.output_file, "ab") as out:
+        if self.image:
+            out = None  # the container's log
+            print(f"serve: {' '.join(cmd)}", flush=True)
+        else:
+            out = open(self.output_file, "ab")
             out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
             out.flush()
+        try:
             # Own session: a Ctrl-C meant for our CLI must not reach the server's process group.
             self._launcher = subprocess.Popen(
                 cmd, cwd=self.workdir, env=self._environment(), stdin=subprocess.DEVNULL,
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
+        finally:
+            if out is not None:
+                out.close()
         if not foreground:
             try:
                 code = self._launcher.wait(timeout=60)
@@ -655,7 +698,9 @@ class Server:
 
     def _start_grpc(self) -> None:
         """Start the gRPC front beside TorchServe (same token auth: it forwards the caller's key to REST)."""
-        cmd = [sys.executable, "-m", "serve.oip_grpc", "--listen", self.grpc_address, "--rest", self.inference_url]
+        if not self.grpc_listen:
+            return
+        cmd = [sys.executable, "-m", "serve.oip_grpc", "--listen", self.grpc_listen, "--rest", self.inference_url]
         process = self.grpc.start(cmd, REPO_ROOT, self._environment())
         deadline = time.monotonic() + 20
         while port_is_free(self.ports.oip_grpc):
@@ -671,6 +716,18 @@ class Server:
     def wait(self) -> int | None:
         """Block until a foreground launcher exits; returns its exit code (None if not started here)."""
         return self._launcher.wait() if self._launcher else None
+
+    def supervise(self, poll_s: float = 0.2) -> tuple[str, int]:
+        """Block until the foreground launcher (it returns when Java exits) or the gRPC front exits by
+        itself; returns which one (``"TorchServe"`` or the front's name) and its exit code."""
+        while True:
+            code = self._launcher.poll() if self._launcher else 0
+            if code is not None:
+                return "TorchServe", code
+            code = self.grpc.exit_code()
+            if code is not None:
+                return self.grpc.name, code
+            time.sleep(poll_s)
 
     def output_tail(self, lines: int = 30) -> str:
         """The last lines of ``torchserve.out`` and ``ts_log.log``, for error messages."""
@@ -733,10 +790,17 @@ class Server:
         """Names of the models the running server has registered (whatever it was started with)."""
         return [model["modelName"] for model in self.client.list_models()]
 
+    def listening_ports(self) -> dict[str, int]:
+        """Name → port of every port this server binds (the gRPC front's only when it runs one)."""
+        ports = self.ports.listening()
+        if not self.grpc_listen:
+            ports.pop("oip_grpc")
+        return ports
+
     def closed_ports(self) -> list[str]:
         """``name port`` of every port of this server that does not accept a connection (yet)."""
         closed = []
-        for name, port in self.ports.listening().items():
+        for name, port in self.listening_ports().items():
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                 if sock.connect_ex(("127.0.0.1", port)) != 0:
                     closed.append(f"{name} {port}")

@@ -702,33 +702,14 @@ def test_local_url_rejects_a_non_http_address(tsctl):
         tsctl.local_url("unix:/tmp/m.sock")
 
 
-# ------------------------------------------------------------------ entrypoint.sh signal handling
+# ------------------------------------------------------------------ entrypoint.sh
 
 
-FAKE_TORCHSERVE = """#!/bin/sh
-# Stand-in for the torchserve launcher: --foreground runs until --stop (or exits with $FAKE_EXIT).
-pidfile="$TMPDIR/fake-ts.pid"
-case " $* " in
-  *" --stop "*) echo stop >> "$TMPDIR/calls"; kill "$(cat "$pidfile")" 2>/dev/null; exit 0 ;;
-esac
-echo "start $*" >> "$TMPDIR/calls"
-echo "env JDK_JAVA_OPTIONS=${JDK_JAVA_OPTIONS:-} TS_OPEN_INFERENCE_PROTOCOL=${TS_OPEN_INFERENCE_PROTOCOL:-}" >> "$TMPDIR/calls"
-# Exit a moment after the start (the gRPC stand-in installs its SIGTERM trap meanwhile).
-if [ -n "${FAKE_EXIT:-}" ]; then sleep 0.5; exit "$FAKE_EXIT"; fi
-sleep 300 >/dev/null 2>&1 &
-echo $! > "$pidfile"
-wait $! || true
-exit 0
-"""
-
-# Stand-in for `python3 -m serve.oip_grpc ...`: runs until SIGTERM (exit 0) or exits with $FAKE_GRPC_EXIT.
+# Stand-in for python3: records how the entrypoint runs it (arguments, directory, environment).
 FAKE_PYTHON = """#!/bin/sh
-echo "grpc $* PYTHONPATH=${PYTHONPATH:-}" >> "$TMPDIR/calls"
-if [ -n "${FAKE_GRPC_EXIT:-}" ]; then sleep 0.5; exit "$FAKE_GRPC_EXIT"; fi
-sleep 300 >/dev/null 2>&1 &
-child=$!
-trap 'kill $child; echo grpc-stopped >> "$TMPDIR/calls"; exit 0' TERM
-wait $child
+echo "argv $*" >> "$CALLS"
+echo "cwd $(pwd)" >> "$CALLS"
+echo "env TS_CONFIG_FILE=${TS_CONFIG_FILE:-unset}" >> "$CALLS"
 """
 
 
@@ -736,91 +717,81 @@ wait $child
 def entrypoint_env(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("torchserve", FAKE_TORCHSERVE), ("python3", FAKE_PYTHON)):
-        fake = bin_dir / name
-        fake.write_text(text)
-        fake.chmod(0o755)
-    jar = tmp_path / "oip-agent.jar"
-    jar.write_bytes(b"")
-    env = {**clean_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_path),
-           "TS_WORKDIR": str(tmp_path), "APP_DIR": "/app", "OIP_AGENT_JAR": str(jar),
-           "OIP_GRPC_LISTEN": "0.0.0.0:7070", "TS_INFERENCE_ADDRESS": "http://0.0.0.0:8080",
+    fake = bin_dir / "python3"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    app = tmp_path / "app"
+    app.mkdir()
+    env = {**clean_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_path / "t"),
+           "TS_WORKDIR": str(tmp_path / "w"), "APP_DIR": str(app), "CALLS": str(tmp_path / "calls"),
            "TS_CONFIG_FILE": "/elsewhere/config.properties"}
-    return env, tmp_path / "calls"
+    env.pop("PYTHON", None)
+    return env, tmp_path
 
 
-def run_entrypoint(env, *args, signal_after_start=False, timeout=15):
-    """Run deploy/docker/entrypoint.sh as the image does (bash); optionally SIGTERM it once both run."""
-    calls = Path(env["TMPDIR"]) / "calls"
-    proc = subprocess.Popen(["bash", str(DOCKER_DIR / "entrypoint.sh"), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if signal_after_start:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not (
-                (calls.parent / "fake-ts.pid").exists() and calls.exists() and "grpc " in calls.read_text()):
-            time.sleep(0.05)
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=timeout)
-    return proc.returncode, stdout, stderr, calls.read_text().splitlines() if calls.exists() else []
+def run_entrypoint(env, *args) -> tuple[int, list[str]]:
+    result = subprocess.run(["bash", str(DOCKER_DIR / "entrypoint.sh"), *args], env=env, capture_output=True,
+                            text=True, timeout=30)
+    calls = Path(env["CALLS"])
+    return result.returncode, calls.read_text().splitlines() if calls.exists() else []
 
 
-def test_entrypoint_starts_both_servers_and_sigterm_stops_both(entrypoint_env):
+def test_entrypoint_runs_serve_start_in_the_foreground_with_the_image_layout(entrypoint_env):
+    """The container runs the host's orchestrator (serve start; what it guarantees on SIGTERM and when a
+    server dies: tests/reliability/test_faults.py and tests/kserve with the real servers)."""
+    env, tmp = entrypoint_env
+    code, lines = run_entrypoint(env)
+    assert code == 0
+    app, work = env["APP_DIR"], env["TS_WORKDIR"]
+    assert lines == [
+        f"argv -m serve start --foreground --image --timeout 600 --config {app}/config.properties "
+        f"--model-store {app}/model_store --log-config {app}/docker/log4j2.xml --workdir {work} "
+        f"--log-dir {work}/logs --tmpdir {env['TMPDIR']} --",
+        f"cwd {app}",  # python -m serve from the image's /app
+        "env TS_CONFIG_FILE=unset",  # the launcher would prefer it to --ts-config
+    ]
+
+
+def test_entrypoint_passes_kserve_flags_to_torchserve_and_runs_other_commands(entrypoint_env):
     env, _ = entrypoint_env
-    code, _, stderr, lines = run_entrypoint(env, signal_after_start=True)
-    assert code == 0, stderr
-    assert "entrypoint: servers stopped (status 0)" in stderr
-    (start,) = [l for l in lines if l.startswith("start ")]
-    assert start.startswith("start --foreground --ncs --log-config /app/docker/log4j2.xml")
-    assert "--ts-config /app/config.properties --model-store /app/model_store" in start
-    assert f"env JDK_JAVA_OPTIONS=-javaagent:{env['OIP_AGENT_JAR']} TS_OPEN_INFERENCE_PROTOCOL=oip" in lines
-    (grpc,) = [l for l in lines if l.startswith("grpc ")]
-    assert grpc == "grpc -m serve.oip_grpc --listen 0.0.0.0:7070 --rest http://127.0.0.1:8080 PYTHONPATH=/app"
-    assert "stop" in lines and "grpc-stopped" in lines
-
-
-def test_entrypoint_kserve_flags_replace_the_image_config(entrypoint_env):
-    """The runtime's --ts-config=/--model-store= win; an inherited TS_CONFIG_FILE would override them."""
-    env, _ = entrypoint_env
-    code, _, stderr, lines = run_entrypoint(
-        env, "--ts-config=/mnt/models/config/config.properties", "--model-store=/mnt/models/model-store",
-        signal_after_start=True)
-    assert code == 0, stderr
-    (start,) = [l for l in lines if l.startswith("start ")]
-    assert start.endswith("--ts-config=/mnt/models/config/config.properties --model-store=/mnt/models/model-store")
-    assert "/app/config.properties" not in start and "/app/model_store" not in start
-
-
-def test_entrypoint_fails_when_torchserve_exits_on_its_own(entrypoint_env):
-    env, _ = entrypoint_env
-    code, _, stderr, lines = run_entrypoint({**env, "FAKE_EXIT": "0"})
-    assert code == 1 and "TorchServe exited on its own" in stderr, stderr
-    assert "grpc-stopped" in lines, "the gRPC front is stopped too"
-
-
-def test_entrypoint_fails_when_the_grpc_front_exits_on_its_own(entrypoint_env):
-    env, _ = entrypoint_env
-    code, _, stderr, lines = run_entrypoint({**env, "FAKE_GRPC_EXIT": "3"})
-    assert code == 3 and "the OIP gRPC front exited on its own" in stderr, stderr
-    assert "stop" in lines, "TorchServe is stopped too"
-
-
-def test_entrypoint_refuses_a_missing_agent_and_can_run_without_grpc(entrypoint_env):
-    env, _ = entrypoint_env
-    code, _, stderr, _ = run_entrypoint({**env, "OIP_AGENT_JAR": "/nowhere/oip-agent.jar"})
-    assert code == 1 and "OIP agent /nowhere/oip-agent.jar not found" in stderr
-    code, _, stderr, lines = run_entrypoint({**env, "OIP_GRPC_LISTEN": "off", "FAKE_EXIT": "0"})
-    assert code == 1 and not any(l.startswith("grpc ") for l in lines)
-
-
-def test_entrypoint_passes_flags_and_runs_other_commands(entrypoint_env):
-    env, _ = entrypoint_env
-    _, _, _, lines = run_entrypoint({**env, "FAKE_EXIT": "3"}, "--models", "mnistnet.mar")
-    (start,) = [l for l in lines if l.startswith("start ")]
-    assert start.endswith("--models mnistnet.mar")
+    code, lines = run_entrypoint(env, "--ts-config=/mnt/models/config/config.properties",
+                                 "--model-store=/mnt/models/model-store")
+    assert code == 0 and lines[0].endswith(
+        " -- --ts-config=/mnt/models/config/config.properties --model-store=/mnt/models/model-store")
     result = subprocess.run(["bash", str(DOCKER_DIR / "entrypoint.sh"), "echo", "hello"], env=env,
                             capture_output=True, text=True, timeout=10)
     assert result.stdout == "hello\n"
+
+
+def test_image_mode_takes_the_flags_models_and_addresses(tmp_path, monkeypatch):
+    """What `serve start --image` makes of the entrypoint's and KServe's flags, without starting anything."""
+    from serve.__main__ import make_server, parse_args
+
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ("b", "a"):
+        (store / f"{name}.mar").write_bytes(b"")
+    config = tmp_path / "config.properties"
+    config.write_text("inference_address=http://127.0.0.1:8080\nenable_envvars_config=true\nload_models=all\n")
+    kserve = tmp_path / "kserve.properties"
+    kserve.write_text('model_snapshot={"name":"startup.cfg","models":{"mnistnet":{},"mlp":{}}}\n')
+    monkeypatch.setenv("TS_INFERENCE_ADDRESS", "http://0.0.0.0:18080")
+    monkeypatch.setenv("OIP_GRPC_LISTEN", "0.0.0.0:17070")
+    base = ["start", "--foreground", "--image", "--config", str(config), "--model-store", str(store),
+            "--workdir", str(tmp_path / "w"), "--"]
+    server = make_server(parse_args(base))
+    assert server.models == ["a", "b"] and server.model_store == store.resolve()
+    assert server.ports.inference == 18080 and server.grpc_listen == "0.0.0.0:17070" and server.ports.oip_grpc == 17070
+    server = make_server(parse_args(base + [f"--ts-config={kserve}", "--model-store", "/mnt/models/model-store",
+                                            "--foo", "1"]))
+    assert server.config == kserve.resolve() and server.model_store == Path("/mnt/models/model-store")
+    assert server.models == ["mnistnet", "mlp"] and server.torchserve_args == ["--foo", "1"]
+    assert server.ports.inference == 8080, "TS_* variables count only where the config enables them"
+    server = make_server(parse_args(base + ["--models", "mnistnet.mar", "mlp=mlp.mar"]))
+    assert server.models == ["mnistnet", "mlp"] and server.torchserve_args == ["--models", "mnistnet.mar", "mlp=mlp.mar"]
+    monkeypatch.setenv("OIP_GRPC_LISTEN", "off")
+    server = make_server(parse_args(base))
+    assert server.grpc_listen is None and "oip_grpc" not in server.listening_ports()
 
 
 # ----------------------------------------------------------------------------- tsctl.py live

@@ -494,8 +494,9 @@ def test_dead_jvm_is_reported_and_stop_cleans_up(short_key_server, matrix):
 # ------------------------------------------------------------------------------------ 3b. container entrypoint
 
 
-def test_entrypoint_exits_non_zero_when_the_jvm_dies(tmp_path, matrix):
-    """deploy/docker/entrypoint.sh with the real torchserve launcher and gRPC front (no models, no agent)."""
+def _container(tmp_path: Path) -> tuple[subprocess.Popen, Ports, Path]:
+    """deploy/docker/entrypoint.sh (serve start --foreground --image) with the real torchserve launcher, fork
+    server and gRPC front (no models, no agent), once TorchServe says it is ready."""
     app = tmp_path / "app"
     (app / "docker").mkdir(parents=True)
     (app / "model_store").mkdir()
@@ -507,21 +508,28 @@ def test_entrypoint_exits_non_zero_when_the_jvm_dies(tmp_path, matrix):
     env = {**clean_env(), "APP_DIR": str(app), "OIP_AGENT_JAR": "", "PYTHON": sys.executable,
            "OIP_GRPC_LISTEN": f"127.0.0.1:{ports.oip_grpc}", "TS_WORKDIR": str(tmp_path / "work"),
            "TMPDIR": str(tmp_path / "t"), "TEMP": str(tmp_path / "t"), "PYTHONPATH": str(REPO_ROOT),
-           "OIP_GRPC_REST": f"http://127.0.0.1:{ports.inference}",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    with open(tmp_path / "entrypoint.out", "wb") as out:
+    env.pop("TS_CONFIG_FILE", None)
+    log = tmp_path / "entrypoint.out"
+    with open(log, "wb") as out:
         entry = subprocess.Popen(["bash", str(REPO_ROOT / "deploy" / "docker" / "entrypoint.sh")], env=env,
                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while "serve: TorchServe is ready" not in log.read_text(errors="replace"):
+        assert entry.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
+    return entry, ports, log
+
+
+def _processes(entry: subprocess.Popen, needle: str) -> list[psutil.Process]:
+    return [p for p in psutil.Process(entry.pid).children(recursive=True) if needle in " ".join(p.cmdline())]
+
+
+def test_entrypoint_exits_non_zero_when_the_jvm_dies(tmp_path, matrix):
+    entry, _, log = _container(tmp_path)
     try:
-        pid_file = tmp_path / "t" / ".model_server.pid"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not pid_file.is_file() or not pid_file.read_text().strip()
-                                               or port_free(ports.inference) or port_free(ports.oip_grpc)):
-            assert entry.poll() is None, (tmp_path / "entrypoint.out").read_text()[-2000:]
-            time.sleep(0.2)
-        java = int(pid_file.read_text())
-        grpc = [p for p in psutil.Process(entry.pid).children(recursive=True)
-                if "serve.oip_grpc" in " ".join(p.cmdline())]
+        java = int((tmp_path / "t" / ".model_server.pid").read_text())
+        grpc = _processes(entry, "serve.oip_grpc")
         assert grpc, "the gRPC front runs"
         killed_at = time.monotonic()
         os.kill(java, signal.SIGKILL)
@@ -531,7 +539,7 @@ def test_entrypoint_exits_non_zero_when_the_jvm_dies(tmp_path, matrix):
         if entry.poll() is None:
             os.killpg(entry.pid, signal.SIGKILL)
             entry.wait()
-    output = (tmp_path / "entrypoint.out").read_text()
+    output = log.read_text()
     assert code != 0, output[-2000:]
     assert "TorchServe exited on its own" in output
     _, alive = psutil.wait_procs(grpc, timeout=10)
@@ -539,6 +547,41 @@ def test_entrypoint_exits_non_zero_when_the_jvm_dies(tmp_path, matrix):
     record(matrix, "JVM SIGKILL (container)", f"entrypoint exits {code} after {exit_s:.1f} s "
            "('TorchServe exited on its own'), gRPC front stopped", "every in-flight and queued request",
            "the runtime restarts the container (restart policy / kubelet)")
+
+
+def test_entrypoint_stops_torchserve_when_the_grpc_front_dies(tmp_path):
+    entry, _, log = _container(tmp_path)
+    try:
+        java = psutil.Process(int((tmp_path / "t" / ".model_server.pid").read_text()))
+        (grpc,) = _processes(entry, "serve.oip_grpc")
+        grpc.kill()
+        code = entry.wait(timeout=90)
+    finally:
+        if entry.poll() is None:
+            os.killpg(entry.pid, signal.SIGKILL)
+            entry.wait()
+    output = log.read_text()
+    assert code != 0, output[-2000:]
+    assert "the OIP gRPC front exited on its own" in output, output[-2000:]
+    _, alive = psutil.wait_procs([java], timeout=10)
+    assert not alive, "TorchServe is stopped with the container"
+
+
+def test_entrypoint_drains_on_sigterm_and_exits_0(tmp_path):
+    entry, _, log = _container(tmp_path)
+    try:
+        java = psutil.Process(int((tmp_path / "t" / ".model_server.pid").read_text()))
+        helpers = _processes(entry, "serve.oip_grpc") + _processes(entry, "forkserver.py")
+        entry.send_signal(signal.SIGTERM)
+        code = entry.wait(timeout=90)
+    finally:
+        if entry.poll() is None:
+            os.killpg(entry.pid, signal.SIGKILL)
+            entry.wait()
+    output = log.read_text()
+    assert code == 0 and "serve: servers stopped (status 0)" in output, output[-2000:]
+    _, alive = psutil.wait_procs([java, *helpers], timeout=10)
+    assert not alive and len(helpers) == 2, (alive, helpers)
 
 
 def port_free(port: int) -> bool:

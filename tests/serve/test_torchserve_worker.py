@@ -160,3 +160,22 @@ def test_the_launch_installs_the_patches_unless_switched_off(tmp_path, switch):
         assert out[1] == f"serve.torchserve.worker serve.torchserve.worker True ['{tmp_path}'] True"
     else:
         assert out == [f"ts.protocol.otf_message_handler ts.service False ['{tmp_path}'] True"]
+
+
+def test_json_bodies_are_parsed_by_the_loaded_handlers_parser(monkeypatch, tmp_path):
+    """After a model loads, the reader parses JSON bodies with the handler's ``json_loads`` (ours marks
+    numbers-only arrays, handlers/jsoncodec.py); the values are TorchServe's either way."""
+    from handlers.jsoncodec import NumberList
+
+    monkeypatch.setattr(fast_worker, "_json_loads", fast_worker._default_json_loads)
+    handler, _, _ = serve("mnistnet", tmp_path)
+    body = [("n", {}, [("body", "application/json", b"[[0.5, 1], [2, 3e-1]]")])]
+    (_, before), = _read_all(fast_worker.retrieve_msg, _wire(body), 1)
+    loaded = fast_worker._load(lambda self, *args: type("Service", (), {"_entry_point": handler.handle})())
+    loaded(None)
+    (_, after), = _read_all(fast_worker.retrieve_msg, _wire(body), 1)
+    value_before, value_after = before[0]["parameters"][0]["value"], after[0]["parameters"][0]["value"]
+    assert value_before == value_after == [[0.5, 1], [2, 0.3]]
+    assert type(value_before) is list and type(value_after) is NumberList
+    (_, theirs), = _read_all(retrieve_msg, _wire(body), 1)
+    assert theirs[0]["parameters"][0]["value"] == value_after
