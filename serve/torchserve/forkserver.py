@@ -1,12 +1,12 @@
 """Start TorchServe's Python workers by forking one process that has already imported torch.
 
-Every TorchServe backend worker is a fresh ``python ts/model_service_worker.py`` that imports torch
-(~1.5 CPU-s), numpy and PIL before it loads its model: with 8 workers on 2 cores that import is most of a
-cold start. ``serve/server.py`` therefore runs, beside TorchServe, one *fork server* that imports those
+Every TorchServe backend worker is a fresh ``python ts/model_service_worker.py`` that imports torch,
+numpy and PIL before it loads its model: with 8 workers on 2 cores that import is most of a cold start
+(bench/README.md, "Cold start"). ``serve/server.py`` therefore runs, beside TorchServe, one *fork server* that imports those
 modules once, and gives TorchServe ``serve/torchserve/worker_python`` as its ``python``. For each worker:
 
 1. the frontend runs ``worker_python ts/model_service_worker.py --sock-type unix ...`` (the *client*,
-   this file run with ``-IS``: stdlib only, ~20 ms), which sends its arguments, environment, working
+   this file run with ``-IS``: stdlib only), which sends its arguments, environment, working
    directory and its stdin/stdout/stderr (``SCM_RIGHTS``) to the fork server's unix socket;
 2. the fork server forks; the child takes over those file descriptors, environment, directory, arguments
    and ``sys.path`` and runs ``model_service_worker.py`` as ``__main__`` with the worker patches installed

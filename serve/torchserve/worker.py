@@ -1,8 +1,8 @@
 """Leaner pieces of TorchServe 0.12's Python worker loop, installed at worker launch (:func:`run`).
 
 TorchServe's worker (ts/model_service_worker.py) reads each batch from the frontend's socket one field at
-a time, and emits ``PredictionTime`` through its metrics cache; under load that was ~30% of a worker's time
-for a single-image request (bench/README.md). These replace, with the same wire format and results:
+a time, and emits ``PredictionTime`` through its metrics cache: a large share of a worker's time for a
+single-image request (measured in bench/README.md). These replace, with the same wire format and results:
 
 * ``otf_message_handler.retrieve_msg``: one buffered reader per socket, the same message dicts (JSON bodies
   parsed by the loaded handler's ``json_loads`` when it offers one, else orjson/json; text as str;
