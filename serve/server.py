@@ -831,6 +831,9 @@ class Server:
             while len(ready) < len(self.models) or self.closed_ports():
                 if not self.is_running():
                     raise ServerError(f"TorchServe exited while starting:\n{self.output_tail()}")
+                if self.grpc.exit_code() is not None:
+                    raise ServerError(f"{self.grpc.name} exited on its own (status {self.grpc.exit_code()}) "
+                                      f"while TorchServe was starting:\n{self.grpc.log_tail()}")
                 for name in self.models:
                     if name in ready:
                         continue
