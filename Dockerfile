@@ -119,8 +119,8 @@ RUN { grep -v '^enable_envvars_config=' /app/config.properties.repo; \
 COPY --from=oip /out/oip-agent.jar /app/oip/oip-agent.jar
 COPY --from=builder /src/model_store/*.mar /app/model_store/
 # serve/ (with serve/torchserve/: the patches, fork server and worker launch), the client it asks the
-# management API with, paths/ (the repository layout serve/ and client/ import) and wire/ (the OIP codec
-# the gRPC front imports): the entrypoint runs `python -m serve start --foreground --image` from /app.
+# management API with, paths/ (the repository layout) and wire/ (the OIP codec the gRPC front imports, and
+# the [METRICS] lines): the entrypoint runs `python -m serve start --foreground --image` from /app.
 COPY paths/ /app/paths/
 COPY wire/ /app/wire/
 COPY client/ /app/client/

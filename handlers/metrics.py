@@ -24,7 +24,7 @@ given (``context.metrics``) at start-up and reports only what is declared there,
 the YAML costs nothing here.
 
 The handler collects a batch's observations and writes them in ONE log record, one line each in the
-``[METRICS]`` format the frontend parses (serve/torchserve/metric_lines.py, shipped in the archive)
+``[METRICS]`` format the frontend parses (wire/metric_lines.py, shipped in the archive)
 instead of one ``logging`` call per observation; with the worker patches on, that record joins the
 worker's ``PredictionTime`` line (serve/torchserve/worker.py). Measured cost: README.md.
 """
@@ -36,7 +36,7 @@ from collections import Counter
 
 import numpy as np
 
-from serve.torchserve.metric_lines import label, line_end, line_parts
+from wire.metric_lines import label, line_end, line_parts
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,7 @@ For every requested model (default: all registered models) this
 
 1. trains it first if ``<weights-dir>/<name>.pt`` is missing (``python -m train <name>``);
 2. stages a build directory holding the ``models/``, ``handlers/`` and ``wire/`` packages (``.py`` files
-   only) and the ``[METRICS]`` line formatter (``serve/torchserve/metric_lines.py``), so that the handler
-   and the model file can import them inside the archive;
+   only), so that the handler and the model file can import them inside the archive;
 3. writes a per-model YAML config (workers, dynamic batching, response timeout) from the registry;
 4. runs ``torch-model-archiver`` into a temporary export directory next to the store and moves the
    result over ``<store>/<name>.mar`` with ``os.replace``, so a failed build never destroys a good
@@ -35,9 +34,6 @@ from paths import MODEL_STORE, REPO_ROOT, WEIGHTS_DIR
 
 # Python packages shipped inside every archive (only their .py files): the handlers and what they import.
 ARCHIVED_PACKAGES = ("models", "handlers", "wire")
-# Single modules shipped at the same path (no __init__.py: inside a worker without our launch they import as
-# namespace packages; with it, serve/ is already imported and the checkout's copy serves).
-ARCHIVED_MODULES = ("serve/torchserve/metric_lines.py",)
 # Seconds TorchServe waits for one batch before it declares the worker stuck and restarts it.
 RESPONSE_TIMEOUT_S = 120
 
@@ -91,20 +87,18 @@ def model_config(spec: ModelSpec) -> dict:
 
 
 def source_files(root: Path = REPO_ROOT) -> list[Path]:
-    """The ``.py`` files of every package in ``ARCHIVED_PACKAGES`` (bytecode caches excluded) and
-    ``ARCHIVED_MODULES``."""
+    """The ``.py`` files of every package in ``ARCHIVED_PACKAGES`` (bytecode caches excluded)."""
     files = []
     for package in ARCHIVED_PACKAGES:
         files += [p for p in sorted((root / package).rglob("*.py")) if "__pycache__" not in p.parts]
-    return files + [root / module for module in ARCHIVED_MODULES]
+    return files
 
 
 def stage_packages(staging: Path, root: Path = REPO_ROOT) -> None:
     """Copy the archived packages' ``.py`` files into ``staging/<package>/`` (keeping subfolders).
 
     torch-model-archiver copies the CONTENTS of an ``--extra-files`` directory into the archive root,
-    so passing ``staging`` ships ``models/``, ``handlers/`` and ``wire/`` as importable packages (and
-    ``ARCHIVED_MODULES`` at their paths).
+    so passing ``staging`` ships ``models/``, ``handlers/`` and ``wire/`` as importable packages.
     """
     for src in source_files(root):
         dst = staging / src.relative_to(root)

@@ -3,7 +3,8 @@
 * ``agent`` + ``java/``: the Java agent that replaces two frontend classes (the Open Inference Protocol REST
   surface, error bodies);
 * ``worker``: the leaner worker loop (``retrieve_msg``, ``Service.predict``), installed at worker launch;
-* ``metric_lines``: the ``[METRICS]`` line format the frontend parses (shipped inside every archive);
+* the ``[METRICS]`` line format the frontend parses lives in ``wire/metric_lines.py`` (the handlers import it
+  and wire/ ships inside every archive);
 * ``forkserver``, ``worker_python``, ``run_worker``, ``launch``: how TorchServe's workers start (forked
   from one preloaded process, or plain) and the launcher command that names their ``python``.
 

@@ -8,7 +8,7 @@ single-image request (measured in bench/README.md). These replace, with the same
   parsed by the loaded handler's ``json_loads`` when it offers one, else orjson/json; text as str;
   ``TS_DECODE_INPUT_REQUEST`` honoured) and the same per-batch INFO line (tests count batches with it);
 * ``Service.predict``: the same steps and error answers, ``PredictionTime`` as the same ``[METRICS]`` line
-  (serve/torchserve/metric_lines.py), the response frame built in one ``join``, and the batch's
+  (wire/metric_lines.py), the response frame built in one ``join``, and the batch's
   ``[METRICS]`` records (the handler's, then PredictionTime) written as ONE record after the batch.
 
 :func:`install` swaps them in before the worker script runs: serve/torchserve/run_worker.py (a plain
@@ -27,7 +27,7 @@ import sys
 import time
 
 from serve.torchserve import SUPPORTED_VERSION, unsupported
-from serve.torchserve.metric_lines import line_end, line_parts
+from wire.metric_lines import line_end, line_parts
 
 try:  # optional speed-up (requirements pin it)
     import orjson

@@ -3,9 +3,9 @@
 TorchServe's own metrics cache writes one ``logging`` call per observation
 (``ts.metrics.caching_metric.CachingMetric.emit_metrics``); the handlers' model-quality metrics
 (handlers/metrics.py) and the leaner worker's ``PredictionTime`` (serve/torchserve/worker.py) write the
-same lines through these functions instead, a batch at a time. Stdlib only: serve/package.py ships this
-file inside every archive (as ``serve/torchserve/metric_lines.py``), so a handler emits its metrics with
-the worker patches off and outside this checkout too.
+same lines through these functions instead, a batch at a time. Here, not in serve/torchserve/ with the
+rest of our TorchServe coupling: the handlers import it, and wire/ ships inside every archive, so a handler
+emits its metrics with the worker patches off and outside this checkout too (docs/torchserve-patches.md).
 """
 from __future__ import annotations
 
