@@ -209,7 +209,7 @@ def is_kserve_route(headers: dict[str, str]) -> bool:
     ``/v2/models/{m}[/versions/{v}]/infer|explain``, where only the KServe protocols are spoken.
 
     TorchServe 0.12's InferenceRequestHandler adds header ``explain`` on those routes and on
-    ``/predictions|/explanations``, but ``url_path`` only on the latter; serve/java adds ``oip-request: v2``
+    ``/predictions|/explanations``, but ``url_path`` only on the latter; serve/torchserve/java adds ``oip-request: v2``
     on the versioned ``/v2`` route. (Legacy ``/invocations`` and ``/{m}/predict`` add neither: native.)
     """
     if str(headers.get(OIP_REQUEST, "")).strip().lower() == "v2":
