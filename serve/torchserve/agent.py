@@ -25,6 +25,7 @@ from paths import BUILD_DIR
 SOURCES = Path(__file__).resolve().parent / "java"
 DEFAULT_JAR = BUILD_DIR / "oip-agent.jar"
 AGENT_CLASS = "oip/OipAgent"
+JDK_ASM = "jdk.internal.org.objectweb.asm"  # the JDK's ASM copy the BatchAggregator patch uses
 # Classes defined from the jar in place of TorchServe's (must match OipAgent.REPLACED).
 REPLACED = (
     "org/pytorch/serve/http/api/rest/OpenInferenceProtocolRequestHandler",
@@ -74,7 +75,9 @@ def build(out: Path = DEFAULT_JAR, force: bool = False) -> Path:
     with tempfile.TemporaryDirectory(prefix="oip-agent-") as tmp:
         classes = Path(tmp) / "classes"
         result = subprocess.run(
-            [javac, "--release", "17", "-nowarn", "-cp", str(frontend), "-d", str(classes), *map(str, sources)],
+            # Not --release: it forbids the export of the JDK's internal ASM (java/HeldJobsPatch.java).
+            [javac, "-source", "17", "-target", "17", "-nowarn", "--add-exports", f"java.base/{JDK_ASM}=ALL-UNNAMED",
+             "-cp", str(frontend), "-d", str(classes), *map(str, sources)],
             capture_output=True, text=True,
         )
         if result.returncode != 0:
@@ -82,7 +85,8 @@ def build(out: Path = DEFAULT_JAR, force: bool = False) -> Path:
         partial = out.with_name(out.name + ".partial")
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as jar:
             jar.writestr("META-INF/MANIFEST.MF", f"Manifest-Version: 1.0\nPremain-Class: {AGENT_CLASS.replace('/', '.')}\n\n")
-            jar.write(classes / f"{AGENT_CLASS}.class", f"{AGENT_CLASS}.class")
+            for agent_class in sorted((classes / AGENT_CLASS).parent.glob("*.class")):  # the agent's own package
+                jar.write(agent_class, agent_class.relative_to(classes).as_posix())
             for name in REPLACED:
                 # Not stored as .class: the agent jar joins the class path, where model-server.jar comes first.
                 jar.write(classes / f"{name}.class", f"oip-classes/{name}.bin")

@@ -52,3 +52,37 @@ def test_prebuilt_jar_from_the_environment(tmp_path, monkeypatch):
     for off in ("", "off"):
         monkeypatch.setenv("OIP_AGENT_JAR", off)
         assert oip_agent.agent_jar() is None
+
+
+def test_agent_patches_batch_aggregator_and_the_class_verifies(tmp_path):
+    """The agent's BatchAggregator patch (serve/torchserve/java/HeldJobsPatch.java) applies to the installed TorchServe and
+    the patched class passes the JVM's verifier; what it does is tested in tests/reliability/test_dead_worker.py."""
+    import shutil
+    import subprocess
+
+    from serve.server import java_executable
+
+    jar = oip_agent.build(tmp_path / "oip-agent.jar")
+    with zipfile.ZipFile(jar) as archive:
+        assert {"oip/HeldJobs.class", "oip/HeldJobsPatch.class"} <= set(archive.namelist())
+    probe = tmp_path / "Probe.java"
+    probe.write_text(
+        "public class Probe { public static void main(String[] a) throws Exception {\n"
+        "  for (String name : a) for (var m : Class.forName(name).getDeclaredMethods())\n"
+        "    if (m.getName().startsWith(\"getRequest\")) System.out.println(name + \" \" + m.getName());\n"
+        "}}\n")
+    frontend = str(oip_agent.torchserve_jar())
+    subprocess.run([shutil.which("javac"), "-d", str(tmp_path), str(probe)], check=True)
+    aggregators = [f"org.pytorch.serve.wlm.{name}" for name in
+                   ("BatchAggregator", "SequenceBatching", "ContinuousBatching", "AsyncBatchAggregator")]
+    result = subprocess.run(
+        [java_executable(), "-Xverify:all", f"-javaagent:{jar}", "-cp", f"{frontend}:{tmp_path}", "Probe", *aggregators],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = set(result.stdout.split("\n"))
+    assert "org.pytorch.serve.wlm.BatchAggregator getRequest$unguarded" in lines
+    assert "org.pytorch.serve.wlm.BatchAggregator getRequest" in lines
+    # The subclasses keep their own methods: those that override getRequest still do, none gains the rename.
+    assert not any(line.startswith(("org.pytorch.serve.wlm.Seq", "org.pytorch.serve.wlm.Cont", "org.pytorch.serve.wlm.Async"))
+                   and "unguarded" in line for line in lines)
+    assert "held-jobs patch" not in result.stderr, result.stderr

@@ -20,6 +20,8 @@ import java.util.Map;
  *       OIP clients read.
  * </ul>
  *
+ * <p>It also patches one method of TorchServe 0.12.0's {@code BatchAggregator} (HeldJobsPatch).
+ *
  * Why an agent and not a TorchServe endpoint plugin: a plugin registered for "/v2" would also take
  * {@code POST /v2/models/m/infer} away from TorchServe's own fast route, and TorchServe runs plugins
  * on another thread after Netty has released the request body (measured: IllegalReferenceCount).
@@ -47,6 +49,7 @@ public final class OipAgent implements ClassFileTransformer {
 
     public static void premain(String args, Instrumentation inst) throws IOException {
         inst.addTransformer(new OipAgent());
+        HeldJobsPatch.install(inst); // requests held for a batch survive a dead worker (HeldJobs)
     }
 
     @Override

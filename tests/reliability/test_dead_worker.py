@@ -1,0 +1,85 @@
+"""A worker that dies while its next batch is still filling: the requests held for that batch are answered.
+
+TorchServe's worker thread takes the first queued request, then waits up to ``maxBatchDelay`` for more
+before it sends the batch to its worker process. A worker process killed during that wait used to leave
+the held requests unanswered for ever (the client waited out its own timeout): serve/java/HeldJobs.java
+now puts them back at the head of the model's queue, and the restarted worker serves them.
+
+Deterministic: mnistnet is packaged here with ``maxBatchDelay`` 3000 ms, so one lone request sits in the
+batch wait for 3 s; the worker is SIGKILLed 1 s into it. Asserted, in both worker launch modes (fork server
+on and off): the request gets the right prediction (the in-process model's), within the model's response
+timeout, from the new worker process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from models.registry import get_spec
+from serve.package import build_archive, model_config
+from servers import start_ready_server, worker_pids
+
+from .support import PNG, png_of
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+BATCH_DELAY_MS = 3000  # the held request waits this long for its batch to fill
+RESPONSE_TIMEOUT_S = 30  # the model's responseTimeout: the bound on the answer
+KILL_INTO_WAIT_S = 1.0  # the kill lands this far into the batch wait
+CLIENT_TIMEOUT_S = 2 * RESPONSE_TIMEOUT_S  # a hang shows up as no answer by then
+
+
+@pytest.fixture(scope="module")
+def slow_batch_store(tmp_path_factory, weights_dir):
+    """mnistnet, one worker, batches of 8 that wait up to BATCH_DELAY_MS to fill."""
+    store = tmp_path_factory.mktemp("slow-batch-store").resolve()
+    spec = dataclasses.replace(get_spec("mnistnet"), workers=1, batch_size=8, max_batch_delay_ms=BATCH_DELAY_MS)
+    config = {**model_config(spec), "responseTimeout": RESPONSE_TIMEOUT_S}
+    build_archive(spec, weights_dir / "mnistnet.pt", store, config=config)
+    return store
+
+
+@pytest.mark.parametrize("fork_workers", [True, False], ids=["forkserver", "no-forkserver"])
+def test_request_held_for_a_batch_survives_its_worker(fork_workers, slow_batch_store, tmp_path, digits, reference):
+    server = start_ready_server(tmp_path, slow_batch_store, ["mnistnet"], fork_workers=fork_workers)
+    try:
+        images, _ = digits
+        expected = reference.probabilities("mnistnet", images[:1])[0]
+        old_pid = worker_pids(server)["mnistnet"][0][1]
+        answer: dict = {}
+
+        def send():
+            started = time.monotonic()
+            try:
+                response = requests.post(
+                    f"{server.inference_url}/predictions/mnistnet", data=png_of(images[0]), timeout=CLIENT_TIMEOUT_S,
+                    headers={**PNG, "Authorization": f"Bearer {server.keys()['inference']}"})
+                answer.update(status=response.status_code, body=response.text)
+            except requests.RequestException as err:
+                answer.update(status=None, body=f"{type(err).__name__}: {err}")
+            answer["seconds"] = time.monotonic() - started
+
+        client = threading.Thread(target=send)
+        client.start()
+        time.sleep(KILL_INTO_WAIT_S)  # the request is now held by the worker thread, waiting for its batch
+        assert client.is_alive() and not answer, f"answered before the batch delay ran out: {answer}"
+        os.kill(old_pid, signal.SIGKILL)
+        client.join(CLIENT_TIMEOUT_S + 5)
+
+        assert answer.get("status") is not None, f"no answer: {answer}\n{server.output_tail()}"
+        assert answer["seconds"] <= RESPONSE_TIMEOUT_S, answer
+        assert answer["status"] == 200, answer
+        assert np.allclose(json.loads(answer["body"])["probabilities"], expected, atol=1e-5)
+        assert worker_pids(server)["mnistnet"][0][1] != old_pid, "the answer must come from the new worker"
+        print(f"\nheld request answered {answer['status']} {answer['seconds']:.1f} s after it was sent "
+              f"(kill at {KILL_INTO_WAIT_S:.0f} s, batch delay {BATCH_DELAY_MS} ms)")
+    finally:
+        server.stop()
