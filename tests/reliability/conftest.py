@@ -4,7 +4,7 @@
   serve/package.py does), so a retrain during the run cannot change what is served under us.
 * ``store``: real .mar archives built once from those weights with serve/package.py (registry settings but
   one worker per model; batch size and delay from models/registry.py).
-* ``start_server(name, ...)``: starts another READY server from ``store`` on free ports with a private
+* ``start_server(name, log_config=None, models=MODELS, **server_kwargs)``: starts another READY server from ``store`` on free ports with a private
   TMPDIR, working and log directory (serve/server.py); every one is stopped at the end of the session.
 * ``server``: the one shared by the bad-input matrix and the secure-defaults tests. Its log config
   (log4j2.xml here) keeps TorchServe's per-batch worker line, so tests can count batches.
@@ -40,12 +40,13 @@ def store(tmp_path_factory, weights_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory, store):
-    """``start_server(name, log_config=None, models=MODELS)`` → a READY :class:`Server` of its own."""
+    """``start_server(name, log_config=None, models=MODELS, **kwargs)`` → a READY :class:`Server` of its own
+    (``kwargs`` go to :class:`Server`, e.g. ``fork_workers``)."""
     started: list[Server] = []
 
-    def start(name: str, log_config: Path | None = None, models=MODELS) -> Server:
+    def start(name: str, log_config: Path | None = None, models=MODELS, **kwargs) -> Server:
         extra = {"log_config": log_config} if log_config else {}
-        server = start_ready_server(tmp_path_factory.mktemp(f"server-{name}"), store, models, **extra)
+        server = start_ready_server(tmp_path_factory.mktemp(f"server-{name}"), store, models, **extra, **kwargs)
         started.append(server)
         return server
 
