@@ -90,8 +90,10 @@ def _port_of(address: str) -> int:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True if nothing listens on ``host:port`` (we can bind it)."""
+    """True if nothing listens on ``host:port`` (we can bind it). With ``SO_REUSEADDR``, as the servers
+    themselves bind: connections a stopped server left in TIME-WAIT do not count, a listener does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -19,6 +19,7 @@ from serve.server import (
     effective_config,
     java_major_version,
     load_properties,
+    port_is_free,
     read_keys,
     write_properties,
 )
@@ -114,6 +115,37 @@ def test_start_refuses_a_busy_port(tmp_path):
         (server.model_store / "linearregression.mar").write_bytes(b"")
         with pytest.raises(ServerError, match=rf"{port} \(management\)"):
             server.start()
+
+
+def time_wait_on_a_port() -> int:
+    """A loopback port whose only socket is a connection in TIME-WAIT on the server side: a listener
+    accepted a connection, closed it first, the client closed too, and the listener is gone."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    listener.close()
+    accepted.close()  # the server side closes first: it is the one left in TIME-WAIT
+    assert client.recv(1) == b""
+    client.close()
+    return port
+
+
+def test_a_port_held_only_by_time_wait_is_free_and_a_listener_is_not():
+    port = time_wait_on_a_port()
+    with socket.socket() as plain:  # proof of the TIME-WAIT: a bind without SO_REUSEADDR is refused
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+    assert port_is_free(port)
+    for reuse in (0, 1):  # a real listener, whether or not it set SO_REUSEADDR itself
+        with socket.socket() as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            assert not port_is_free(listener.getsockname()[1])
 
 
 def test_start_refuses_a_tmpdir_too_long_for_unix_sockets(tmp_path):
