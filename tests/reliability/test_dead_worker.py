@@ -8,7 +8,8 @@ now puts them back at the head of the model's queue, and the restarted worker se
 Deterministic: mnistnet is packaged here with ``maxBatchDelay`` 3000 ms, so one lone request sits in the
 batch wait for 3 s; the worker is SIGKILLed 1 s into it. Asserted, in both worker launch modes (fork server
 on and off): the request gets the right prediction (the in-process model's), within the model's response
-timeout, from the new worker process.
+timeout, from the new worker process. And a scale-down to 0 and back to 1 during the wait (TorchServe's
+own path for a worker it stops on purpose): the held requests are answered, once, in one batch.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,9 +27,11 @@ import requests
 
 from models.registry import get_spec
 from serve.package import build_archive, model_config
-from servers import start_ready_server, worker_pids
+from servers import manage, start_ready_server, worker_pids
 
-from .support import PNG, png_of
+from .support import BATCH_RECEIVED, PNG, count_log_lines, png_of, wait_for_log_count
+
+HERE = Path(__file__).resolve().parent
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -81,5 +85,43 @@ def test_request_held_for_a_batch_survives_its_worker(fork_workers, slow_batch_s
         assert worker_pids(server)["mnistnet"][0][1] != old_pid, "the answer must come from the new worker"
         print(f"\nheld request answered {answer['status']} {answer['seconds']:.1f} s after it was sent "
               f"(kill at {KILL_INTO_WAIT_S:.0f} s, batch delay {BATCH_DELAY_MS} ms)")
+    finally:
+        server.stop()
+
+
+def test_requests_held_for_a_batch_survive_a_scale_down(slow_batch_store, tmp_path, digits, reference):
+    """TorchServe's own path when it stops a worker on purpose: it returns the held requests to the queue
+    itself (the agent's patch stays out of it: each request must be queued and answered exactly once)."""
+    server = start_ready_server(tmp_path, slow_batch_store, ["mnistnet"], log_config=HERE / "log4j2.xml")
+    try:
+        images, _ = digits
+        expected = reference.probabilities("mnistnet", images[:2])
+        answers: list = [None, None]
+
+        def send(i):
+            response = requests.post(
+                f"{server.inference_url}/predictions/mnistnet", data=png_of(images[i]), timeout=CLIENT_TIMEOUT_S,
+                headers={**PNG, "Authorization": f"Bearer {server.keys()['inference']}"})
+            answers[i] = (response.status_code, response.json())
+
+        clients = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+        for client in clients:
+            client.start()
+        time.sleep(KILL_INTO_WAIT_S)  # both requests are held, waiting for their batch to fill
+        scale = lambda n: manage(server, "PUT", f"/models/mnistnet?min_worker={n}&max_worker={n}&synchronous=true")
+        down = scale(0)
+        assert down.status_code == 200, down.text
+        assert all(client.is_alive() for client in clients), answers
+        up = scale(1)
+        assert up.status_code == 200, up.text
+        for client in clients:
+            client.join(CLIENT_TIMEOUT_S + 5)
+        for i, answer in enumerate(answers):
+            assert answer is not None and answer[0] == 200, answers
+            assert np.allclose(answer[1]["probabilities"], expected[i], atol=1e-5)
+        # Served once, together: one batch reached the new worker (none before the scale-down).
+        assert wait_for_log_count(server, BATCH_RECEIVED, "mnistnet", 1) == 1
+        time.sleep(1)
+        assert count_log_lines(server, BATCH_RECEIVED, "mnistnet") == 1
     finally:
         server.stop()

@@ -69,7 +69,8 @@ def test_agent_patches_batch_aggregator_and_the_class_verifies(tmp_path):
     probe.write_text(
         "public class Probe { public static void main(String[] a) throws Exception {\n"
         "  for (String name : a) for (var m : Class.forName(name).getDeclaredMethods())\n"
-        "    if (m.getName().startsWith(\"getRequest\")) System.out.println(name + \" \" + m.getName());\n"
+        "    if (m.getName().startsWith(\"getRequest\") || m.getName().equals(\"sendError\"))\n"
+        "      System.out.println(name + \" \" + m.getName() + \" \" + java.lang.reflect.Modifier.toString(m.getModifiers()));\n"
         "}}\n")
     frontend = str(oip_agent.torchserve_jar())
     subprocess.run([shutil.which("javac"), "-d", str(tmp_path), str(probe)], check=True)
@@ -80,9 +81,11 @@ def test_agent_patches_batch_aggregator_and_the_class_verifies(tmp_path):
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = set(result.stdout.split("\n"))
-    assert "org.pytorch.serve.wlm.BatchAggregator getRequest$unguarded" in lines
-    assert "org.pytorch.serve.wlm.BatchAggregator getRequest" in lines
-    # The subclasses keep their own methods: those that override getRequest still do, none gains the rename.
-    assert not any(line.startswith(("org.pytorch.serve.wlm.Seq", "org.pytorch.serve.wlm.Cont", "org.pytorch.serve.wlm.Async"))
-                   and "unguarded" in line for line in lines)
+    assert "org.pytorch.serve.wlm.BatchAggregator getRequest$unguarded private" in lines
+    assert "org.pytorch.serve.wlm.BatchAggregator getRequest public" in lines
+    assert "org.pytorch.serve.wlm.BatchAggregator sendError public synchronized" in lines
+    # The subclasses keep their own methods: none gains the rename, their sendError stays as it was.
+    subclasses = [line for line in lines if line.startswith(("org.pytorch.serve.wlm.Seq", "org.pytorch.serve.wlm.Cont",
+                                                                "org.pytorch.serve.wlm.Async"))]
+    assert subclasses and not any("unguarded" in line or "synchronized" in line for line in subclasses), subclasses
     assert "held-jobs patch" not in result.stderr, result.stderr

@@ -21,7 +21,14 @@ import org.slf4j.LoggerFactory;
  * {@code getRequest} clears the map: those requests were never answered (the client waited out its
  * own timeout). They were never sent to a worker, so here they go back to the head of the model's
  * queue, in their order (what TorchServe does with a scaled-down worker's jobs), and the restarted
- * worker serves them. The same holds for any other interrupt of that wait (scale-down, unregister).
+ * worker serves them.
+ *
+ * <p>When TorchServe stops a worker on purpose (scale-down, server stop), its {@code WorkerThread.shutdown()}
+ * interrupts the thread and then returns the held jobs itself ({@code sendError(null, ...)}), from its own
+ * thread, but only if the closing worker channel's listener has not taken the thread's reference first (a
+ * race: when it loses, nobody returned them). Both paths now run under the aggregator's lock
+ * ({@code sendError} is made synchronized) and empty the map, so whichever comes second finds nothing:
+ * every held job goes back exactly once.
  *
  * <p>Only for the plain {@code BatchAggregator}: its subclasses (sequence, continuous and async
  * batching) keep jobs across calls or in job groups and keep TorchServe's own behaviour.
@@ -32,12 +39,19 @@ public final class HeldJobs {
 
     private HeldJobs() {}
 
+    /** Called by the worker thread when its {@code getRequest} was interrupted; {@code jobs} are the held ones. */
     public static void requeue(BatchAggregator aggregator, Model model, Map<String, Job> jobs) {
-        if (aggregator.getClass() != BatchAggregator.class || jobs == null || jobs.isEmpty()) {
+        if (aggregator.getClass() != BatchAggregator.class || jobs == null) {
             return;
         }
-        List<Job> held = new ArrayList<>(jobs.values());
-        jobs.clear();
+        List<Job> held;
+        synchronized (aggregator) { // the lock of the (patched, synchronized) sendError
+            if (jobs.isEmpty()) {
+                return;
+            }
+            held = new ArrayList<>(jobs.values());
+            jobs.clear();
+        }
         for (int i = held.size() - 1; i >= 0; i--) { // addFirst in reverse: the queue keeps their order
             Job job = held.get(i);
             if (job.isControlCmd()) {

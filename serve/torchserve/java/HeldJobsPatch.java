@@ -20,10 +20,12 @@ import jdk.internal.org.objectweb.asm.Opcodes;
  * Class-file transform of TorchServe 0.12.0's {@code BatchAggregator}: requests a worker thread holds
  * while its batch fills are not lost when its worker process dies ({@link HeldJobs} says what happens).
  *
- * <p>The one change: {@code getRequest(String, WorkerState)} is renamed to a private method and a new
+ * <p>The change: {@code getRequest(String, WorkerState)} is renamed to a private method and a new
  * {@code getRequest} calls it; on {@code InterruptedException} (the worker thread is interrupted when its
  * worker's channel closes) the new one hands the aggregator's held jobs to {@link HeldJobs#requeue} and
- * rethrows. Why a transform and not a replaced class: the rest of the class (and its subclasses, which
+ * rethrows. And {@code sendError} becomes {@code synchronized}: when TorchServe stops a worker on purpose
+ * it returns the held jobs itself ({@code sendError(null, ...)}) from another thread, and the two must
+ * not run at once (HeldJobs says why). sendError runs only for errors, so the lock costs nothing. Why a transform and not a replaced class: the rest of the class (and its subclasses, which
  * inherit or override {@code getRequest}) stays TorchServe's own bytes. It uses the JDK's internal copy
  * of ASM, exported to this agent by {@link #install}. Applied only when TorchServe's {@code
  * ts/version.txt} (the file its ConfigManager reads) says 0.12.0 and the method is there as expected;
@@ -38,6 +40,7 @@ final class HeldJobsPatch implements ClassFileTransformer {
             "(Ljava/lang/String;Lorg/pytorch/serve/wlm/WorkerState;)"
                     + "Lorg/pytorch/serve/util/messages/BaseModelRequest;";
     private static final String RENAMED = "getRequest$unguarded";
+    private static final String SEND_ERROR = "(Lorg/pytorch/serve/util/messages/BaseModelRequest;Ljava/lang/String;I)V";
     private static final String ASM = "jdk.internal.org.objectweb.asm";
 
     private HeldJobsPatch() {}
@@ -76,7 +79,7 @@ final class HeldJobsPatch implements ClassFileTransformer {
             }
             byte[] patched = Asm.patch(classfileBuffer);
             if (patched == null) {
-                warn("BatchAggregator has no " + METHOD + DESCRIPTOR + "; left as it is");
+                warn("BatchAggregator lacks " + METHOD + DESCRIPTOR + " or sendError" + SEND_ERROR + "; left as it is");
             }
             return patched;
         } catch (RuntimeException | IOException | LinkageError err) {
@@ -108,11 +111,11 @@ final class HeldJobsPatch implements ClassFileTransformer {
      * with this class, before {@link #install} has exported ASM to the agent.
      */
     private static final class Asm {
-        /** The class with getRequest wrapped, or null when it has no such method. */
+        /** The class with getRequest wrapped and sendError synchronized, or null when either is missing. */
         static byte[] patch(byte[] original) {
             ClassReader reader = new ClassReader(original);
             ClassWriter writer = new ClassWriter(reader, 0);
-            boolean[] found = {false};
+            boolean[] found = {false, false};
             reader.accept(
                     new ClassVisitor(Opcodes.ASM8, writer) {
                         @Override
@@ -121,6 +124,11 @@ final class HeldJobsPatch implements ClassFileTransformer {
                             if (METHOD.equals(name) && DESCRIPTOR.equals(descriptor) && access == Opcodes.ACC_PUBLIC) {
                                 found[0] = true;
                                 return super.visitMethod(Opcodes.ACC_PRIVATE, RENAMED, descriptor, signature, exceptions);
+                            }
+                            if ("sendError".equals(name) && SEND_ERROR.equals(descriptor) && access == Opcodes.ACC_PUBLIC) {
+                                found[1] = true;
+                                return super.visitMethod(
+                                        access | Opcodes.ACC_SYNCHRONIZED, name, descriptor, signature, exceptions);
                             }
                             return super.visitMethod(access, name, descriptor, signature, exceptions);
                         }
@@ -134,7 +142,7 @@ final class HeldJobsPatch implements ClassFileTransformer {
                         }
                     },
                     0);
-            return found[0] ? writer.toByteArray() : null;
+            return found[0] && found[1] ? writer.toByteArray() : null;
         }
 
         /**
