@@ -1,7 +1,7 @@
 """Everything that reaches into TorchServe 0.12's internals, in one place (docs/torchserve-patches.md).
 
 * ``agent`` + ``java/``: the Java agent that replaces two frontend classes (the Open Inference Protocol REST
-  surface, error bodies);
+  surface, error bodies) and patches one (requests held for a batch survive a dead worker);
 * ``worker``: the leaner worker loop (``retrieve_msg``, ``Service.predict``), installed at worker launch;
 * the ``[METRICS]`` line format the frontend parses lives in ``wire/metric_lines.py`` (the handlers import it
   and wire/ ships inside every archive);

@@ -2,7 +2,7 @@
 
 TorchServe's worker thread takes the first queued request, then waits up to ``maxBatchDelay`` for more
 before it sends the batch to its worker process. A worker process killed during that wait used to leave
-the held requests unanswered for ever (the client waited out its own timeout): serve/java/HeldJobs.java
+the held requests unanswered for ever (the client waited out its own timeout): serve/torchserve/java/HeldJobs.java
 now puts them back at the head of the model's queue, and the restarted worker serves them.
 
 Deterministic: mnistnet is packaged here with ``maxBatchDelay`` 3000 ms, so one lone request sits in the

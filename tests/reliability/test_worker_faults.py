@@ -1,7 +1,7 @@
 """Worker faults under load: SIGKILL the mnistnet worker KILLS times while threads keep sending requests.
 
 TorchServe notices the dead worker, starts a new one and sends it the queued requests (and, with the
-agent's patch, serve/java/HeldJobs.java, the requests held for a batch that was still filling). Measured
+agent's patch, serve/torchserve/java/HeldJobs.java, the requests held for a batch that was still filling). Measured
 and printed: seconds from each kill until every worker is READY again, how many requests failed and with
 what. Asserted: every request gets an HTTP answer within the model's response timeout (none hangs); only
 requests in flight at a kill fail (at most one per load thread per kill), each with TorchServe's exact
@@ -28,7 +28,7 @@ import pytest
 import requests
 
 from serve.package import RESPONSE_TIMEOUT_S
-from servers import all_ready, worker_pids
+from servers import all_ready, clean_env, worker_pids
 
 from .support import JSON, png_of
 
@@ -88,7 +88,7 @@ def wait_recovered(server, old_pid: int, since: float) -> float:
 
 def cpu_hogs(count: int) -> list[subprocess.Popen]:
     """``count`` busy-loop processes (the caller kills them)."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], env=clean_env()) for _ in range(count)]
 
 
 @pytest.mark.parametrize("fork_workers,hogs", [(True, 0), (False, 0), (True, CPU_HOGS)],

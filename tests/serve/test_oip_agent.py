@@ -61,6 +61,7 @@ def test_agent_patches_batch_aggregator_and_the_class_verifies(tmp_path):
     import subprocess
 
     from serve.server import java_executable
+    from servers import clean_env
 
     jar = oip_agent.build(tmp_path / "oip-agent.jar")
     with zipfile.ZipFile(jar) as archive:
@@ -73,12 +74,12 @@ def test_agent_patches_batch_aggregator_and_the_class_verifies(tmp_path):
         "      System.out.println(name + \" \" + m.getName() + \" \" + java.lang.reflect.Modifier.toString(m.getModifiers()));\n"
         "}}\n")
     frontend = str(oip_agent.torchserve_jar())
-    subprocess.run([shutil.which("javac"), "-d", str(tmp_path), str(probe)], check=True)
+    subprocess.run([shutil.which("javac"), "-d", str(tmp_path), str(probe)], check=True, env=clean_env())
     aggregators = [f"org.pytorch.serve.wlm.{name}" for name in
                    ("BatchAggregator", "SequenceBatching", "ContinuousBatching", "AsyncBatchAggregator")]
     result = subprocess.run(
         [java_executable(), "-Xverify:all", f"-javaagent:{jar}", "-cp", f"{frontend}:{tmp_path}", "Probe", *aggregators],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=120, env=clean_env())
     assert result.returncode == 0, result.stderr
     lines = set(result.stdout.split("\n"))
     assert "org.pytorch.serve.wlm.BatchAggregator getRequest$unguarded private" in lines
