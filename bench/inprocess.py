@@ -51,6 +51,31 @@ def measure_forward(
     }
 
 
+def measure_calls(model: torch.nn.Module, x: torch.Tensor, seconds: float = 2.0, warmup: float = 0.2,
+                  threads: int | None = 1) -> dict:
+    """:func:`measure_forward` on a given input ``x`` (e.g. real digits, normalised), timing each call:
+    samples/s, calls and the p50/p99 call time (µs); ``threads`` as there (default 1, as one server worker)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    times: list[float] = []
+    try:
+        with torch.inference_mode():
+            _run_for(model, x, warmup)
+            start = time.perf_counter()
+            while not times or time.perf_counter() - start < seconds:
+                began = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - began)
+            elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(previous)
+    times.sort()
+    return {"batch": len(x), "threads": threads if threads is not None else previous, "calls": len(times),
+            "seconds": elapsed, "samples_per_s": len(times) * len(x) / elapsed,
+            "p50_us": times[len(times) // 2] * 1e6, "p99_us": times[min(len(times) - 1, int(0.99 * len(times)))] * 1e6}
+
+
 def _run_for(model: torch.nn.Module, x: torch.Tensor, seconds: float) -> tuple[int, float]:
     """Call ``model(x)`` repeatedly for at least ``seconds``; returns (calls, elapsed seconds)."""
     calls, start = 0, time.perf_counter()

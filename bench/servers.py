@@ -1,7 +1,8 @@
 """The servers the benchmark compares; the TorchServe ones are built on serve/server.py's ``Server``.
 
-* :func:`baseline_server`: stock TorchServe (empty bench/baseline/config.properties, TorchServe's own
-  log4j2.xml extracted from its jar, no thread settings in the environment unless ``env`` adds them)
+* :func:`baseline_server`: stock TorchServe (empty bench/baseline/config.properties, plus ``settings`` such as
+  :data:`STOCK_FAST_SETTINGS` for the tuned run; TorchServe's own log4j2.xml extracted from its jar, no thread
+  settings in the environment unless ``env`` adds them)
   serving ``mnist_baseline.mar`` (bench/baseline/handler.py; its model-config decides tuned or default).
 * :func:`ours_server`: the project's deployment: the repository's config.properties, serve/log4j2.xml,
   the archives serve/package.py builds, and serve/server.py's environment (OMP_NUM_THREADS=1).
@@ -26,13 +27,16 @@ from pathlib import Path
 import requests
 import ts
 
-from serve.server import DEFAULT_CONFIG, Ports, Server, port_is_free
+from serve.server import DEFAULT_CONFIG, Ports, Server, load_properties, port_is_free, write_properties
 
 BENCH_DIR = Path(__file__).resolve().parent
 BASELINE_CONFIG = BENCH_DIR / "baseline" / "config.properties"
 STOCK_JAR = Path(ts.__file__).resolve().parent / "frontend" / "model-server.jar"
 # Variables serve/server.py sets for its workers; the stock baseline must run without them.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# Stock TorchServe's fastest settings a user tuning it for speed would pick: Prometheus metrics instead of
+# log lines per request, no token check (the benchmark's tuned stock; "stock-default" keeps the defaults).
+STOCK_FAST_SETTINGS = {"metrics_mode": "prometheus", "disable_token_authorization": "true"}
 
 
 class StockServer(Server):
@@ -86,10 +90,17 @@ def running(server: Server, timeout: float = 300.0):
         server.stop()
 
 
-def baseline_server(root: Path, store: Path, model: str = "mnist_baseline", env: dict[str, str] | None = None) -> Server:
-    """Stock TorchServe serving ``<store>/<model>.mar``, everything under ``root``."""
+def baseline_server(root: Path, store: Path, model: str = "mnist_baseline", env: dict[str, str] | None = None,
+                    settings: dict[str, str] | None = None) -> Server:
+    """Stock TorchServe serving ``<store>/<model>.mar``, everything under ``root``; ``settings`` are written
+    over the empty baseline config (e.g. :data:`STOCK_FAST_SETTINGS`)."""
+    config = BASELINE_CONFIG
+    if settings:
+        props = {**load_properties(BASELINE_CONFIG), **settings}
+        config = root / "stock.properties"
+        write_properties(props, config, f"{BASELINE_CONFIG.name} with " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return StockServer(
-        config=BASELINE_CONFIG, ports=Ports.free(), tmpdir=root / "t", workdir=root / "w",
+        config=config, ports=Ports.free(), tmpdir=root / "t", workdir=root / "w",
         model_store=store, models=[model], log_dir=root / "logs", log_config=stock_log_config(root), env=env,
     )
 

@@ -10,8 +10,11 @@ One run measures, one server at a time (never two at once: the machine has 2 cor
 
 1. **limit**: MNISTNet's in-process forward pass at batch 1 and 256 (samples/s, bench/inprocess.py);
 2. **stock**: stock TorchServe tuned as its docs advise (bench/baseline/ handler on BaseHandler, batch 8 /
-   2 ms, 2 workers, one thread per worker); ``--baselines stock-default`` adds it untuned (batch 1);
+   2 ms, 2 workers, one thread per worker) with its fastest settings (Prometheus metrics mode, token auth
+   off); ``--baselines stock-default`` adds it untuned (batch 1, TorchServe's defaults);
 3. **litserve**: LitServe (bench/litserve_server.py: batch 8 / 2 ms, 2 workers, one thread each);
+   **triton**: Triton 2.51 through PyTriton (bench/triton_server.py, its own venv build/triton-venv, created
+   on first use; dynamic batching 8 / 2 ms, 2 instances, one thread each), Open Inference Protocol bodies;
 4. **ours**: the repository's config.properties + serve/log4j2.xml + handlers, as ``make serve`` runs
    it (every registered model loaded unless ``--models``), cold start timed from the start command to
    all workers READY.
@@ -31,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,7 +50,7 @@ from bench.inprocess import load_model, measure_forward
 from bench.loadgen import run_wrk, wrk_path
 from bench.plot import plot_concurrency
 from bench.servers import (
-    LitServeServer, baseline_server, ours_server, private_dirs, running, scrape_metrics,
+    STOCK_FAST_SETTINGS, LitServeServer, baseline_server, ours_server, private_dirs, running, scrape_metrics,
 )
 from client.api import parse_binary_v2_response
 from paths import BENCH_RESULTS_DIR, REPO_ROOT, WEIGHTS_DIR
@@ -59,7 +63,7 @@ BASELINE_HANDLER = REPO_ROOT / "bench" / "baseline" / "handler.py"
 # Stock TorchServe tuned as its docs advise for a small CPU model: dynamic batching, one worker per core,
 # one intra-op thread per worker (OMP_NUM_THREADS=1). "stock-default" is the archive without a model-config.
 STOCK_TUNED_CONFIG = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 2, "responseTimeout": 120}
-BASELINES = ("stock", "stock-default", "litserve")
+BASELINES = ("stock", "stock-default", "litserve", "triton")
 CONNECTIONS = (1, 4, 16, 64)
 GOAL_CONNECTIONS = 16
 WARMUP_S = 20.0  # load before the first measurement of each server (measure_server)
@@ -94,7 +98,8 @@ def machine_info() -> dict:
         for line in f:
             if line.startswith("MemTotal:"):
                 mem_kb = int(line.split()[1])
-    wrk_version = subprocess.run([wrk_path(), "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    wrk = shutil.which("wrk")  # the sweep (bench/sweep.py) runs without it
+    wrk_version = subprocess.run([wrk, "--version"], capture_output=True, text=True).stdout.split("\n")[0] if wrk else "-"
     import ts
 
     return {
@@ -255,6 +260,51 @@ def ours_forms(names: list[str]) -> tuple[dict, dict]:
 FORMS = ("json", "png", "v2-uint8", "v2-bin-fp32")
 
 
+def peer_settings(name: str, config: Path = DEFAULT_CONFIG) -> str:
+    """How the side ``name`` is configured, in one line (printed before it runs and kept in the results)."""
+    import ts
+
+    if name == "limit":
+        return "model(x) under inference_mode in this process, PyTorch's default threads and 1 thread"
+    if name == "stock":
+        batching = ", ".join(f"{k} {v}" for k, v in STOCK_TUNED_CONFIG.items() if k != "responseTimeout")
+        return (f"TorchServe {ts.__version__}, bench/baseline handler, model-config {batching}, OMP_NUM_THREADS=1, "
+                + ", ".join(f"{k}={v}" for k, v in STOCK_FAST_SETTINGS.items()) + ", TorchServe's log4j2.xml")
+    if name == "stock-default":
+        return (f"TorchServe {ts.__version__}, bench/baseline handler, no model-config (batch 1), TorchServe's "
+                "defaults (metrics_mode=log, token auth on, workers = cores, no thread settings)")
+    if name == "litserve":
+        return "LitServe 0.2.19, batch 8 / 2 ms, 2 inference workers, 1 thread each, 1 API server, no auth"
+    if name == "triton":
+        from bench.triton_server import DESCRIPTION
+
+        return DESCRIPTION
+    props = load_properties(config)
+    return (f"{config.name}: metrics_mode={props.get('metrics_mode', 'log')}, token auth "
+            f"{'off' if props.get('disable_token_authorization') == 'true' else 'on'}, "
+            f"netty threads {props.get('number_of_netty_threads', 'default')}; mnistnet archive from "
+            "serve/package.py (batch 8 / 1 ms, 2 workers), fork server, OMP_NUM_THREADS=1")
+
+
+def triton_forms() -> tuple[dict, dict]:
+    """Triton's inputs: the Open Inference Protocol bodies ours also takes (JSON FP32, binary FP32)."""
+    v2 = f"/v2/models/{MODEL}/infer"
+    return ({"v2-fp32": (v2, *payloads.v2_images(1)), "v2-bin-fp32": (v2, *payloads.v2_binary_images(1))},
+            {"v2-bin-fp32": (v2, *payloads.v2_binary_images(BATCH))})
+
+
+def run_triton(weights: Path, connections, seconds: float, warmup: float = WARMUP_S) -> dict:
+    """Create the Triton venv if needed (failing with the reason), run bench/triton_server.py, measure, stop it."""
+    from bench.triton_server import TritonServer, ensure_venv
+
+    ensure_venv()
+    with private_dirs("triton") as root:
+        forms, batch_forms = triton_forms()
+        with running(TritonServer(weights, root / "triton.log")) as (server, cold_start):
+            print(f"  triton ready in {cold_start:.1f} s at {server.inference_url}", flush=True)
+            return measure_server(server, cold_start, forms, batch_forms, connections, seconds, "triton", warmup)
+
+
 def run_stock(weights: Path, connections, seconds: float, tuned: bool = True, warmup: float = WARMUP_S) -> dict:
     """Build the stock archive through serve/package.py (tuned model-config or none), run it, measure it, stop it."""
     from models.registry import get_spec
@@ -267,7 +317,8 @@ def run_stock(weights: Path, connections, seconds: float, tuned: bool = True, wa
                       config=STOCK_TUNED_CONFIG if tuned else {})
         forms, batch_forms = baseline_forms()
         env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if tuned else None
-        with running(baseline_server(root, store, env=env)) as (server, cold_start):
+        settings = STOCK_FAST_SETTINGS if tuned else None
+        with running(baseline_server(root, store, env=env, settings=settings)) as (server, cold_start):
             print(f"  {label} ready in {cold_start:.1f} s at {server.inference_url}", flush=True)
             return measure_server(server, cold_start, forms, batch_forms, connections, seconds, label, warmup)
 
@@ -326,7 +377,7 @@ def run_ours(models: list[str], weights_dir: Path, config: Path, env: dict, conn
 
 # ------------------------------------------------------------------------------------------ report
 
-SERVERS = ("stock", "stock-default", "litserve", "ours")
+SERVERS = ("stock", "stock-default", "litserve", "triton", "ours")
 
 
 def evaluate_goals(results: dict) -> list[dict]:
@@ -374,7 +425,10 @@ def evaluate_goals(results: dict) -> list[dict]:
 
 def report_text(results: dict) -> str:
     """The human-readable tables: single-image sweep, 256-image requests, goals."""
-    lines = []
+    lines = ["How each side is configured:"]
+    lines += [f"  {name:<14}{results[name]['configured']}" for name in ("limit", *SERVERS)
+              if isinstance(results.get(name), dict) and "configured" in results[name]]
+    lines.append("")
     ref = "stock" if "stock" in results else None
     ref_single = results[ref]["single"]["json"] if ref else {}
     lines.append("Single image: req/s and latency (ms) by wrk connections; x stock = req/s vs tuned stock TorchServe's "
@@ -452,8 +506,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "until TorchServe's JIT compiler settles)")
     parser.add_argument("--connections", default=",".join(map(str, CONNECTIONS)),
                         help="comma-separated wrk connection counts (default 1,4,16,64; must include 16)")
-    parser.add_argument("--baselines", default="stock,litserve",
-                        help=f"comma-separated, of {', '.join(BASELINES)}, or 'none' (default stock,litserve)")
+    parser.add_argument("--baselines", default="stock,litserve,triton",
+                        help=f"comma-separated, of {', '.join(BASELINES)}, or 'none' (default stock,litserve,triton; "
+                        "triton creates build/triton-venv first if needed, and the run fails if that fails)")
     parser.add_argument("--forms", default=",".join(FORMS),
                         help=f"ours' request forms, of {', '.join(FORMS)} (default all; json is always sent)")
     parser.add_argument("--model-metrics", choices=("on", "off"), default="on",
@@ -520,19 +575,32 @@ def main(argv=None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     steps = 1 + len(args.baselines) + (not args.skip_ours)
-    print(f"[1/{steps}] in-process limit", flush=True)
+    if "triton" in args.baselines:  # before anything is measured: a failed setup stops the run, saying why
+        from bench.triton_server import TritonSetupError, ensure_venv
+
+        try:
+            ensure_venv()
+        except TritonSetupError as error:
+            print(f"error: the Triton peer was asked for (--baselines) but {error}", file=sys.stderr)
+            return 1
+    print(f"[1/{steps}] in-process limit: {peer_settings('limit')}", flush=True)
     results["limit"] = measure_limit(weights)
+    results["limit"]["configured"] = peer_settings("limit")
     for step, name in enumerate(args.baselines, 2):
-        print(f"[{step}/{steps}] {name}", flush=True)
+        print(f"[{step}/{steps}] {name}: {peer_settings(name)}", flush=True)
         if name == "litserve":
             results[name] = run_litserve(weights, args.connections, args.seconds, args.warmup)
+        elif name == "triton":
+            results[name] = run_triton(weights, args.connections, args.seconds, args.warmup)
         else:
             results[name] = run_stock(weights, args.connections, args.seconds, tuned=name == "stock", warmup=args.warmup)
+        results[name]["configured"] = peer_settings(name)
     if not args.skip_ours:
-        print(f"[{steps}/{steps}] ours: the project's deployment", flush=True)
+        print(f"[{steps}/{steps}] ours: the project's deployment: {peer_settings('ours', args.config)}", flush=True)
         results["ours"] = run_ours(models, args.weights_dir.resolve(), args.config, args.env, args.connections,
                                    args.seconds, args.cold_starts, args.forms, args.model_metrics == "on",
                                    args.warmup)
+        results["ours"]["configured"] = peer_settings("ours", args.config)
     results["machine"]["loadavg_end"] = list(os.getloadavg())
     results["goals"] = evaluate_goals(results)
     print()
