@@ -562,6 +562,14 @@ def main(argv=None) -> int:
     if MODEL not in models:
         print(f"error: --models must include {MODEL} (the benchmarked model)", file=sys.stderr)
         return 2
+    if "triton" in args.baselines:  # before anything is measured: a failed setup stops the run, saying why
+        from bench.triton_server import TritonSetupError, ensure_venv
+
+        try:
+            ensure_venv()
+        except TritonSetupError as error:
+            print(f"error: the Triton peer was asked for (--baselines) but {error}", file=sys.stderr)
+            return 1
     wrk_path()  # fail early with the install hint
     load = wait_until_quiet(args.wait_quiet)
     machine = machine_info()
@@ -575,14 +583,6 @@ def main(argv=None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     steps = 1 + len(args.baselines) + (not args.skip_ours)
-    if "triton" in args.baselines:  # before anything is measured: a failed setup stops the run, saying why
-        from bench.triton_server import TritonSetupError, ensure_venv
-
-        try:
-            ensure_venv()
-        except TritonSetupError as error:
-            print(f"error: the Triton peer was asked for (--baselines) but {error}", file=sys.stderr)
-            return 1
     print(f"[1/{steps}] in-process limit: {peer_settings('limit')}", flush=True)
     results["limit"] = measure_limit(weights)
     results["limit"]["configured"] = peer_settings("limit")

@@ -22,6 +22,7 @@ request's time (for JSON at 1,024 images it is most of it). Outputs: the table o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -159,29 +160,25 @@ def sweep_server(side: str, server, forms, sizes, seconds: float, weights: Path,
     return out
 
 
-def run_ours(forms, sizes, seconds: float, weights_dir: Path, warmup: float) -> dict:
+@contextlib.contextmanager
+def served(side: str, weights_dir: Path):
+    """Ours (mnistnet alone, the repository's config) or Triton running on free loopback ports; yields the server."""
     from bench.servers import ours_server, private_dirs, running
+    from bench.triton_server import TritonServer, ensure_venv
     from serve.package import package_models
 
-    with private_dirs("sweep-ours") as root:
-        store = root / "store"
-        package_models([MODEL], weights_dir=weights_dir, store=store)
-        with running(ours_server(root, store, [MODEL])) as (server, cold_start):
-            print(f"  ours ready in {cold_start:.1f} s ({server.inference_url}, gRPC {server.grpc_address})", flush=True)
-            return sweep_server("ours", server, forms, sizes, seconds, weights_dir / f"{MODEL}.pt", warmup)
-
-
-def run_triton(forms, sizes, seconds: float, weights: Path, warmup: float) -> dict:
-    from bench.servers import private_dirs, running
-    from bench.triton_server import TritonServer, ensure_venv
-
-    ensure_venv()
-    with private_dirs("sweep-triton") as root:
-        with running(TritonServer(weights, root / "triton.log")) as (server, cold_start):
-            print(f"  triton ready in {cold_start:.1f} s ({server.inference_url}, gRPC {server.grpc_address})",
+    with private_dirs(side) as root:
+        if side == "ours":
+            store = root / "store"
+            package_models([MODEL], weights_dir=weights_dir, store=store)
+            server = ours_server(root, store, [MODEL])
+        else:
+            ensure_venv()
+            server = TritonServer(weights_dir / f"{MODEL}.pt", root / "triton.log")
+        with running(server) as (server, cold_start):
+            print(f"  {side} ready in {cold_start:.1f} s ({server.inference_url}, gRPC {server.grpc_address})",
                   flush=True)
-            forms = [f for f in forms if f != "native-json"]  # Triton has no native JSON API
-            return sweep_server("triton", server, forms, sizes, seconds, weights, warmup)
+            yield server
 
 
 def run_inprocess(sizes, seconds: float, weights: Path) -> dict:
@@ -296,10 +293,10 @@ def main(argv=None) -> int:
         results["configured"][side] = ("model(x) under inference_mode on the same digits, normalised, 1 thread "
                                        "(bench/inprocess.measure_calls)") if side == "inprocess" else peer_settings(side)
         print(f"{side}: {results['configured'][side]}", flush=True)
-        if side == "ours":
-            results[side] = run_ours(forms, sizes, args.seconds, args.weights_dir.resolve(), args.warmup)
-        elif side == "triton":
-            results[side] = run_triton(forms, sizes, args.seconds, weights, args.warmup)
+        if side in ("ours", "triton"):
+            with served(side, weights.parent) as server:
+                side_forms = [f for f in forms if side == "ours" or f != "native-json"]  # Triton: no native JSON
+                results[side] = sweep_server(side, server, side_forms, sizes, args.seconds, weights, args.warmup)
         else:
             results[side] = run_inprocess(sizes, args.seconds, weights)
     results["machine"]["loadavg_end"] = list(os.getloadavg())
