@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup train package serve stop status test image bench gpu-check clean
+.PHONY: setup train package serve stop status test image bench bench-sweep gpu-check clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-serve.txt requirements-dev.txt pyproject.toml
@@ -42,9 +42,17 @@ test: setup
 image: package
 	$(PY) tests/container/container_image.py $(IMAGE_ARGS)
 
-# Serving benchmark: ours vs tuned stock TorchServe vs LitServe vs in-process, with the goal ratios (bench/README.md; needs wrk).
+# Serving benchmark: ours vs tuned stock TorchServe vs LitServe vs Triton vs in-process, with the goal ratios
+# (bench/README.md; needs wrk). Triton runs from build/triton-venv, which this makes first (fails if it cannot).
+# bench-sweep: the size sweep (1-1,024 images per request) and the gRPC load of bench/README.md "Data path".
 bench: setup
+	$(PY) -m bench.triton_server --setup
 	$(PY) -m bench.serving $(BENCH_ARGS)
+
+bench-sweep: setup
+	$(PY) -m bench.triton_server --setup
+	$(PY) -m bench.sweep $(SWEEP_ARGS)
+	$(PY) -m bench.grpcload
 
 # GPU check (scripts/gpu_check/, README "GPU check"): handlers on the GPU in process and, with Java, TorchServe's
 # GPU workers; parity with the CPU and throughput. Without a GPU it says so and exits 0. GPU_CHECK_ARGS: its options.

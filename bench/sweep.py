@@ -203,20 +203,21 @@ def run_inprocess(sizes, seconds: float, weights: Path) -> dict:
 # ------------------------------------------------------------------------------------------- report
 
 def table(results: dict) -> str:
-    """samples/s and p50 per (side, form) and size; ``x triton``: ours / Triton in the same form."""
+    """samples/s and p50 per (side, form) and size; rows ``ours/triton``: ours / Triton in the same form (samples/s:
+    higher is better for ours; p50: lower is)."""
     sizes = results["settings"]["sizes"]
-    lines = [f"{'side':<10}{'form':<13}" + "".join(f"{str(s) + ' img':>22}" for s in sizes),
-             f"{'':<23}" + "".join(f"{'samples/s   p50 ms':>22}" for _ in sizes)]
+    lines = [f"{'side':<13}{'form':<13}" + "".join(f"{str(s) + ' img':>22}" for s in sizes),
+             f"{'':<26}" + "".join(f"{'samples/s   p50 ms':>22}" for _ in sizes)]
     for side in SIDES:
         for form, points in results.get(side, {}).items():
-            row = f"{side:<10}{form:<13}"
+            row = f"{side:<13}{form:<13}"
             for s in sizes:
                 p = points.get(str(s))
                 row += f"{p['samples_per_s']:>12,.0f}{p['p50_ms']:>10.3f}" if p else f"{'-':>22}"
             lines.append(row)
     ours, triton = results.get("ours", {}), results.get("triton", {})
     for form in [f for f in ours if f in triton]:
-        row = f"{'ours/triton':<10}{form:<13}"
+        row = f"{'ours/triton':<13}{form:<13}"
         for s in sizes:
             a, b = ours[form].get(str(s)), triton[form].get(str(s))
             row += f"{a['samples_per_s'] / b['samples_per_s']:>11.2f}x{a['p50_ms'] / b['p50_ms']:>9.2f}x" if a and b \
