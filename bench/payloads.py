@@ -70,10 +70,12 @@ def png_image(index: int = 0) -> tuple[bytes, str]:
     return buffer.getvalue(), PNG
 
 
-def v2_images(count: int = 1, index: int = 0, shape: str = "flat", datatype: str = "FP32") -> tuple[bytes, str]:
+def v2_images(count: int = 1, index: int = 0, shape: str = "flat", datatype: str = "FP32",
+              name: str = "input-0") -> tuple[bytes, str]:
     """An Open Inference Protocol body with ``count`` digits, shape ``[N, 784]`` (``shape="flat"``) or
     ``[N, 28, 28]`` (``shape="square"``). ``FP32`` sends intensities in [0, 1]; ``UINT8`` sends the raw
-    0..255 bytes as integers (the most compact JSON form)."""
+    0..255 bytes as integers (the most compact JSON form). ``name``: the input's name (ours takes any;
+    Triton only its declared ``input``)."""
     images = digits(count, index)
     dims = [count, 784] if shape == "flat" else [count, 28, 28]
     if datatype == "UINT8":
@@ -82,11 +84,12 @@ def v2_images(count: int = 1, index: int = 0, shape: str = "flat", datatype: str
         data = intensities(images).reshape(-1).tolist()
     else:
         raise ValueError(f"datatype must be FP32 or UINT8, got {datatype!r}")
-    body = {"inputs": [{"name": "input-0", "shape": dims, "datatype": datatype, "data": data}]}
+    body = {"inputs": [{"name": name, "shape": dims, "datatype": datatype, "data": data}]}
     return _dumps(body), JSON
 
 
-def v2_binary_images(count: int = 1, index: int = 0, datatype: str = "FP32") -> tuple[bytes, str, dict]:
+def v2_binary_images(count: int = 1, index: int = 0, datatype: str = "FP32",
+                     name: str = "input-0") -> tuple[bytes, str, dict]:
     """``count`` digits as an Open Inference Protocol body with the binary tensor data extension (what
     tritonclient sends by default): raw little-endian FP32 intensities or UINT8 pixels, outputs asked back
     in binary. Returns ``(body, content type, headers)``; the headers carry Inference-Header-Content-Length."""
@@ -94,5 +97,5 @@ def v2_binary_images(count: int = 1, index: int = 0, datatype: str = "FP32") -> 
 
     images = digits(count, index).reshape(count, 784)
     array = images if datatype == "UINT8" else intensities(images).astype(np.float32)
-    body, header_length = binary_v2_request(array, datatype=datatype)
+    body, header_length = binary_v2_request(array, name=name, datatype=datatype)
     return body, "application/octet-stream", {"Inference-Header-Content-Length": str(header_length)}

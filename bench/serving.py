@@ -41,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
 import torch
 from tqdm import tqdm
@@ -159,7 +160,7 @@ def check_response(url: str, token: str | None, body: bytes, content_type: str, 
     answer = parse_binary_v2_response(response.content, response.headers.get("Inference-Header-Content-Length"))
     if "outputs" in answer:  # Open Inference Protocol response
         outputs = {o["name"]: o["data"] for o in answer["outputs"]}
-        classes = list(outputs.get("predicted_class", []))
+        classes = list(np.asarray(outputs.get("predicted_class", [])).reshape(-1))  # Triton's are [N, 1]
     else:
         items = answer if isinstance(answer, list) else [answer]
         classes = [item.get("predicted_class") for item in items if isinstance(item, dict)]
@@ -289,8 +290,9 @@ def peer_settings(name: str, config: Path = DEFAULT_CONFIG) -> str:
 def triton_forms() -> tuple[dict, dict]:
     """Triton's inputs: the Open Inference Protocol bodies ours also takes (JSON FP32, binary FP32)."""
     v2 = f"/v2/models/{MODEL}/infer"
-    return ({"v2-fp32": (v2, *payloads.v2_images(1)), "v2-bin-fp32": (v2, *payloads.v2_binary_images(1))},
-            {"v2-bin-fp32": (v2, *payloads.v2_binary_images(BATCH))})
+    return ({"v2-fp32": (v2, *payloads.v2_images(1, name="input")),
+             "v2-bin-fp32": (v2, *payloads.v2_binary_images(1, name="input"))},
+            {"v2-bin-fp32": (v2, *payloads.v2_binary_images(BATCH, name="input"))})
 
 
 def run_triton(weights: Path, connections, seconds: float, warmup: float = WARMUP_S) -> dict:
