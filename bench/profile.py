@@ -1,7 +1,7 @@
 """Where a served request's time goes: CPU per request by process, py-spy of a worker, the servers' own timers.
 
     .venv/bin/python -m bench.profile                                   # ours, JSON and PNG, 1 and 16 connections
-    .venv/bin/python -m bench.profile --stock                           # the tuned stock TorchServe instead
+    .venv/bin/python -m bench.profile --stock                           # the tuned stock TorchServe (fastest settings)
     .venv/bin/python -m bench.profile --workers 1 --max-batch-delay 5   # one variant of the serving settings
     .venv/bin/python -m bench.profile --set number_of_netty_threads=1 --env SERVE_FAST_WORKER=0
 
@@ -34,7 +34,7 @@ import psutil
 from bench import payloads
 from bench.loadgen import run_wrk
 from bench.serving import WARMUP_S, warm_up
-from bench.servers import baseline_server, ours_server, private_dirs, running, scrape_metrics
+from bench.servers import STOCK_FAST_SETTINGS, baseline_server, ours_server, private_dirs, running, scrape_metrics
 from models.registry import get_spec
 from serve.package import build_archive, ensure_weights, model_config
 from serve.server import DEFAULT_CONFIG, load_properties, write_properties
@@ -275,7 +275,8 @@ def main(argv=None) -> int:
 
             build_archive(spec, weights, store, name=BASELINE_NAME, handler=BASELINE_HANDLER,
                           config={**STOCK_TUNED_CONFIG, **overrides})
-            server, path = baseline_server(root, store, env={"OMP_NUM_THREADS": "1", **env}), f"/predictions/{BASELINE_NAME}"
+            server = baseline_server(root, store, env={"OMP_NUM_THREADS": "1", **env}, settings=STOCK_FAST_SETTINGS)
+            path = f"/predictions/{BASELINE_NAME}"
         else:
             build_archive(spec, weights, store, config={**model_config(spec), **overrides})
             config = variant_config(props, root / "config.properties")
