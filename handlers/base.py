@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from handlers import explain, protocols
+from handlers import explain, protocols, tracing
 from handlers.decoding import InputError
 from handlers.jsoncodec import json_loads
 from handlers.metrics import ModelMetrics
@@ -87,6 +87,9 @@ class ServingHandler:
         self.metrics = ModelMetrics(None, "", "")  # off until initialize() finds the metrics declared
         self._explainer = None
         self.initialized = False
+        # The running batch's request IDs and per-request stage times in ms (handlers/tracing.py).
+        self._ids: list = []
+        self._timing: list = []
 
     # ----------------------------------------------------------------------------------- lifecycle
 
@@ -141,12 +144,28 @@ class ServingHandler:
         status_context = None if envelope else context  # envelope rows are not requests: set no status
         responses: list[Any] = [None] * len(data)
         pending, explaining = [], []  # (index, protocols.Decoded) of every valid prediction / explanation
+        headers = [{} if envelope else protocols.request_headers(context, idx) for idx in range(len(data))]
+        self._ids = ids = [tracing.request_id(h, None, _torchserve_id(context, idx)) for idx, h in enumerate(headers)]
+        self._timing = timing = [{} for _ in data]
+        tracing.log_context.begin(ids, [tracing.trace_id(h) for h in headers])
+        try:
+            return self._handle(data, context, envelope, status_context, responses, pending, explaining, headers,
+                                started)
+        finally:
+            tracing.log_context.end()
+
+    def _handle(self, data, context, envelope, status_context, responses, pending, explaining, headers, started):
+        metrics = self.metrics
+        ids, timing = self._ids, self._timing
         for idx, request in enumerate(data):
+            begun = time.perf_counter()
             try:
                 if envelope:
                     decoded = protocols.decode_envelope_row(request, self.spec, idx, envelope)
                 else:
-                    decoded = protocols.decode_request(request, self.spec, protocols.request_headers(context, idx))
+                    decoded = protocols.decode_request(request, self.spec, headers[idx])
+                    if decoded.oip is not None and tracing.REQUEST_ID not in headers[idx]:
+                        ids[idx] = tracing.request_id({}, decoded.oip.id, ids[idx])
                 if decoded.explain is not None:
                     options = explain.options(decoded.explain, self.spec, len(decoded.samples))
                     explaining.append((idx, decoded, options))
@@ -157,11 +176,16 @@ class ServingHandler:
             except Exception:
                 logger.exception("decoding request %d failed unexpectedly", idx)
                 responses[idx] = self._error(status_context, idx, 500, "internal error while reading the request")
+            timing[idx]["decode"] = (time.perf_counter() - begun) * 1000
         metrics.stage("decode", time.perf_counter() - started)
         if pending:
             self._predict(pending, responses, context, status_context)
         if explaining:
             self._explain(explaining, responses, context, status_context)
+        if status_context is not None:
+            for idx in range(len(data)):
+                protocols.set_header(context, idx, tracing.REQUEST_ID_HEADER, ids[idx] or "")
+                protocols.set_header(context, idx, tracing.SERVER_TIMING, tracing.server_timing(**timing[idx]))
         if envelope:  # Python values: the envelope wraps them into one JSON response per request
             for idx in range(len(context.request_processor or [])):
                 protocols.set_content_type(context, idx)
@@ -184,6 +208,7 @@ class ServingHandler:
             return
         encoding = time.perf_counter()
         metrics.stage("forward", encoding - started)
+        forward_ms = (encoding - started) * 1000  # the batch's forward pass, which its requests share
         try:  # postprocess works row by row: one call for the batch, sliced per request below
             batch_named = self.postprocess(outputs)
         except Exception:  # then one call per request, so that a failure stays with its request
@@ -193,6 +218,7 @@ class ServingHandler:
         for idx, decoded in pending:
             rows = slice(start, start + len(decoded.samples))
             start = rows.stop
+            begun = time.perf_counter()
             try:
                 if batch_named is None:
                     named = self.postprocess(outputs[rows])
@@ -203,6 +229,7 @@ class ServingHandler:
             except Exception as err:
                 logger.exception("postprocessing request %d failed", idx)
                 responses[idx] = self._error(status_context, idx, 500, f"postprocessing failed: {type(err).__name__}")
+            self._timing[idx].update(infer=forward_ms, encode=(time.perf_counter() - begun) * 1000)
         metrics.stage("encode", time.perf_counter() - encoding)
         metrics.predictions(answered)
 
@@ -225,9 +252,11 @@ class ServingHandler:
             for idx, _, _ in explaining:
                 responses[idx] = self._error(status_context, idx, 500, f"explanation failed: {type(err).__name__}")
             return
-        metrics.stage("explain", time.perf_counter() - started)
+        explain_ms = (time.perf_counter() - started) * 1000  # the batch's, which its requests share
+        metrics.stage("explain", explain_ms / 1000)
         start = 0
         for idx, decoded, options in explaining:
+            begun = time.perf_counter()
             n = len(decoded.samples)
             rows, start = slice(start, start + n), start + n
             part = {key: value[rows] for key, value in result.items()}
@@ -238,6 +267,7 @@ class ServingHandler:
             except Exception as err:
                 logger.exception("encoding explanation %d failed", idx)
                 responses[idx] = self._error(status_context, idx, 500, f"encoding the explanation failed: {type(err).__name__}")
+            self._timing[idx].update(explain=explain_ms, encode=(time.perf_counter() - begun) * 1000)
 
     def forward(self, samples: np.ndarray) -> torch.Tensor:
         """The model's output for float32 ``samples`` (N, *input_shape), on the CPU."""
@@ -259,14 +289,24 @@ class ServingHandler:
 
     def _error(self, context, idx: int, status: int, message: str) -> dict:
         """Mark request ``idx`` failed with ``status`` (when the context has that request) and return
-        its JSON error body."""
+        its JSON error body, which names the request's ID (handlers/tracing.py)."""
         self.metrics.rejected(status, message)
+        request_id = self._ids[idx] if idx < len(self._ids) else None
+        logger.info("request %s answered %d: %s", request_id, status, message)
         if protocols.has_request(context, idx):
             # The message doubles as the HTTP reason phrase: keep it one printable ASCII line.
             phrase = " ".join(message.encode("ascii", "replace").decode().split())[:200]
             context.set_response_status(status, phrase, idx)
             protocols.set_content_type(context, idx)
-        return {"error": message, "code": status}
+        return {"error": message, "code": status, "request_id": request_id}
+
+
+def _torchserve_id(context, idx: int) -> str | None:
+    """The ID TorchServe's frontend gave batch row ``idx`` (None when the context has none)."""
+    try:
+        return context.get_request_id(idx)
+    except Exception:  # a context without request IDs
+        return None
 
 
 encode_json = protocols.encode_json

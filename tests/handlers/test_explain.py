@@ -103,7 +103,8 @@ def test_a_batch_mixes_explanations_predictions_and_errors(mnist, digits):
     assert "attributions" not in answers[0]
     assert [a["target"] for a in answers[1]] == [1, 2, 3]
     assert all(np.shape(a["attributions"]) == (28, 28) for a in answers[1])
-    assert answers[2] == {"error": "cannot explain target 10: model 'mnistnet' has classes 0-9", "code": 400}
+    assert answers[2] == {"error": "cannot explain target 10: model 'mnistnet' has classes 0-9", "code": 400,
+                          "request_id": context.get_request_id(2)}
     assert answers[3]["target"] == 5
     assert [a["steps"] for a in answers[4]] == [8, 8]
     assert "expected one 28x28 image" in answers[5]["error"]

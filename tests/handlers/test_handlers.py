@@ -207,7 +207,8 @@ def test_mixed_batch_answers_each_request_at_its_position(tmp_path, digits):
 
     for idx, fragment in [(1, "divide by 255"), (3, "malformed JSON"), (5, "too many samples"), (6, "empty")]:
         status, phrase = context.get_response_status(idx)
-        assert responses[idx] == {"error": responses[idx]["error"], "code": status}
+        assert responses[idx] == {"error": responses[idx]["error"], "code": status,
+                                  "request_id": context.get_request_id(idx)}
         assert fragment in responses[idx]["error"] and fragment in phrase
     for idx in range(len(requests)):
         assert context.get_response_content_type(idx) == "application/json"
@@ -271,7 +272,8 @@ def test_internal_error_answers_500_for_that_request_only(tmp_path, digits):
     pixels = (digits / 255.0).tolist()
     responses = run_batch(handler, context, [{"body": pixels[:2]}, {"body": pixels[2]}])
     assert statuses(context, 2) == [500, 200]
-    assert responses[0] == {"error": "postprocessing failed: ArithmeticError", "code": 500}
+    assert responses[0] == {"error": "postprocessing failed: ArithmeticError", "code": 500,
+                            "request_id": context.get_request_id(0)}
     assert set(responses[1]) == {"predicted_class", "probabilities"}
     assert handler.calls == 3  # the batch, then each request alone
 

@@ -1,0 +1,85 @@
+"""Following one request: its request ID, its W3C trace context in the worker's log lines, and its timing.
+
+Every answer carries ``X-Request-ID``: the caller's ``X-Request-ID`` when it sent a usable one, else the
+OIP request ``id``, else the ID TorchServe's frontend gave the job. Error bodies repeat it as ``request_id``.
+A ``traceparent`` header (W3C Trace Context) is read; while a batch runs, the worker's log lines name the
+request IDs and trace IDs of that batch (:class:`LogContext`). ``Server-Timing`` names the stages of a
+request in milliseconds. The formats: docs/protocols.md, "Request IDs and timing".
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+REQUEST_ID = "x-request-id"  # request header names arrive lowercased
+TRACEPARENT = "traceparent"
+REQUEST_ID_HEADER = "X-Request-ID"
+SERVER_TIMING = "Server-Timing"
+MAX_ID_LENGTH = 128
+_USABLE_ID = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_ID_LENGTH)  # printable ASCII, no spaces: safe in a header
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def usable_id(value) -> str | None:
+    """``value`` as a request ID when it is 1-128 printable ASCII characters without spaces, else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str) and _USABLE_ID.fullmatch(value):
+        return value
+    return None
+
+
+def request_id(headers: dict[str, str], oip_id=None, fallback: str | None = None) -> str | None:
+    """The request's ID: header ``X-Request-ID``, else the OIP ``id``, else ``fallback`` (TorchServe's)."""
+    return usable_id(headers.get(REQUEST_ID)) or usable_id(oip_id) or fallback
+
+
+def trace_id(headers: dict[str, str]) -> str | None:
+    """The trace ID of a valid ``traceparent`` header (version not ``ff``, IDs not all zeros), else None."""
+    value = headers.get(TRACEPARENT)
+    if not isinstance(value, str):
+        return None
+    value = value.strip().lower()
+    match = _TRACEPARENT.match(value)
+    if not match or (match.group(1) == "00" and len(value) != 55) or (len(value) > 55 and value[55] != "-") \
+            or match.group(1) == "ff" or set(match.group(2)) == {"0"} or set(match.group(3)) == {"0"}:
+        return None
+    return match.group(2)
+
+
+def server_timing(**stages_ms: float) -> str:
+    """A ``Server-Timing`` value: ``decode;dur=0.120, infer;dur=1.400``, stages in the order given."""
+    return ", ".join(f"{name};dur={ms:.3f}" for name, ms in stages_ms.items() if ms is not None)
+
+
+class LogContext(logging.Filter):
+    """On the root logger's handlers: while a batch runs, each log line ends with the batch's request IDs
+    (and trace IDs, when a request sent a ``traceparent``). ``[METRICS]`` lines stay as they are (the
+    frontend parses them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.suffix = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.suffix and isinstance(record.msg, str) and not record.msg.startswith("[METRICS]") \
+                and not getattr(record, "_traced", False):
+            record.msg = f"{record.msg}{self.suffix}"
+            record._traced = True  # several handlers share the record: suffix once
+        return True
+
+    def begin(self, request_ids: list, trace_ids: list) -> None:
+        """Tag the lines logged from now on with these IDs (None entries are left out)."""
+        root = logging.getLogger()
+        for handler in root.handlers:
+            if self not in handler.filters:
+                handler.addFilter(self)
+        ids = ",".join(i for i in request_ids if i)
+        traces = ",".join(sorted({t for t in trace_ids if t}))
+        self.suffix = (f" [request_id={ids}" + (f" trace_id={traces}" if traces else "") + "]") if ids else ""
+
+    def end(self) -> None:
+        self.suffix = ""
+
+
+log_context = LogContext()

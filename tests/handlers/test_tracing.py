@@ -1,0 +1,51 @@
+"""Request IDs, trace context and Server-Timing of the handler (handlers/tracing.py), through real batches."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from handlers import tracing
+from tests.handlers.test_handlers import digits, keep_torch_threads, run_batch, serve  # noqa: F401 (fixtures)
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE}-00f067aa0ba902b7-01"
+
+
+def test_traceparent_is_read_only_when_valid():
+    assert tracing.trace_id({"traceparent": TRACEPARENT}) == TRACE
+    assert tracing.trace_id({"traceparent": TRACEPARENT.upper()}) == TRACE
+    for bad in ("", "00-xyz", f"ff-{TRACE}-00f067aa0ba902b7-01", f"00-{'0' * 32}-00f067aa0ba902b7-01",
+                f"00-{TRACE}-{'0' * 16}-01", TRACEPARENT + "-extra"):
+        assert tracing.trace_id({"traceparent": bad}) is None, bad
+
+
+def test_request_id_prefers_the_callers_then_the_oip_id_then_torchserves():
+    assert tracing.request_id({"x-request-id": "abc-1"}, "oip", "ts") == "abc-1"
+    assert tracing.request_id({}, "oip-7", "ts") == "oip-7"
+    assert tracing.request_id({"x-request-id": "has space"}, None, "ts") == "ts"
+    assert tracing.request_id({"x-request-id": "x" * 129}, None, "ts") == "ts"
+
+
+def test_a_batch_answers_each_request_with_its_id_timing_and_logged_trace(tmp_path, digits, caplog):
+    handler, context, _ = serve("mnistnet", tmp_path)
+    pixels = (digits / 255.0).tolist()
+    oip = {"id": "oip-id-9", "inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32",
+                                         "data": np.ravel(pixels[0]).tolist()}]}
+    requests = [{"body": pixels[:2]}, {"body": {"data": [[0.5] * 3]}}, {"body": oip}]
+    headers = [{"X-Request-ID": "caller-1"}, {"traceparent": TRACEPARENT}, {}]
+    with caplog.at_level(logging.INFO):
+        logging.getLogger().addHandler(caplog.handler)
+        try:
+            answers = run_batch(handler, context, requests, headers)
+        finally:
+            logging.getLogger().removeHandler(caplog.handler)
+    ids = [context.get_response_headers(i)["X-Request-ID"] for i in range(3)]
+    assert ids == ["caller-1", context.get_request_id(1), "oip-id-9"]
+    assert answers[1]["request_id"] == ids[1] and answers[2]["id"] == "oip-id-9"
+    for idx, stages in [(0, ["decode", "infer", "encode"]), (1, ["decode"]), (2, ["decode", "infer", "encode"])]:
+        timing = context.get_response_headers(idx)["Server-Timing"]
+        assert [part.split(";")[0] for part in timing.split(", ")] == stages
+        assert all(float(part.split("dur=")[1]) >= 0 for part in timing.split(", "))
+    logged = [r.getMessage() for r in caplog.records if "answered 400" in r.getMessage()]
+    assert len(logged) == 1 and ids[1] in logged[0] and f"trace_id={TRACE}" in logged[0]
