@@ -87,8 +87,8 @@ class ServingHandler:
         self.metrics = ModelMetrics(None, "", "")  # off until initialize() finds the metrics declared
         self._explainer = None
         self.initialized = False
-        # The running batch's request IDs and per-request stage times in ms (handlers/tracing.py).
-        self._ids: list = []
+        # The running batch's request IDs (by batch row) and per-request stage times in ms (handlers/tracing.py).
+        self.request_ids: list = []
         self._timing: list = []
 
     # ----------------------------------------------------------------------------------- lifecycle
@@ -145,8 +145,9 @@ class ServingHandler:
         responses: list[Any] = [None] * len(data)
         pending, explaining = [], []  # (index, protocols.Decoded) of every valid prediction / explanation
         headers = [{} if envelope else protocols.request_headers(context, idx) for idx in range(len(data))]
-        self._ids = ids = [tracing.request_id(h, None, _torchserve_id(context, idx)) for idx, h in enumerate(headers)]
-        self._timing = timing = [{} for _ in data]
+        self.request_ids = ids = [tracing.request_id(h, _torchserve_id(context, idx)) for idx, h in enumerate(headers)]
+        now_us = time.time_ns() // 1000
+        self._timing = [{"queue": tracing.queue_ms(h, now_us)} for h in headers]
         tracing.log_context.begin(ids, [tracing.trace_id(h) for h in headers])
         try:
             return self._handle(data, context, envelope, status_context, responses, pending, explaining, headers,
@@ -156,7 +157,7 @@ class ServingHandler:
 
     def _handle(self, data, context, envelope, status_context, responses, pending, explaining, headers, started):
         metrics = self.metrics
-        ids, timing = self._ids, self._timing
+        timing = self._timing
         for idx, request in enumerate(data):
             begun = time.perf_counter()
             try:
@@ -164,8 +165,6 @@ class ServingHandler:
                     decoded = protocols.decode_envelope_row(request, self.spec, idx, envelope)
                 else:
                     decoded = protocols.decode_request(request, self.spec, headers[idx])
-                    if decoded.oip is not None and tracing.REQUEST_ID not in headers[idx]:
-                        ids[idx] = tracing.request_id({}, decoded.oip.id, ids[idx])
                 if decoded.explain is not None:
                     options = explain.options(decoded.explain, self.spec, len(decoded.samples))
                     explaining.append((idx, decoded, options))
@@ -182,9 +181,8 @@ class ServingHandler:
             self._predict(pending, responses, context, status_context)
         if explaining:
             self._explain(explaining, responses, context, status_context)
-        if status_context is not None:
+        if status_context is not None:  # (the frontend writes X-Request-ID: serve/torchserve/java/Session.java)
             for idx in range(len(data)):
-                protocols.set_header(context, idx, tracing.REQUEST_ID_HEADER, ids[idx] or "")
                 protocols.set_header(context, idx, tracing.SERVER_TIMING, tracing.server_timing(**timing[idx]))
         if envelope:  # Python values: the envelope wraps them into one JSON response per request
             for idx in range(len(context.request_processor or [])):
@@ -291,7 +289,7 @@ class ServingHandler:
         """Mark request ``idx`` failed with ``status`` (when the context has that request) and return
         its JSON error body, which names the request's ID (handlers/tracing.py)."""
         self.metrics.rejected(status, message)
-        request_id = self._ids[idx] if idx < len(self._ids) else None
+        request_id = self.request_ids[idx] if idx < len(self.request_ids) else None
         logger.info("request %s answered %d: %s", request_id, status, message)
         if protocols.has_request(context, idx):
             # The message doubles as the HTTP reason phrase: keep it one printable ASCII line.

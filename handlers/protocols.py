@@ -514,7 +514,7 @@ def encode_response(decoded: Decoded, outputs: dict[str, np.ndarray], handler, c
     if decoded.kind == "tensor":
         return np.asarray(outputs[handler.spec.outputs[0][0]]).tolist()
     if decoded.kind == "oip":
-        return _answer_oip(oip_response(outputs, decoded.oip, handler, context.get_request_id(idx)), context, idx)
+        return _answer_oip(oip_response(outputs, decoded.oip, handler, request_id(handler, context, idx)), context, idx)
     if decoded.kind == "v1":
         response = {"predictions": instance_predictions(outputs, handler.spec)}
     else:
@@ -535,7 +535,7 @@ def encode_explanation(
 
     if decoded.kind == "oip":
         arrays = explain.oip_arrays(handler.spec, model_outputs, result)
-        answer = oip_response(arrays, decoded.oip, handler, context.get_request_id(idx), explain=True,
+        answer = oip_response(arrays, decoded.oip, handler, request_id(handler, context, idx), explain=True,
                               parameters=explain.describe(handler.spec, options.steps))
         return _answer_oip(answer, context, idx)
     answers = explain.sample_objects(handler.spec, model_outputs, result, options.steps)
@@ -607,6 +607,12 @@ def instance_predictions(outputs: dict[str, np.ndarray], spec) -> list:
     if len(names) == 1:
         return columns[0]
     return [dict(zip(names, values)) for values in zip(*columns)]
+
+
+def request_id(handler, context, idx: int):
+    """Request ``idx``'s ID (handlers/tracing.py): the handler's for this batch, else TorchServe's."""
+    ids = getattr(handler, "request_ids", None)
+    return ids[idx] if ids and idx < len(ids) and ids[idx] else context.get_request_id(idx)
 
 
 def set_content_type(context, idx: int, value: str = JSON_TYPE) -> None:

@@ -1,7 +1,8 @@
 """Following one request: its request ID, its W3C trace context in the worker's log lines, and its timing.
 
-Every answer carries ``X-Request-ID``: the caller's ``X-Request-ID`` when it sent a usable one, else the
-OIP request ``id``, else the ID TorchServe's frontend gave the job. Error bodies repeat it as ``request_id``.
+A request's ID is the caller's ``X-Request-ID`` when it sent a usable one, else the ID TorchServe's frontend
+gave the job; the frontend writes it into the answer's ``X-Request-ID`` header and the access log
+(serve/torchserve/java/Session.java), the handler into error bodies (``request_id``) and log lines.
 A ``traceparent`` header (W3C Trace Context) is read; while a batch runs, the worker's log lines name the
 request IDs and trace IDs of that batch (:class:`LogContext`). ``Server-Timing`` names the stages of a
 request in milliseconds. The formats: docs/protocols.md, "Request IDs and timing".
@@ -13,7 +14,7 @@ import re
 
 REQUEST_ID = "x-request-id"  # request header names arrive lowercased
 TRACEPARENT = "traceparent"
-REQUEST_ID_HEADER = "X-Request-ID"
+RECEIVED = "x-serve-received-us"  # set by the frontend (serve/torchserve/java/Session.java): µs since the epoch
 SERVER_TIMING = "Server-Timing"
 MAX_ID_LENGTH = 128
 _USABLE_ID = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_ID_LENGTH)  # printable ASCII, no spaces: safe in a header
@@ -29,9 +30,9 @@ def usable_id(value) -> str | None:
     return None
 
 
-def request_id(headers: dict[str, str], oip_id=None, fallback: str | None = None) -> str | None:
-    """The request's ID: header ``X-Request-ID``, else the OIP ``id``, else ``fallback`` (TorchServe's)."""
-    return usable_id(headers.get(REQUEST_ID)) or usable_id(oip_id) or fallback
+def request_id(headers: dict[str, str], fallback: str | None = None) -> str | None:
+    """The request's ID: header ``X-Request-ID`` when usable, else ``fallback`` (TorchServe's)."""
+    return usable_id(headers.get(REQUEST_ID)) or fallback
 
 
 def trace_id(headers: dict[str, str]) -> str | None:
@@ -45,6 +46,14 @@ def trace_id(headers: dict[str, str]) -> str | None:
             or match.group(1) == "ff" or set(match.group(2)) == {"0"} or set(match.group(3)) == {"0"}:
         return None
     return match.group(2)
+
+
+def queue_ms(headers: dict[str, str], now_us: int) -> float | None:
+    """Milliseconds from the frontend receiving the request to ``now_us`` (µs since the epoch), or None."""
+    try:
+        return max(0.0, (now_us - int(headers[RECEIVED])) / 1000)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def server_timing(**stages_ms: float) -> str:

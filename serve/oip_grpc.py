@@ -26,6 +26,12 @@ otherwise), sends one binary REST request whose outputs all ask for ``binary_dat
 ``outputs`` list, or every output through ``binary_data_output`` when it names none) and answers with
 ``raw_output_contents``. Outputs that REST still returns as JSON ``data`` are converted too.
 
+Request IDs: the caller's ``x-request-id`` and ``traceparent`` metadata go out as those HTTP headers, the
+request ``id`` in the REST body; the ID the answer names (REST's ``X-Request-ID``) comes back as trailing
+metadata ``x-request-id`` (errors included) and as the response ``id`` when the request had none; a
+request ``id`` without ``x-request-id`` metadata also goes out as ``X-Request-ID``.
+ModelStatistics forwards to REST ``GET /v2/models[/{m}[/versions/{v}]]/stats``.
+
 The caller's ``authorization`` metadata goes out unchanged as the HTTP ``Authorization`` header, so
 TorchServe's token auth applies as it does to REST (no or wrong key → UNAUTHENTICATED: TorchServe 0.12's
 own token check answers 400 ``InvalidKeyException``, which maps like a 401). REST errors map to gRPC
@@ -58,6 +64,7 @@ from urllib.parse import quote, urlsplit
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -481,19 +488,24 @@ def _rpc(method: Callable) -> Callable:
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The six OIP RPCs, each one REST request; the base class answers every other RPC UNIMPLEMENTED."""
+    """The six OIP RPCs and ModelStatistics, each one REST request; the base class answers every other RPC
+    UNIMPLEMENTED."""
 
     def __init__(self, rest: RestClient):
         self.rest = rest
 
     # -------------------------------------------------------------------------------------- helpers
 
-    @staticmethod
-    def _headers(context) -> dict[str, str]:
+    FORWARDED = {"authorization": "Authorization", "x-request-id": "X-Request-ID", "traceparent": "traceparent"}
+
+    @classmethod
+    def _headers(cls, context) -> dict[str, str]:
+        """The caller's metadata that REST reads: the key, the request ID and the W3C trace context."""
+        headers = {}
         for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                return {"Authorization": value}
-        return {}
+            if key in cls.FORWARDED and isinstance(value, str):
+                headers[cls.FORWARDED[key]] = value
+        return headers
 
     def _get(self, path: str, context) -> RestResponse:
         return self.rest.request("GET", path, headers=self._headers(context), timeout=context.time_remaining())
@@ -593,10 +605,28 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             INFERENCE_HEADER: str(header_length),
             **self._headers(context),
         }
+        if request.id and "X-Request-ID" not in headers:  # the OIP id names the request unless metadata does
+            headers["X-Request-ID"] = request.id
         response = self.rest.request("POST", path, body=body, headers=headers, timeout=context.time_remaining())
+        request_id = response.headers.get("X-Request-ID")
+        if request_id:
+            context.set_trailing_metadata((("x-request-id", request_id),))
         if response.status != 200:
             raise rest_failure(response)
-        return infer_response(request, *split_infer_response(response))
+        result = infer_response(request, *split_infer_response(response))
+        if not result.id and request_id:
+            result.id = request_id
+        return result
+
+    @_rpc
+    def ModelStatistics(self, request, context):
+        """``GET /v2/models[/{m}[/versions/{v}]]/stats`` (the statistics extension, Triton's JSON)."""
+        path = (model_path(request.name, request.version) if request.name else "/v2/models") + "/stats"
+        body = self._get_json(path, context)
+        try:
+            return json_format.ParseDict(body, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
+        except json_format.ParseError as exc:
+            raise OipError(grpc.StatusCode.INTERNAL, f"unusable REST statistics: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------ server

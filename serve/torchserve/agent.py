@@ -1,6 +1,6 @@
 """Build ``oip-agent.jar``, the Java agent that gives TorchServe the whole Open Inference Protocol REST surface.
 
-``serve/torchserve/java/`` holds two replacement frontend classes and the agent that loads them in place
+``serve/torchserve/java/`` holds three replacement frontend classes and the agent that loads them in place
 of TorchServe's own (what they replace and why: docs/torchserve-patches.md; ``OipAgent.java`` says why an
 agent rather than an endpoint plugin). ``serve start`` adds ``-javaagent:<jar>`` to the JVM options and
 ``ts_open_inference_protocol=true`` (:func:`jvm_options`), in the container too.
@@ -30,6 +30,7 @@ JDK_ASM = "jdk.internal.org.objectweb.asm"  # the JDK's ASM copy the BatchAggreg
 REPLACED = (
     "org/pytorch/serve/http/api/rest/OpenInferenceProtocolRequestHandler",
     "org/pytorch/serve/http/ErrorResponse",
+    "org/pytorch/serve/http/Session",
 )
 
 JDK_HELP = (

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -20,11 +21,11 @@ def test_traceparent_is_read_only_when_valid():
         assert tracing.trace_id({"traceparent": bad}) is None, bad
 
 
-def test_request_id_prefers_the_callers_then_the_oip_id_then_torchserves():
-    assert tracing.request_id({"x-request-id": "abc-1"}, "oip", "ts") == "abc-1"
-    assert tracing.request_id({}, "oip-7", "ts") == "oip-7"
-    assert tracing.request_id({"x-request-id": "has space"}, None, "ts") == "ts"
-    assert tracing.request_id({"x-request-id": "x" * 129}, None, "ts") == "ts"
+def test_request_id_prefers_the_callers_then_torchserves():
+    assert tracing.request_id({"x-request-id": "abc-1"}, "ts") == "abc-1"
+    assert tracing.request_id({}, "ts") == "ts"
+    assert tracing.request_id({"x-request-id": "has space"}, "ts") == "ts"
+    assert tracing.request_id({"x-request-id": "x" * 129}, "ts") == "ts"
 
 
 def test_a_batch_answers_each_request_with_its_id_timing_and_logged_trace(tmp_path, digits, caplog):
@@ -32,20 +33,24 @@ def test_a_batch_answers_each_request_with_its_id_timing_and_logged_trace(tmp_pa
     pixels = (digits / 255.0).tolist()
     oip = {"id": "oip-id-9", "inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32",
                                          "data": np.ravel(pixels[0]).tolist()}]}
-    requests = [{"body": pixels[:2]}, {"body": {"data": [[0.5] * 3]}}, {"body": oip}]
-    headers = [{"X-Request-ID": "caller-1"}, {"traceparent": TRACEPARENT}, {}]
+    requests = [{"body": pixels[:2]}, {"body": {"data": [[0.5] * 3]}}, {"body": oip}, {"body": [[0.5] * 3]}]
+    received = time.time_ns() // 1000 - 5000  # the frontend received request 2 five ms ago
+    headers = [{"X-Request-ID": "caller-1"}, {"traceparent": TRACEPARENT}, {"x-serve-received-us": str(received)},
+               {"X-Request-ID": "bad-2"}]
     with caplog.at_level(logging.INFO):
         logging.getLogger().addHandler(caplog.handler)
         try:
             answers = run_batch(handler, context, requests, headers)
         finally:
             logging.getLogger().removeHandler(caplog.handler)
-    ids = [context.get_response_headers(i)["X-Request-ID"] for i in range(3)]
-    assert ids == ["caller-1", context.get_request_id(1), "oip-id-9"]
-    assert answers[1]["request_id"] == ids[1] and answers[2]["id"] == "oip-id-9"
-    for idx, stages in [(0, ["decode", "infer", "encode"]), (1, ["decode"]), (2, ["decode", "infer", "encode"])]:
+    assert answers[1]["request_id"] == context.get_request_id(1) and answers[3]["request_id"] == "bad-2"
+    assert answers[2]["id"] == "oip-id-9"
+    for idx, stages in [(0, ["decode", "infer", "encode"]), (1, ["decode"]), (2, ["queue", "decode", "infer", "encode"])]:
         timing = context.get_response_headers(idx)["Server-Timing"]
         assert [part.split(";")[0] for part in timing.split(", ")] == stages
         assert all(float(part.split("dur=")[1]) >= 0 for part in timing.split(", "))
+    assert float(context.get_response_headers(2)["Server-Timing"].split(";dur=")[1].split(",")[0]) >= 5
     logged = [r.getMessage() for r in caplog.records if "answered 400" in r.getMessage()]
-    assert len(logged) == 1 and ids[1] in logged[0] and f"trace_id={TRACE}" in logged[0]
+    assert len(logged) == 2 and all(f"trace_id={TRACE}" in line for line in logged)
+    assert "request ts-req-1 answered" in logged[0] and "request bad-2 answered" in logged[1]
+    assert "[request_id=caller-1,ts-req-1,ts-req-2,bad-2" in logged[0]

@@ -9,7 +9,7 @@ import java.util.HashMap;
 import java.util.Map;
 
 /**
- * Java agent (`-javaagent:oip-agent.jar` in TorchServe's vmargs) that defines two TorchServe 0.12
+ * Java agent (`-javaagent:oip-agent.jar` in TorchServe's vmargs) that defines three TorchServe 0.12
  * classes from this jar instead of model-server.jar, as they are first loaded:
  *
  * <ul>
@@ -17,7 +17,8 @@ import java.util.Map;
  *       that TorchServe's own handler lacks (model metadata and readiness, readiness that means READY
  *       workers, server metadata listing {@code binary_tensor_data}, versioned infer/explain);
  *   <li>{@code ErrorResponse}: every TorchServe error body also carries {@code "error"}, the key
- *       OIP clients read.
+ *       OIP clients read;
+ *   <li>{@code Session}: the caller's {@code X-Request-ID} names its answer and access log line.
  * </ul>
  *
  * <p>It also patches one method of TorchServe 0.12.0's {@code BatchAggregator} (HeldJobsPatch).
@@ -32,6 +33,7 @@ public final class OipAgent implements ClassFileTransformer {
     static final String[] REPLACED = {
         "org/pytorch/serve/http/api/rest/OpenInferenceProtocolRequestHandler",
         "org/pytorch/serve/http/ErrorResponse",
+        "org/pytorch/serve/http/Session",
     };
 
     private final Map<String, byte[]> replacements = new HashMap<>();

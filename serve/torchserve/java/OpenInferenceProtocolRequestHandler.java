@@ -5,10 +5,19 @@ import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import io.netty.channel.ChannelHandlerContext;
+import io.netty.buffer.Unpooled;
+import io.netty.handler.codec.http.DefaultFullHttpResponse;
 import io.netty.handler.codec.http.FullHttpRequest;
+import io.netty.handler.codec.http.FullHttpResponse;
+import io.netty.handler.codec.http.HttpHeaderNames;
+import io.netty.handler.codec.http.HttpHeaderValues;
 import io.netty.handler.codec.http.HttpMethod;
 import io.netty.handler.codec.http.HttpResponseStatus;
 import io.netty.handler.codec.http.HttpUtil;
+import io.netty.handler.codec.http.HttpVersion;
+import io.netty.util.AttributeKey;
+import io.prometheus.client.Collector;
+import io.prometheus.client.CollectorRegistry;
 import io.netty.handler.codec.http.QueryStringDecoder;
 import java.io.IOException;
 import java.nio.charset.StandardCharsets;
@@ -17,6 +26,7 @@ import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.Collections;
+import java.util.Enumeration;
 import java.util.List;
 import java.util.Map;
 import org.pytorch.serve.archive.DownloadArchiveException;
@@ -53,16 +63,21 @@ import org.pytorch.serve.wlm.WorkerThread;
  * GET  /v2/models/{m}[/versions/{v}]              model metadata (oip_metadata.json in the archive)
  * GET  /v2/models/{m}[/versions/{v}]/ready        200 when that model has a READY worker, else 400
  * POST /v2/models/{m}/versions/{v}/infer|explain  that version's handler, like the unversioned route
+ * GET  /v2/models[/{m}[/versions/{v}]]/stats      statistics extension, Triton's format (docs/protocols.md)
  * </pre>
  *
- * Errors are JSON {"error": "..."} with a 4xx status, as the protocol asks.
+ * Errors are JSON {"error": "...", "code": N, "request_id": "..."} with a 4xx status, as the protocol
+ * asks; they carry header X-Request-ID: the caller's, else the ID TorchServe gave the request.
  */
 public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain {
 
     /** Written into every archive by serve/package.py from models/registry.py (ModelSpec.oip_metadata). */
     static final String METADATA_FILE = "oip_metadata.json";
 
-    static final List<String> EXTENSIONS = Collections.singletonList("binary_tensor_data");
+    static final List<String> EXTENSIONS = Arrays.asList("binary_tensor_data", "statistics");
+
+    /** The caller's X-Request-ID on this connection's current request, for the errors sent here. */
+    static final AttributeKey<String> CALLER_REQUEST_ID = AttributeKey.valueOf("oip-caller-request-id");
 
     public OpenInferenceProtocolRequestHandler() {}
 
@@ -80,6 +95,9 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
         }
         String[] path = Arrays.copyOfRange(segments, 2, segments.length);
         HttpMethod method = req.method();
+        String callerId = req.headers().get("X-Request-ID");
+        ctx.channel().attr(CALLER_REQUEST_ID).set(
+                callerId != null && callerId.matches("[\\x21-\\x7e]{1,128}") ? callerId : null);
         if (path.length == 0) {
             if (requireMethod(ctx, method, HttpMethod.GET)) {
                 serverMetadata(ctx);
@@ -94,6 +112,10 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
                 } else {
                     serverReady(ctx);
                 }
+            }
+        } else if (path.length == 2 && "models".equals(path[0]) && "stats".equals(path[1])) {
+            if (requireMethod(ctx, method, HttpMethod.GET)) {
+                statistics(ctx, null, null);
             }
         } else if ("models".equals(path[0]) && path.length >= 2) {
             modelRequest(ctx, req, path);
@@ -134,6 +156,11 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
                     modelReady(ctx, model);
                 }
                 break;
+            case "stats":
+                if (requireMethod(ctx, req.method(), HttpMethod.GET)) {
+                    statistics(ctx, model.getModelName(), version);
+                }
+                break;
             case "infer":
             case "explain":
                 if (requireMethod(ctx, req.method(), HttpMethod.POST)) {
@@ -142,7 +169,7 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
                 break;
             default:
                 sendError(ctx, HttpResponseStatus.NOT_FOUND, "unknown model endpoint " + quote(action)
-                        + "; use ready, infer or explain");
+                        + "; use ready, stats, infer or explain");
         }
     }
 
@@ -234,6 +261,102 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
         }
     }
 
+    // ---------------------------------------------------------------------------------- statistics
+
+    /**
+     * The statistics extension in Triton's format, from what the frontend's Prometheus registry holds
+     * (metrics_mode=prometheus with serve/metrics.yaml): TorchServe's request, latency and queue counters
+     * per model version, and the handler's per-batch stage durations and rejections per model
+     * (handlers/metrics.py). {@code name} null: every model; {@code version} null: every version.
+     */
+    private static void statistics(ChannelHandlerContext ctx, String name, String version) {
+        JsonArray stats = new JsonArray();
+        List<String> names = name == null ? modelNames() : Collections.singletonList(name);
+        for (String model : names) {
+            List<String> modelVersions = version == null ? versions(model) : Collections.singletonList(version);
+            for (String v : modelVersions) {
+                stats.add(modelStatistics(model, v));
+            }
+        }
+        JsonObject body = new JsonObject();
+        body.add("model_stats", stats);
+        NettyUtils.sendJsonResponse(ctx, body);
+    }
+
+    private static JsonObject modelStatistics(String name, String version) {
+        // Per version (TorchServe's counters).
+        long requests = (long) sum("ts_inference_requests_total", name, version, null);
+        double latencyUs = sum("ts_inference_latency_microseconds", name, version, null);
+        double queueUs = sum("ts_queue_latency_microseconds", name, version, null);
+        // Per model name (the handler's metrics have no version label).
+        long failed = (long) sum("model_rejected_inputs_total", name, null, null);
+        long batches = (long) sum("model_stage_duration_seconds_count", name, null, "decode");
+        JsonObject inference = new JsonObject();
+        inference.add("success", duration(Math.max(0, requests - failed), latencyUs * 1e3));
+        inference.add("fail", duration(failed, 0));
+        inference.add("queue", duration(requests, queueUs * 1e3));
+        inference.add("compute_input", duration(batches, sum("model_stage_duration_seconds_sum", name, null, "decode") * 1e9));
+        inference.add("compute_infer", duration(
+                (long) sum("model_stage_duration_seconds_count", name, null, "forward")
+                        + (long) sum("model_stage_duration_seconds_count", name, null, "explain"),
+                (sum("model_stage_duration_seconds_sum", name, null, "forward")
+                        + sum("model_stage_duration_seconds_sum", name, null, "explain")) * 1e9));
+        inference.add("compute_output", duration(
+                (long) sum("model_stage_duration_seconds_count", name, null, "encode"),
+                sum("model_stage_duration_seconds_sum", name, null, "encode") * 1e9));
+        inference.add("cache_hit", duration(0, 0));
+        inference.add("cache_miss", duration(0, 0));
+        JsonObject stats = new JsonObject();
+        stats.addProperty("name", name);
+        stats.addProperty("version", version);
+        stats.addProperty("last_inference", 0);
+        stats.addProperty("inference_count", requests);
+        stats.addProperty("execution_count", batches);
+        stats.add("inference_stats", inference);
+        stats.add("batch_stats", new JsonArray());
+        return stats;
+    }
+
+    private static JsonObject duration(long count, double ns) {
+        JsonObject stat = new JsonObject();
+        stat.addProperty("count", count);
+        stat.addProperty("ns", (long) ns);
+        return stat;
+    }
+
+    /**
+     * The sum of the registry's samples called {@code sample} whose label model_name is {@code name} and,
+     * when given, model_version is {@code version} and stage is {@code stage}; 0 when there are none.
+     */
+    private static double sum(String sample, String name, String version, String stage) {
+        double total = 0;
+        Enumeration<Collector.MetricFamilySamples> families = CollectorRegistry.defaultRegistry.metricFamilySamples();
+        while (families.hasMoreElements()) {
+            for (Collector.MetricFamilySamples.Sample s : families.nextElement().samples) {
+                if (sample.equals(s.name) && name.equals(label(s, "model_name"))
+                        && (version == null || version.equals(versionOf(name, label(s, "model_version"))))
+                        && (stage == null || stage.equals(label(s, "stage")))) {
+                    total += s.value;
+                }
+            }
+        }
+        return total;
+    }
+
+    /** TorchServe labels a request to the unversioned route with version "default": the default version. */
+    private static String versionOf(String name, String labelled) {
+        if (!"default".equals(labelled)) {
+            return labelled;
+        }
+        Model model = findModel(name, null);
+        return model == null ? labelled : model.getVersion();
+    }
+
+    private static String label(Collector.MetricFamilySamples.Sample sample, String key) {
+        int i = sample.labelNames.indexOf(key);
+        return i < 0 ? null : sample.labelValues.get(i);
+    }
+
     // -------------------------------------------------------------------------------------- helpers
 
     /** Workers that have loaded the model: what the management API reports as READY. */
@@ -286,10 +409,21 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
     }
 
     private static void sendError(ChannelHandlerContext ctx, HttpResponseStatus status, String message) {
+        String requestId = ctx.channel().attr(CALLER_REQUEST_ID).get();
+        if (requestId == null) {
+            requestId = NettyUtils.getRequestId(ctx.channel());
+        }
         JsonObject body = new JsonObject();
         body.addProperty("error", message);
         body.addProperty("code", status.code());
-        NettyUtils.sendJsonResponse(ctx, body, status);
+        body.addProperty("request_id", requestId);
+        FullHttpResponse resp = new DefaultFullHttpResponse(HttpVersion.HTTP_1_1, status,
+                Unpooled.copiedBuffer(body.toString() + "\n", StandardCharsets.UTF_8));
+        resp.headers().set(HttpHeaderNames.CONTENT_TYPE, HttpHeaderValues.APPLICATION_JSON);
+        if (requestId != null) {
+            resp.headers().set("X-Request-ID", requestId);
+        }
+        NettyUtils.sendHttpResponse(ctx, resp, true);
     }
 
     private static String quote(String text) {

@@ -1,0 +1,95 @@
+package org.pytorch.serve.http;
+
+import io.netty.handler.codec.http.HttpRequest;
+import java.time.Instant;
+import java.time.temporal.ChronoUnit;
+import java.util.UUID;
+
+/**
+ * TorchServe's per-request session (access log line, {@code x-request-id} answer header), loaded in place
+ * of TorchServe's own class by serve/torchserve/java/OipAgent.java so that a caller's {@code X-Request-ID}
+ * names its request: TorchServe writes {@link #getRequestId()} into every REST answer's
+ * {@code x-request-id} header (its own errors included) once the answer's code is set, and this session
+ * then names the caller's ID when it sent a usable one (1-128 printable ASCII characters, no spaces).
+ * Until then {@link #getRequestId()} is TorchServe's fresh UUID: the key of the job in its batch and the
+ * worker's request ID, unique even when callers repeat an ID. The access log line ends with the answer's
+ * ID and, when the caller sent a W3C {@code traceparent}, its trace ID. The request gets header
+ * {@code x-serve-received-us}: when the frontend received it, from which the handler reports queue time.
+ */
+public class Session {
+
+    /** Request header that tells the handler when the frontend received the request (handlers/tracing.py). */
+    static final String RECEIVED_HEADER = "x-serve-received-us";
+
+    private String requestId;
+    private String callerId;
+    private String traceId;
+    private String remoteIp;
+    private String method;
+    private String uri;
+    private String protocol;
+    private int code;
+    private long startTime;
+
+    public Session(String remoteIp, HttpRequest request) {
+        this.remoteIp = remoteIp;
+        this.uri = request.uri();
+        if (request.decoderResult().isSuccess()) {
+            method = request.method().name();
+            protocol = request.protocolVersion().text();
+            callerId = usableId(request.headers().get("X-Request-ID"));
+            traceId = traceId(request.headers().get("traceparent"));
+            // When the frontend received the request (µs since the epoch), for the handler's queue time.
+            request.headers().set(RECEIVED_HEADER, ChronoUnit.MICROS.between(Instant.EPOCH, Instant.now()));
+        } else {
+            method = "GET";
+            protocol = "HTTP/1.1";
+        }
+        requestId = UUID.randomUUID().toString();
+        startTime = System.currentTimeMillis();
+    }
+
+    public Session(String remoteIp, String gRPCMethod) {
+        this.remoteIp = remoteIp;
+        method = "gRPC";
+        protocol = "HTTP/2.0";
+        uri = gRPCMethod;
+        requestId = UUID.randomUUID().toString();
+        startTime = System.currentTimeMillis();
+    }
+
+    static String usableId(String value) {
+        return value != null && value.matches("[\\x21-\\x7e]{1,128}") ? value : null;
+    }
+
+    /** The trace ID of a W3C traceparent ({@code 00-<32 hex>-<16 hex>-<2 hex>}), else null. */
+    static String traceId(String value) {
+        if (value == null) {
+            return null;
+        }
+        String trace = value.trim().toLowerCase();
+        if (!trace.matches("[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?") || trace.startsWith("ff")
+                || (trace.startsWith("00") && trace.length() != 55)) {
+            return null;
+        }
+        String id = trace.substring(3, 35);
+        return id.matches("0+") ? null : id;
+    }
+
+    /** TorchServe's UUID while the request runs; once answered (code set), the caller's ID if it sent one. */
+    public String getRequestId() {
+        return code != 0 && callerId != null ? callerId : requestId;
+    }
+
+    public void setCode(int code) {
+        this.code = code;
+    }
+
+    @Override
+    public String toString() {
+        long duration = System.currentTimeMillis() - startTime;
+        return remoteIp + " \"" + method + " " + uri + ' ' + protocol + "\" " + code + ' ' + duration
+                + " request_id=" + (callerId != null ? callerId : requestId)
+                + (traceId != null ? " trace_id=" + traceId : "");
+    }
+}
