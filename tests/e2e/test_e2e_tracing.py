@@ -199,3 +199,31 @@ def test_statistics_extension_counts_the_requests_sent(server, http, grpc, auth)
     with pytest.raises(InferenceServerException) as err:
         grpc.get_inference_statistics("nosuch", headers={"authorization": auth["Authorization"]})
     assert "nosuch" in err.value.message()
+
+
+def test_access_log_lines_name_the_request_id_and_trace_id(tmp_path, weights_dir, monkeypatch):
+    """With SERVE_LOG_LEVEL=info (the access log's level), each access log line ends with the answer's ID
+    (the caller's, else TorchServe's, as in the header) and the traceparent's trace ID; errors too."""
+    from serve.package import package_models
+    from servers import start_ready_server
+
+    monkeypatch.setenv("SERVE_LOG_LEVEL", "info")
+    package_models(["mlp"], weights_dir, tmp_path / "store")
+    server = start_ready_server(tmp_path, tmp_path / "store", ["mlp"])
+    try:
+        traced = post(server, "/predictions/mlp", json={"data": rows(1)},
+                      headers={"X-Request-ID": "acc-1", "traceparent": TRACEPARENT})
+        unknown = post(server, "/predictions/nosuch", json={"data": rows(1)}, headers={"X-Request-ID": "acc-2"})
+        anonymous = post(server, "/v2/models/mlp/infer", json=oip_body(rows(1)))
+        assert (traced.status_code, unknown.status_code, anonymous.status_code) == (200, 404, 200)
+        assert unknown.headers["X-Request-ID"] == "acc-2"
+        wanted = [f'"POST /predictions/mlp HTTP/1.1" 200 ', "request_id=acc-1 trace_id=" + TRACE,
+                  '"POST /predictions/nosuch HTTP/1.1" 404 ', "request_id=acc-2",
+                  f"request_id={anonymous.headers['X-Request-ID']}"]
+        log = server.log_dir / "access_log.log"
+        deadline = time.monotonic() + 20
+        while not all(w in (text := log.read_text(errors="replace")) for w in wanted) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(w in text for w in wanted), text[-2000:]
+    finally:
+        server.stop()
