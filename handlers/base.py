@@ -183,7 +183,7 @@ class ServingHandler:
             self._explain(explaining, responses, context, status_context)
         if status_context is not None:  # (the frontend writes X-Request-ID: serve/torchserve/java/Session.java)
             for idx in range(len(data)):
-                protocols.set_header(context, idx, tracing.SERVER_TIMING, tracing.server_timing(**timing[idx]))
+                protocols.set_header(context, idx, tracing.SERVER_TIMING, tracing.server_timing(timing[idx]))
         if envelope:  # Python values: the envelope wraps them into one JSON response per request
             for idx in range(len(context.request_processor or [])):
                 protocols.set_content_type(context, idx)

@@ -56,8 +56,9 @@ def queue_ms(headers: dict[str, str], now_us: int) -> float | None:
         return None
 
 
-def server_timing(**stages_ms: float) -> str:
-    """A ``Server-Timing`` value: ``decode;dur=0.120, infer;dur=1.400``, stages in the order given."""
+def server_timing(stages_ms: dict[str, float | None]) -> str:
+    """A ``Server-Timing`` value: ``decode;dur=0.120, infer;dur=1.400``, stages in the order given (None: left
+    out), durations in ms."""
     return ", ".join(f"{name};dur={ms:.3f}" for name, ms in stages_ms.items() if ms is not None)
 
 
