@@ -59,6 +59,11 @@ def queue_ms(headers: dict[str, str], now_us: int) -> float | None:
 def server_timing(stages_ms: dict[str, float | None]) -> str:
     """A ``Server-Timing`` value: ``decode;dur=0.120, infer;dur=1.400``, stages in the order given (None: left
     out), durations in ms."""
+    if len(stages_ms) == 4:  # a served prediction: one f-string (a third of the generic join's cost)
+        get = stages_ms.get
+        q, d, i, e = get("queue"), get("decode"), get("infer"), get("encode")
+        if q is not None and d is not None and i is not None and e is not None:
+            return f"queue;dur={q:.3f}, decode;dur={d:.3f}, infer;dur={i:.3f}, encode;dur={e:.3f}"
     return ", ".join(f"{name};dur={ms:.3f}" for name, ms in stages_ms.items() if ms is not None)
 
 
