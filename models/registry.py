@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -108,6 +109,18 @@ class TrainConfig:
     augment_shift: int = 0  # image models: random shift of each training image by up to ± this many pixels
 
 
+DEFAULT_VERSION = "1.0"  # the version of unversioned artifacts (weights/<name>.pt, model_store/<name>.mar)
+VERSION_PATTERN = re.compile(r"[0-9][0-9A-Za-z._]{0,31}")  # TorchServe takes it in URLs and file names
+
+
+def check_version(version: str) -> str:
+    """``version`` if it is a usable model version (a digit, then up to 31 letters, digits, dots or underscores:
+    it appears in file names and URL paths), else ``ValueError`` saying so."""
+    if not VERSION_PATTERN.fullmatch(version or ""):
+        raise ValueError(f"bad version {version!r}: expected a digit then up to 31 of [0-9A-Za-z._], e.g. 2.0")
+    return version
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything the pipeline needs to know about one served network.
@@ -124,7 +137,8 @@ class ModelSpec:
         image_size: for image models, the ``(height, width)`` a picture is decoded to.
         num_classes: output classes for classification.
         train: default training hyperparameters.
-        version: model version written into the archive and served at ``/predictions/<name>/<version>``.
+        version: model version written into the archive and served at ``/predictions/<name>/<version>``;
+            ``at_version()`` gives the spec of another version (its files: ``artifact_stem``).
         batch_size / max_batch_delay_ms: TorchServe dynamic batching for this model. A batch that does
             not fill waits the whole delay, so keep it short, but not 0 (TorchServe then polls); the
             measurements are in bench/README.md ("Tuning conclusions").
@@ -141,10 +155,24 @@ class ModelSpec:
     image_size: tuple[int, int] | None = None
     num_classes: int | None = None
     train: TrainConfig = TrainConfig()
-    version: str = "1.0"
+    version: str = DEFAULT_VERSION
     batch_size: int = 8
     max_batch_delay_ms: int = 2
     workers: int = 1
+
+    @property
+    def artifact_stem(self) -> str:
+        """File name stem of this version's artifacts: ``<name>`` for the default version (``weights/<name>.pt``,
+        ``model_store/<name>.mar``, as before versions existed), ``<name>-v<version>`` for any other, so a new
+        version never overwrites the files of a served one."""
+        return self.name if self.version == DEFAULT_VERSION else f"{self.name}-v{self.version}"
+
+    def at_version(self, version: str | None) -> "ModelSpec":
+        """This spec at ``version`` (``None``: unchanged); raises ``ValueError`` for a malformed version."""
+        if version is None:
+            return self
+        check_version(version)
+        return dataclasses.replace(self, version=version)
 
     @property
     def input_width(self) -> int:

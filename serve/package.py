@@ -14,6 +14,10 @@ An archive that is newer than its weights and every packaged source file is left
 ``--rebuild`` is given. Usage::
 
     python -m serve.package [--models a,b] [--weights-dir weights] [--store model_store] [--rebuild]
+    python -m serve.package --models mnistnet --version 2.0   # weights/mnistnet-v2.0.pt → model_store/mnistnet-v2.0.mar
+
+A version other than the default (1.0) reads ``<name>-v<V>.pt`` and writes ``<name>-v<V>.mar`` (model name
+``<name>``, manifest version V: what ``python -m serve rollout <name> V`` registers); it is never trained here.
 """
 from __future__ import annotations
 
@@ -58,13 +62,18 @@ def parse_model_names(text: str | None) -> list[str]:
 def ensure_weights(
     spec: ModelSpec, weights_dir: Path, root: Path = REPO_ROOT, train_args: tuple[str, ...] = ()
 ) -> Path:
-    """Path of ``<weights_dir>/<name>.pt``, training the model first (``python -m train``) if it is missing.
+    """Path of ``<weights_dir>/<artifact stem>.pt``, training the model first (``python -m train``) if it is missing.
 
-    ``train_args`` are extra ``python -m train`` options (default none: the registry's training setup).
+    ``train_args`` are extra ``python -m train`` options (default none: the registry's training setup). The
+    weights of a non-default version are never trained here (which training makes a new version is the user's
+    choice): a missing one raises ``PackagingError`` naming the command.
     """
-    weights = weights_dir / f"{spec.name}.pt"
+    weights = weights_dir / f"{spec.artifact_stem}.pt"
     if weights.is_file():
         return weights
+    if spec.artifact_stem != spec.name:
+        raise PackagingError(f"{spec.name} version {spec.version}: {weights} is missing; train it first with "
+                             f"`python -m train {spec.name} --version {spec.version}`")
     print(f"  {spec.name}: {weights} is missing, training it (python -m train {spec.name})", flush=True)
     cmd = [sys.executable, "-m", "train", spec.name, "--output-dir", str(weights_dir), *train_args]
     result = subprocess.run(cmd, cwd=root)
@@ -149,12 +158,13 @@ def build_archive(
     Raises ``PackagingError`` with the archiver's output if it fails; an existing archive is kept then.
     """
     name = name or spec.name
+    file_stem = spec.artifact_stem if name == spec.name else name
     for needed in (root / spec.model_file, Path(handler or root / spec.handler)):
         if not needed.is_file():
             shown = needed.relative_to(root) if needed.is_relative_to(root) else needed
             raise PackagingError(f"{name}: {shown} does not exist")
     store.mkdir(parents=True, exist_ok=True)
-    target = store / f"{name}.mar"
+    target = store / f"{file_stem}.mar"
     config = model_config(spec) if config is None else config
     with tempfile.TemporaryDirectory(prefix=f"package-{name}-") as tmp:
         tmp = Path(tmp)
@@ -181,7 +191,7 @@ def build_archive(
                 raise PackagingError(
                     f"torch-model-archiver failed for {name} (exit code {result.returncode}):\n{output}"
                 )
-            os.replace(built, target)
+            os.replace(built, target)  # the archiver names it <name>.mar; a version other than 1.0 gets its own
         finally:
             shutil.rmtree(export_dir, ignore_errors=True)
     return target
@@ -193,6 +203,7 @@ def package_models(
     store: Path = MODEL_STORE,
     rebuild: bool = False,
     root: Path = REPO_ROOT,
+    version: str | None = None,
 ) -> list[Path]:
     """Train (if needed) and archive every model in ``names``; returns the archive paths in order.
 
@@ -200,11 +211,11 @@ def package_models(
     """
     archives = []
     for i, name in enumerate(names, 1):
-        spec = get_spec(name)
-        prefix = f"[{i}/{len(names)}] {name}:"
+        spec = get_spec(name).at_version(version)
+        prefix = f"[{i}/{len(names)}] {name} {spec.version}:"
         start = time.perf_counter()
         weights = ensure_weights(spec, weights_dir, root)
-        target = store / f"{name}.mar"
+        target = store / f"{spec.artifact_stem}.mar"
         if not rebuild and archive_is_current(target, weights, root):
             print(f"{prefix} {target} is up to date", flush=True)
         else:
@@ -225,6 +236,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where <name>.pt state_dicts live (default: weights/)")
     parser.add_argument("--store", type=Path, default=MODEL_STORE,
                         help="where <name>.mar archives are written (default: model_store/)")
+    parser.add_argument("--version", help="model version to build (default 1.0: <name>.pt → <name>.mar; "
+                                          "V: <name>-v<V>.pt → <name>-v<V>.mar, manifest version V)")
     parser.add_argument("--rebuild", action="store_true",
                         help="rebuild archives even when they are newer than their inputs")
     return parser.parse_args(argv)
@@ -234,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         names = parse_model_names(args.models)
-        package_models(names, args.weights_dir.resolve(), args.store.resolve(), args.rebuild)
-    except (KeyError, PackagingError) as exc:
+        if args.version is not None and len(names) != 1:
+            raise PackagingError("--version builds one model's version: name it with --models <model>")
+        package_models(names, args.weights_dir.resolve(), args.store.resolve(), args.rebuild, version=args.version)
+    except (KeyError, ValueError, PackagingError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 1
     return 0

@@ -5,6 +5,7 @@ Examples::
     python -m train mnistnet                    # 10 epochs with the registry's defaults → weights/mnistnet.*
     python -m train all --missing               # every model whose weights/<name>.pt is missing
     python -m train mlp --epochs 3 --output-dir /tmp/w --seed 1 --limit 500
+    python -m train mnistnet --version 2.0 --epochs 1   # → weights/mnistnet-v2.0.*; never touches a served version
 
 Options override ``spec.train`` for every model trained by this call. Bad input (unknown name, epochs < 1,
 lr <= 0, unwritable output directory, ...) exits with status 2 and a message listing the known models.
@@ -16,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from models.registry import REGISTRY, get_spec
+from models.registry import DEFAULT_VERSION, REGISTRY, check_version, get_spec
 from train.trainer import DEFAULT_OUTPUT_DIR, train_model
 
 KNOWN = ", ".join(sorted(REGISTRY))
@@ -51,6 +52,13 @@ def _positive_float(text: str) -> float:
     return _number(text, float, lambda v: 0 < v < float("inf"), "a finite number > 0")
 
 
+def _version(text: str) -> str:
+    try:
+        return check_version(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m train",
@@ -64,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=_non_negative_int, help="seed for init, dropout, shuffling (default 0)")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR,
                         help=f"where <name>.pt/.json/.png go (default {DEFAULT_OUTPUT_DIR})")
+    parser.add_argument("--version", type=_version, default=DEFAULT_VERSION,
+                        help=f"model version to write: {DEFAULT_VERSION} (default) writes <name>.*, any other V "
+                             "<name>-v<V>.*, so retraining never overwrites a served version's weights")
     parser.add_argument("--missing", action="store_true", help="skip models whose <name>.pt already exists")
     parser.add_argument("--limit", type=_positive_int,
                         help="use only the first N training and held-out samples (smoke runs)")
@@ -87,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.name != "all" and args.name not in REGISTRY:
         parser.error(f"unknown model {args.name!r}")
+    if args.name == "all" and args.version != DEFAULT_VERSION:
+        parser.error("--version names one model's version: give a model name, not 'all'")
     if args.device == "cuda":
         import torch
 
@@ -100,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = sorted(REGISTRY) if args.name == "all" else [args.name]
     if args.missing:
-        present = [name for name in names if (args.output_dir / f"{name}.pt").is_file()]
+        stems = {name: get_spec(name).at_version(args.version).artifact_stem for name in names}
+        present = [name for name in names if (args.output_dir / f"{stems[name]}.pt").is_file()]
         for name in present:
-            print(f"{name}: {args.output_dir / (name + '.pt')} exists, skipped (--missing)")
+            print(f"{name}: {args.output_dir / (stems[name] + '.pt')} exists, skipped (--missing)")
         names = [name for name in names if name not in present]
     for index, name in enumerate(names, start=1):
-        spec = get_spec(name).with_train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                         seed=args.seed)
+        spec = get_spec(name).at_version(args.version).with_train(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         print(f"[{index}/{len(names)}] training {name} ({spec.model_class.__name__}, {spec.dataset}, "
               f"{spec.train})", flush=True)
         metrics = train_model(spec, args.output_dir, limit=args.limit, device=args.device,

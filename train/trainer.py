@@ -191,6 +191,7 @@ def build_metrics(spec, model, data_info, final, history, seconds, device, limit
     config, task = spec.train, spec.task
     metrics = {
         "model": spec.name,
+        "version": spec.version,
         "model_class": spec.model_class.__name__,
         "task": task,
         "dataset": spec.dataset,
@@ -233,25 +234,27 @@ def atomic_write(path: Path, payload: bytes) -> None:
 def write_outputs(spec: ModelSpec, model: nn.Module, metrics: dict, output_dir: Path) -> None:
     """Metrics and plots first, the ``.pt`` last: a run cut short leaves no weights file behind."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(output_dir / f"{spec.name}.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    stem = spec.artifact_stem
+    atomic_write(output_dir / f"{stem}.json", (json.dumps(metrics, indent=2) + "\n").encode())
     info = spec.task_info
-    atomic_write(output_dir / f"{spec.name}_curves.png",
+    atomic_write(output_dir / f"{stem}_curves.png",
                  curves_png(spec.name, metrics["history"]["train_loss"],
                             metrics["history"]["held_out_" + info.metric], info.metric_label))
     if "confusion_matrix" in metrics:
         title = f"{spec.name}: test accuracy {metrics['test_accuracy']:.2%}"
-        atomic_write(output_dir / f"{spec.name}_confusion.png",
+        atomic_write(output_dir / f"{stem}_confusion.png",
                      confusion_png(title, metrics["confusion_matrix"]))
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    atomic_write(output_dir / f"{spec.name}.pt", buffer.getvalue())
+    atomic_write(output_dir / f"{stem}.pt", buffer.getvalue())
 
 
 def load_trained(spec: ModelSpec, weights_dir: str | Path = DEFAULT_OUTPUT_DIR) -> nn.Module:
     """``spec.build()`` with ``<weights_dir>/<name>.pt`` loaded (``weights_only=True``), in eval mode."""
-    path = Path(weights_dir) / f"{spec.name}.pt"
+    path = Path(weights_dir) / f"{spec.artifact_stem}.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no trained weights; run `python -m train {spec.name}`")
+        flag = "" if spec.artifact_stem == spec.name else f" --version {spec.version}"
+        raise FileNotFoundError(f"{path}: no trained weights; run `python -m train {spec.name}{flag}`")
     model = spec.build()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()

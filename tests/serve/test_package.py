@@ -122,3 +122,44 @@ def test_model_names():
     assert parse_model_names(" mlp , mnistnet ") == ["mlp", "mnistnet"]
     with pytest.raises(KeyError, match="known models"):
         parse_model_names("mlp,resnet")
+
+
+def test_a_version_builds_its_own_archive_beside_the_served_one(tmp_path, fresh_weights):
+    """--version V: <name>-v<V>.pt → <name>-v<V>.mar with manifest version V; <name>.mar is not touched."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.manual_seed(1)
+    candidate = get_spec("mlp").build().state_dict()
+    torch.save(candidate, weights / "mlp-v2.0.pt")
+    store = tmp_path / "store"
+    served = build_archive(get_spec("mlp"), fresh_weights / "mlp.pt", store)
+    before = served.read_bytes()
+
+    archives = package_models(["mlp"], weights, store, version="2.0")
+    assert archives == [store / "mlp-v2.0.mar"]
+    manifest, config, _ = read_archive(archives[0])
+    assert manifest["model"]["modelName"] == "mlp" and manifest["model"]["modelVersion"] == "2.0"
+    assert served.read_bytes() == before
+    with zipfile.ZipFile(archives[0]) as mar:
+        metadata = json.loads(mar.read("oip_metadata.json"))
+        state = torch.load(io.BytesIO(mar.read(manifest["model"]["serializedFile"])), weights_only=True)
+    assert metadata["versions"] == ["2.0"]
+    assert all(torch.equal(state[k], candidate[k]) for k in candidate)
+
+
+def test_a_version_without_weights_is_not_trained_here(tmp_path):
+    with pytest.raises(PackagingError, match=r"mlp-v3\.1\.pt is missing; train it first with "
+                                             r"`python -m train mlp --version 3\.1`"):
+        package_models(["mlp"], tmp_path, tmp_path / "store", version="3.1")
+    assert not (tmp_path / "store" / "mlp-v3.1.mar").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "mlp", "--version", "../x"], "bad version '../x'"),
+    (["--models", "mlp,mnistnet", "--version", "2.0"], "--version builds one model's version"),
+])
+def test_bad_version_arguments(argv, message, capsys):
+    from serve.package import main
+
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err

@@ -244,3 +244,32 @@ def test_cli_rejects_unwritable_output_dir(tmp_path):
         locked.mkdir(mode=0o500)
         result = run_cli("mlp", "--output-dir", str(locked))
         assert result.returncode == 2 and "not a writable directory" in result.stderr
+
+
+def test_a_version_never_overwrites_the_default_weights(tmp_path):
+    """--version 2.0 writes <name>-v2.0.* and leaves <name>.pt (version 1.0) as it was."""
+    from train.__main__ import main as train_main
+
+    common = ["--output-dir", str(tmp_path), "--epochs", "1", "--limit", "64", "--no-progress"]
+    assert train_main(["linearregression", *common]) == 0
+    default = (tmp_path / "linearregression.pt").read_bytes()
+    assert train_main(["linearregression", "--version", "2.0", "--seed", "3", *common]) == 0
+    assert (tmp_path / "linearregression.pt").read_bytes() == default
+    metrics = json.loads((tmp_path / "linearregression-v2.0.json").read_text())
+    assert metrics["version"] == "2.0"
+    spec = get_spec("linearregression").at_version("2.0")
+    model = load_trained(spec, tmp_path)
+    saved = torch.load(tmp_path / "linearregression-v2.0.pt", weights_only=True)
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["mlp", "--version", "v2"], "bad version 'v2'"),
+    (["all", "--version", "2.0"], "give a model name, not 'all'"),
+])
+def test_bad_versions_are_refused(argv, message, capsys):
+    from train.__main__ import main as train_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
