@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 THREADS_ENV = "HANDLER_NUM_THREADS"
 DEFAULT_THREADS = 1
+# Response header naming the model version (the archive manifest's) that answered, on every protocol's HTTP answer.
+VERSION_HEADER = "X-Model-Version"
+
 
 def select_device(gpu_id: int | None, cuda_available: bool) -> torch.device:
     """``cuda:<gpu_id>`` when CUDA is available and TorchServe assigned a GPU, else ``cpu``.
@@ -184,6 +187,8 @@ class ServingHandler:
         if status_context is not None:  # (the frontend writes X-Request-ID: serve/torchserve/java/Session.java)
             for idx in range(len(data)):
                 protocols.set_header(context, idx, tracing.SERVER_TIMING, tracing.server_timing(timing[idx]))
+        for idx in range(len(getattr(context, "request_processor", None) or [])):  # which version answered
+            protocols.set_header(context, idx, VERSION_HEADER, self.model_version or "")
         if envelope:  # Python values: the envelope wraps them into one JSON response per request
             for idx in range(len(context.request_processor or [])):
                 protocols.set_content_type(context, idx)

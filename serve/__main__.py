@@ -3,7 +3,9 @@
     python -m serve start [--models all|a,b] [--foreground] [--timeout 300]
     python -m serve start --foreground --image [-- TORCHSERVE FLAGS]   # the container's entrypoint
     python -m serve stop
-    python -m serve status
+    python -m serve status                       # every served version, its workers, which is the default
+    python -m serve rollout mnistnet 2.0 [--margin 0.005] [--gate-samples 2000]   # serve/rollout.py
+    python -m serve rollback mnistnet
     (each takes --config config.properties, --workdir .serve, --log-dir logs, --tmpdir WORKDIR/tmp)
 
 TorchServe runs in ``.serve/`` (``key_file.json``, its TMPDIR ``.serve/tmp``) and logs to ``logs/``
@@ -258,10 +260,50 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  {name:16s} not available ({exc})")
             all_ready = False
             continue
-        workers = ", ".join(f"{w['status']} pid {w.get('pid')}" for w in description.get("workers", [])) or "no workers"
-        all_ready &= server.workers_ready(description)
-        print(f"  {name:16s} v{description.get('modelVersion')}  batch {description.get('batchSize')}  {workers}")
+        try:  # every served version (a rollout serves two for a while), the default first
+            versions = [d for d in server.client.describe(name, "all")
+                        if d.get("modelVersion") != description.get("modelVersion")]
+        except Exception:
+            versions = []
+        for index, version in enumerate([description, *versions]):
+            workers = ", ".join(f"{w['status']} pid {w.get('pid')}" for w in version.get("workers", [])) or "no workers"
+            all_ready &= index > 0 or server.workers_ready(description)
+            role = "default" if index == 0 else "also served"
+            print(f"  {name if index == 0 else '':16s} v{version.get('modelVersion')} ({role})  "
+                  f"batch {version.get('batchSize')}  {workers}")
     return 0 if all_ready and grpc_pid else 1
+
+
+def _rollout(args: argparse.Namespace):
+    from serve.rollout import Rollout
+
+    return Rollout(make_server(args), timeout=args.timeout)
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """Exit 0: the new version is the default; 4: the quality gate refused it (the default is unchanged)."""
+    from serve.rollout import RolloutError, print_report
+
+    try:
+        report = _rollout(args).rollout(args.model, args.version, margin=args.margin, gate_samples=args.gate_samples,
+                                        grace=args.grace, report_path=args.report)
+    except RolloutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_report(report)
+    return 0 if report["passed"] else 4
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from serve.rollout import RolloutError, print_report
+
+    try:
+        report = _rollout(args).rollback(args.model, grace=args.grace)
+    except RolloutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_report(report)
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -287,7 +329,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     start.add_argument("--model-store", type=Path, default=None, help="with --image: the archives' folder")
     start.add_argument("--log-config", type=Path, default=None, help="with --image: log4j2 XML for TorchServe")
     commands.add_parser("stop", parents=[common], help="stop TorchServe and wait for it to exit")
-    commands.add_parser("status", parents=[common], help="show the workers of every model")
+    commands.add_parser("status", parents=[common], help="show every served version, its workers, the default")
+    from serve.rollout import DEFAULT_GATE_SAMPLES, DEFAULT_MARGIN, DRAIN_GRACE_S
+
+    rollout = commands.add_parser("rollout", parents=[common],
+                                  help="serve model_store/<model>-v<V>.mar beside the default, gate it, promote it")
+    rollout.add_argument("model")
+    rollout.add_argument("version")
+    rollout.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                         help=f"how much worse V may be: accuracy points (absolute) or MSE (relative); "
+                              f"default {DEFAULT_MARGIN}")
+    rollout.add_argument("--gate-samples", type=int, default=DEFAULT_GATE_SAMPLES,
+                         help=f"first N held-out samples for the gate, 0 = all (default {DEFAULT_GATE_SAMPLES})")
+    rollout.add_argument("--report", type=Path, default=None,
+                         help="JSON report file (default <workdir>/rollouts/rollout-<model>-<V>-<time>.json)")
+    rollback = commands.add_parser("rollback", parents=[common], help="make the previous default the default again")
+    rollback.add_argument("model")
+    for command in (rollout, rollback):
+        command.add_argument("--timeout", type=float, default=120.0, help="seconds per step (default 120)")
+        command.add_argument("--grace", type=float, default=DRAIN_GRACE_S,
+                             help=f"seconds the old version keeps serving after its queue is empty "
+                                  f"(default {DRAIN_GRACE_S})")
     argv = list(sys.argv[1:] if argv is None else argv)
     passed = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -303,7 +365,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    handlers = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status}
+    handlers = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "rollout": cmd_rollout,
+                "rollback": cmd_rollback}
     try:
         return handlers[args.command](args)
     except (ServerError, KeyError) as exc:

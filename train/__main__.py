@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{spec.train})", flush=True)
         metrics = train_model(spec, args.output_dir, limit=args.limit, device=args.device,
                               progress=not args.no_progress, log=lambda line: print(line, flush=True))
-        print(f"{name}: {summary(metrics)}, {metrics['seconds']:.1f}s → {args.output_dir / (name + '.pt')}",
+        print(f"{name}: {summary(metrics)}, {metrics['seconds']:.1f}s → {args.output_dir / (spec.artifact_stem + '.pt')}",
               flush=True)
     return 0
 
