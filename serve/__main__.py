@@ -277,7 +277,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _rollout(args: argparse.Namespace):
     from serve.rollout import Rollout
 
-    return Rollout(make_server(args), timeout=args.timeout)
+    # Progress on stderr, the JSON report alone on stdout (pipe it to jq).
+    return Rollout(make_server(args), log=lambda line: print(line, file=sys.stderr, flush=True), timeout=args.timeout)
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:

@@ -11,7 +11,8 @@ TorchServe's register/unregister stay off (``enable_model_api=false``); this mod
 agent's ``/rollout`` endpoint on the loopback management port, with the management key and a per-rollout
 secret in ``<workdir>/rollout.secret`` (mode 0600, created exclusively, so it is also the lock that refuses a
 second rollout at the same time). docs/security.md, "Rolling out a version", says why that is the narrowest
-opening. Versions served by default per model are kept in ``<workdir>/rollout-history.json``.
+opening. Versions served by default per model are kept in ``<workdir>/rollout-history.json``. A promotion lasts
+as long as the server: ``serve start`` serves ``<name>.mar`` (version 1.0) again.
 """
 from __future__ import annotations
 
@@ -209,6 +210,8 @@ class Rollout:
                 self.log(f"{model} {version} is the default now ({report['promoted_after_s']} s after the start)")
                 history = self._history()
                 versions = history.get(model) or [current]
+                if versions[-1] != current:  # the server restarted since (it serves <name>.mar again)
+                    versions = [current]
                 history[model] = [*versions, version]
                 self._write_history(history)
                 self._retire(secret, model, current, grace)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +25,8 @@ import tritonclient.grpc as tritongrpc  # pinned in requirements-dev.txt: import
 from models.registry import get_spec
 from serve.package import package_models
 from serve.rollout import SECRET_FILE, Rollout, RolloutError, held_out
-from servers import manage, start_ready_server
+from paths import REPO_ROOT
+from servers import clean_env, manage, start_ready_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -283,3 +286,34 @@ def test_the_model_api_stays_closed_outside_a_rollout(server, versions):
     finally:
         runner._release()
     assert served(runner) == {"1.0": "default"}
+
+
+def test_the_commands(server, rollout):
+    """``python -m serve rollout|rollback|status`` as a user runs them: exit statuses, report, version list."""
+    common = ["--config", str(server.workdir / "ts-config.properties"), "--workdir", str(server.workdir),
+              "--tmpdir", str(server.tmpdir)]
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "serve", *args, *common], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=300, env=clean_env())
+
+    refused = run("rollout", MODEL, "3.0", "--gate-samples", "300", "--report", str(server.workdir / "r.json"))
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    report = json.loads((server.workdir / "r.json").read_text())
+    assert report["passed"] is False and json.loads(refused.stdout)["candidate_metric"] == report["candidate_metric"]
+    assert len(report["per_class"]) == 10 and "gate refused mnistnet 3.0" in refused.stderr
+    back = run("rollback", MODEL)
+    assert back.returncode == 1 and "error: mnistnet has no previous version to go back to" in back.stderr
+    unknown = run("rollout", "resnet", "2.0")
+    assert unknown.returncode == 1 and "unknown model 'resnet'" in unknown.stderr
+
+    secret = rollout._acquire()  # hold the lock: the status shows both versions while 2.0 is registered
+    try:
+        rollout._register(secret, SPEC.at_version("2.0"), rollout.archive_of(SPEC.at_version("2.0")))
+        status = run("status")
+        assert f"{MODEL:16s} v1.0 (default)" in status.stdout and "v2.0 (also served)" in status.stdout, status.stdout
+        assert status.stdout.count("READY pid") >= 2 * SPEC.workers
+    finally:
+        rollout._endpoint(secret, op="unregister", model=MODEL, version="2.0")
+        rollout._release()
+    assert served(rollout) == {"1.0": "default"}
