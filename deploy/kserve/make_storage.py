@@ -20,6 +20,7 @@ Usage (from the repository root, after ``make package``)::
 
     .venv/bin/python deploy/kserve/make_storage.py OUT_DIR          # OUT_DIR/config + OUT_DIR/model-store
     .venv/bin/python deploy/kserve/make_storage.py --write-config   # refresh the committed config
+    .venv/bin/python deploy/kserve/make_storage.py --version mnistnet=2.0 OUT_DIR   # a canary's storage
     aws s3 cp --recursive OUT_DIR s3://BUCKET/torchserve-mnist      # or gsutil / a PVC copy
 """
 from __future__ import annotations
@@ -73,16 +74,19 @@ def read_properties(path: Path) -> dict[str, str]:
     return load_properties(path)
 
 
-def model_snapshot(names: list[str]) -> dict:
-    """TorchServe's ``model_snapshot`` JSON registering ``names`` at start (what KServe's wrapper reads)."""
+def model_snapshot(names: list[str], versions: dict[str, str] | None = None) -> dict:
+    """TorchServe's ``model_snapshot`` JSON registering ``names`` at start (what KServe's wrapper reads);
+    ``versions``: name → version for models served at another version than 1.0 (a canary's storage)."""
     models = {}
     for name in names:
-        spec = get_spec(name)
-        models[name] = {spec.version: {"defaultVersion": True, "marName": f"{name}.mar", **model_config(spec)}}
+        spec = get_spec(name).at_version((versions or {}).get(name))
+        models[name] = {spec.version: {"defaultVersion": True, "marName": f"{spec.artifact_stem}.mar",
+                                       **model_config(spec)}}
     return {"name": "startup.cfg", "modelCount": len(models), "models": models}
 
 
-def kserve_config(names: list[str] | None = None, root_config: Path = ROOT_CONFIG) -> str:
+def kserve_config(names: list[str] | None = None, root_config: Path = ROOT_CONFIG,
+                  versions: dict[str, str] | None = None) -> str:
     """The KServe ``config.properties`` text for ``names`` (default: every registered model)."""
     names = list(REGISTRY) if names is None else names
     carried = {k: v for k, v in read_properties(root_config).items() if k not in DROPPED_KEYS}
@@ -99,24 +103,26 @@ def kserve_config(names: list[str] | None = None, root_config: Path = ROOT_CONFI
         *(f"{k}={v}" for k, v in carried.items()),
         "",
         "# --- Models: the registry's serving settings, as `make serve` loads them ---",
-        "model_snapshot=" + json.dumps(model_snapshot(names), separators=(",", ":")),
+        "model_snapshot=" + json.dumps(model_snapshot(names, versions), separators=(",", ":")),
     ]
     return "\n".join(lines) + "\n"
 
 
-def build_storage(out: Path, store: Path, names: list[str] | None = None) -> list[Path]:
-    """Write ``out/config/config.properties`` and copy ``store/<name>.mar`` to ``out/model-store``.
+def build_storage(out: Path, store: Path, names: list[str] | None = None,
+                  versions: dict[str, str] | None = None) -> list[Path]:
+    """Write ``out/config/config.properties`` and copy ``store/<name>.mar`` to ``out/model-store``
+    (``store/<name>-v<V>.mar`` for a model given a version in ``versions``).
 
     Raises FileNotFoundError naming every missing archive (build them with ``make package``).
     """
     names = list(REGISTRY) if names is None else names
-    archives = [store / f"{name}.mar" for name in names]
+    archives = [store / f"{get_spec(name).at_version((versions or {}).get(name)).artifact_stem}.mar" for name in names]
     missing = [str(a) for a in archives if not a.is_file()]
     if missing:
         raise FileNotFoundError(f"missing archives (run `make package` first): {', '.join(missing)}")
     (out / "config").mkdir(parents=True, exist_ok=True)
     (out / "model-store").mkdir(parents=True, exist_ok=True)
-    (out / "config" / "config.properties").write_text(kserve_config(names))
+    (out / "config" / "config.properties").write_text(kserve_config(names, versions=versions))
     copied = []
     for archive in archives:
         copied.append(Path(shutil.copy2(archive, out / "model-store" / archive.name)))
@@ -129,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, default=MODEL_STORE,
                         help="where the .mar archives are (default: model_store/)")
     parser.add_argument("--models", default="all", help="comma-separated model names (default: all)")
+    parser.add_argument("--version", action="append", default=[], metavar="MODEL=V",
+                        help="serve MODEL at version V from model-store/MODEL-vV.mar (a canary's storage; "
+                             "repeatable)")
     parser.add_argument("--write-config", action="store_true",
                         help=f"rewrite the committed {COMMITTED_CONFIG.relative_to(REPO_ROOT)}")
     args = parser.parse_args(argv)
@@ -136,11 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give an output directory, or --write-config")
     try:
         names = None if args.models == "all" else [get_spec(n.strip()).name for n in args.models.split(",")]
+        versions = {}
+        for entry in args.version:
+            name, _, version = entry.partition("=")
+            versions[get_spec(name.strip()).name] = get_spec(name.strip()).at_version(version.strip()).version
         if args.write_config:
             COMMITTED_CONFIG.write_text(kserve_config(names))
             print(f"wrote {COMMITTED_CONFIG}")
         if args.out is not None:
-            for path in build_storage(args.out, args.store, names):
+            for path in build_storage(args.out, args.store, names, versions):
                 print(f"copied {path}")
             print(f"wrote {args.out / 'config' / 'config.properties'}; upload {args.out}/ as the storageUri")
     except (FileNotFoundError, KeyError, ValueError) as err:

@@ -244,6 +244,7 @@ INFERENCE_SERVICE_SCHEMA = {
                 "required": ["model"],
                 "additionalProperties": False,
                 "properties": {
+                    "canaryTrafficPercent": {"type": "integer", "minimum": 0, "maximum": 100},
                     "minReplicas": {"type": "integer", "minimum": 0},
                     "maxReplicas": {"type": "integer", "minimum": 1},
                     "scaleMetric": {"enum": ["cpu", "memory", "concurrency", "rps"]},
@@ -376,8 +377,38 @@ def test_inference_service_schema_rejects_a_broken_manifest():
 
 
 def test_every_protocol_has_an_inference_service():
-    assert sorted(isvc["spec"]["predictor"]["model"]["protocolVersion"] for _, isvc in kserve_services()) == \
-        ["grpc-v2", "v1", "v2"]
+    assert sorted(isvc["spec"]["predictor"]["model"]["protocolVersion"] for name, isvc in kserve_services()
+                  if "canary" not in name) == ["grpc-v2", "v1", "v2"]
+
+
+def test_the_canary_is_a_new_revision_of_the_v1_service():
+    """Same InferenceService (name, runtime, protocol, scaling, resources) with another storage and a split."""
+    services = dict(kserve_services())
+    canary, stable = services["inferenceservice-canary.yaml"], services["inferenceservice.yaml"]
+    assert canary["metadata"] == stable["metadata"]
+    predictor = dict(canary["spec"]["predictor"])
+    assert 0 < predictor.pop("canaryTrafficPercent") < 100
+    model, stable_model = dict(predictor.pop("model")), dict(stable["spec"]["predictor"]["model"])
+    assert model.pop("storageUri") != stable_model.pop("storageUri") and model == stable_model
+    assert predictor == {k: v for k, v in stable["spec"]["predictor"].items() if k != "model"}
+
+
+def test_canary_schema_rejects_a_bad_percentage():
+    isvc = copy.deepcopy(dict(kserve_services())["inferenceservice-canary.yaml"])
+    isvc["spec"]["predictor"]["canaryTrafficPercent"] = 150
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(isvc, INFERENCE_SERVICE_SCHEMA)
+
+
+def test_a_canary_storage_serves_the_new_version(tmp_path, make_storage):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "mnistnet-v2.0.mar").write_bytes(b"archive")
+    copied = make_storage.build_storage(tmp_path / "out", store, ["mnistnet"], {"mnistnet": "2.0"})
+    assert [p.name for p in copied] == ["mnistnet-v2.0.mar"]
+    props = make_storage.read_properties(tmp_path / "out" / "config" / "config.properties")
+    entry = json.loads(props["model_snapshot"])["models"]["mnistnet"]
+    assert list(entry) == ["2.0"] and entry["2.0"]["marName"] == "mnistnet-v2.0.mar" and entry["2.0"]["defaultVersion"]
 
 
 def test_serving_runtime_is_valid():
