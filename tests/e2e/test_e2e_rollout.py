@@ -2,7 +2,8 @@
 
 The module's own server (versions come and go, so not the session's) serves mnistnet 1.0 (the trained weights).
 Version 2.0 is a real retrain (1 epoch on 3000 images, ``python -m train --version 2.0``); 3.0 is deliberately
-bad (1.0's weights with the output layer's rows rotated, so it says the wrong digit); 4.0's archive is garbage.
+bad (1.0's weights with the output layer's rows rotated, so it says the wrong digit); 4.0's archive is garbage;
+5.0's weights are another network's, so its workers cannot load.
 Every served answer is checked against the in-process model of the version that says it answered.
 """
 from __future__ import annotations
@@ -50,8 +51,9 @@ def versions(tmp_path_factory, weights_dir) -> tuple[Path, Path]:
     state[last] = torch.roll(state[last], 1, dims=0)  # output row c now scores class c+1
     state[last.replace("weight", "bias")] = torch.roll(state[last.replace("weight", "bias")], 1, dims=0)
     torch.save(state, weights / f"{MODEL}-v3.0.pt")
+    torch.save(get_spec("feedforwardnet").build().state_dict(), weights / f"{MODEL}-v5.0.pt")  # cannot load
     package_models([MODEL], weights, store)
-    for version in ("2.0", "3.0"):
+    for version in ("2.0", "3.0", "5.0"):
         package_models([MODEL], weights, store, version=version)
     (store / f"{MODEL}-v4.0.mar").write_bytes(b"PK\x03\x04 not really a zip")
     return weights, store
@@ -224,6 +226,7 @@ def test_the_gate_measures_through_the_served_path(server, rollout, reference):
                    "--version 9.0`"),
     (MODEL, "4.0", "is not a readable model archive"),
     (MODEL, "../2", "bad version '../2'"),
+    (MODEL, "5.0", "Failed to start workers for model mnistnet version: 5.0"),
 ])
 def test_bad_rollouts_are_refused_and_the_default_keeps_serving(server, rollout, model, version, message):
     with pytest.raises(RolloutError, match=None) as refused:
