@@ -92,25 +92,34 @@ class Rollout:
 
     # --- the lock and secret ---
     def _acquire(self) -> str:
+        """Create the secret file (pid and token, mode 0600) or refuse while another live process holds it.
+        Written to a private temporary file first and linked into place (fails if the name exists), so the
+        file is never seen without its pid."""
         path = self.server.workdir / SECRET_FILE
         token = secrets.token_urlsafe(32)
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
+        staged = path.with_name(f".{SECRET_FILE}.{os.getpid()}")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(f"{os.getpid()} {token}\n")
+        try:
+            for _ in range(2):
                 try:
-                    pid = int(path.read_text().split()[0])
-                except (OSError, ValueError, IndexError):
-                    pid = None
-                if pid is not None and psutil.pid_exists(pid):
-                    raise RolloutError(f"another rollout or rollback is in progress on this server (pid {pid}); "
-                                       "wait for it to finish") from None
-                path.unlink(missing_ok=True)  # left by a rollout that died
-                continue
-            with os.fdopen(fd, "w") as out:
-                out.write(f"{os.getpid()} {token}\n")
-            return token
-        raise RolloutError(f"cannot create {path}")
+                    os.link(staged, path)
+                    return token
+                except FileExistsError:
+                    try:
+                        pid = int(path.read_text().split()[0])
+                    except FileNotFoundError:
+                        continue  # released meanwhile
+                    except (OSError, ValueError, IndexError):
+                        pid = None
+                    if pid is not None and psutil.pid_exists(pid):
+                        raise RolloutError(f"another rollout or rollback is in progress on this server (pid {pid}); "
+                                           "wait for it to finish") from None
+                    path.unlink(missing_ok=True)  # left by a rollout that died
+            raise RolloutError(f"cannot create {path}")
+        finally:
+            staged.unlink(missing_ok=True)
 
     def _release(self) -> None:
         (self.server.workdir / SECRET_FILE).unlink(missing_ok=True)
