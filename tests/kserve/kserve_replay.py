@@ -74,8 +74,10 @@ def inference_services() -> dict[str, dict]:
 
 
 def inference_service(protocol: str) -> dict:
-    """The InferenceService whose model uses ``protocol`` (v1, v2, grpc-v2)."""
-    matches = [i for i in inference_services().values() if i["spec"]["predictor"]["model"].get("protocolVersion") == protocol]
+    """The InferenceService whose model uses ``protocol`` (v1, v2, grpc-v2); a canary revision of one
+    (``canaryTrafficPercent``, inferenceservice-canary.yaml) is not another service."""
+    matches = [i for i in inference_services().values() if i["spec"]["predictor"]["model"].get("protocolVersion") == protocol
+               and "canaryTrafficPercent" not in i["spec"]["predictor"]]
     assert len(matches) == 1, f"expected one InferenceService with protocolVersion {protocol}, found {len(matches)}"
     return matches[0]
 
