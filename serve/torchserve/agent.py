@@ -33,9 +33,8 @@ REPLACED = (
     "org/pytorch/serve/http/Session",
 )
 
-# Classes added (not replacing anything), stored as plain .class entries, and the plugin SDK services they
-# provide: the rollout endpoint (RolloutEndpoint.java, docs/security.md "Rolling out a version").
-ADDED = ("oip/RolloutEndpoint", "oip/RolloutEndpoint$Refused")
+# Plugin-SDK services of classes in the agent's package (stored as plain .class entries with it): the rollout
+# endpoint (RolloutEndpoint.java, docs/security.md "Rolling out a version").
 SERVICES = {"org.pytorch.serve.servingsdk.ModelServerEndpoint": "oip.RolloutEndpoint"}
 
 JDK_HELP = (
@@ -96,8 +95,6 @@ def build(out: Path = DEFAULT_JAR, force: bool = False) -> Path:
             for name in REPLACED:
                 # Not stored as .class: the agent jar joins the class path, where model-server.jar comes first.
                 jar.write(classes / f"{name}.class", f"oip-classes/{name}.bin")
-            for name in ADDED:
-                jar.write(classes / f"{name}.class", f"{name}.class")
             for service, provider in SERVICES.items():
                 jar.writestr(f"META-INF/services/{service}", provider + "\n")
         os.replace(partial, out)
