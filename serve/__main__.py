@@ -28,6 +28,7 @@ import os
 import shlex
 import signal
 import sys
+import zipfile
 from pathlib import Path
 
 from paths import EXAMPLES_DIR
@@ -129,9 +130,20 @@ def image_models(server: Server, torchserve_args: list[str]) -> list[str]:
     elif server.base_props.get("load_models", "all").strip().lower() not in ("", "all"):
         entries = server.base_props["load_models"].split(",")
     if not entries:
-        return sorted(path.stem for path in server.model_store.glob("*.mar"))
+        # load_models=all: TorchServe names each model after its archive's manifest, so a versioned archive
+        # (<name>-v<V>.mar from `serve.package --version`) is another version of <name>, not a model of its own.
+        return sorted({archive_model_name(path) for path in server.model_store.glob("*.mar")})
     return [entry.split("=", 1)[0] if "=" in entry else Path(entry.strip()).name.removesuffix(".mar")
             for entry in entries if entry.strip()]
+
+
+def archive_model_name(path: Path) -> str:
+    """The model name in an archive's ``MAR-INF/MANIFEST.json`` (the file's stem if it has none to read)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]["modelName"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return path.stem
 
 
 def make_server(args: argparse.Namespace) -> Server:

@@ -206,3 +206,19 @@ def test_start_refuses_another_torchserve_saying_why():
         with pytest.raises(ServerError, match=r"written for TorchServe 0\.12\.0 only; install it with "
                                                r"`pip install torchserve==0\.12\.0`"):
             check_torchserve(other)
+
+
+def test_image_models_count_a_versioned_archive_as_a_version_of_its_model(tmp_path):
+    """With load_models=all TorchServe names each model after its archive's manifest: mnistnet.mar and a
+    `serve.package --version 2.0` archive are two versions of one model, so the image waits for one name."""
+    import zipfile
+    from types import SimpleNamespace
+
+    from serve.__main__ import image_models
+
+    for file, version in (("mlp.mar", "1.0"), ("mlp-v2.0.mar", "2.0")):
+        with zipfile.ZipFile(tmp_path / file, "w") as archive:
+            archive.writestr("MAR-INF/MANIFEST.json", json.dumps(
+                {"runtime": "python", "model": {"modelName": "mlp", "modelVersion": version, "handler": "handler.py"}}))
+    server = SimpleNamespace(base_props={"load_models": "all"}, model_store=tmp_path)
+    assert image_models(server, []) == ["mlp"]
