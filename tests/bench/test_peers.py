@@ -13,7 +13,7 @@ import tritonclient.http as thttp
 from bench import grpcload, triton_server
 from ci_skips import ci_enabled
 from bench.sweep import digits, reference, served
-from paths import REPO_ROOT, WEIGHTS_DIR
+from paths import REPO_ROOT
 
 TOLERANCE = 1e-5
 
@@ -40,13 +40,13 @@ def _answers(server, images: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarr
 @pytest.mark.skipif(not triton_server.venv_ready() and not ci_enabled(),
                     reason="build/triton-venv is not made yet (`python -m bench.triton_server --setup`; make bench makes "
                     "it; under CI this test makes it)")
-def test_triton_answers_equal_ours_and_the_model():
+def test_triton_answers_equal_ours_and_the_model(weights_dir):
     triton_server.ensure_venv()  # under CI: made here (~3 min once), and a failed setup fails the test
     images = digits(64)
-    expected = reference(images, WEIGHTS_DIR / "mnistnet.pt")
+    expected = reference(images, weights_dir / "mnistnet.pt")
     answers = {}
     for side in ("triton", "ours"):
-        with served(side, WEIGHTS_DIR) as server:
+        with served(side, weights_dir) as server:
             answers[side] = _answers(server, images)
     for side, by_protocol in answers.items():
         for protocol, (probabilities, classes) in by_protocol.items():
