@@ -89,7 +89,7 @@ final class HeldJobsPatch implements ClassFileTransformer {
     }
 
     /** TorchServe's version: {@code ts/version.txt} beside {@code ts/frontend/model-server.jar}. */
-    private static String torchServeVersion(ProtectionDomain domain) throws IOException {
+    static String torchServeVersion(ProtectionDomain domain) throws IOException {
         if (domain == null || domain.getCodeSource() == null) {
             return "(unknown: no code source)";
         }

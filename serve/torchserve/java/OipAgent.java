@@ -21,7 +21,8 @@ import java.util.Map;
  *   <li>{@code Session}: the caller's {@code X-Request-ID} names its answer and access log line.
  * </ul>
  *
- * <p>It also patches one method of TorchServe 0.12.0's {@code BatchAggregator} (HeldJobsPatch).
+ * <p>It also patches one method of TorchServe 0.12.0's {@code BatchAggregator} (HeldJobsPatch) and inserts
+ * the stop's drain into three of its classes (DrainPatch).
  *
  * Why an agent and not a TorchServe endpoint plugin: a plugin registered for "/v2" would also take
  * {@code POST /v2/models/m/infer} away from TorchServe's own fast route, and TorchServe runs plugins
@@ -52,6 +53,7 @@ public final class OipAgent implements ClassFileTransformer {
     public static void premain(String args, Instrumentation inst) throws IOException {
         inst.addTransformer(new OipAgent());
         HeldJobsPatch.install(inst); // requests held for a batch survive a dead worker (HeldJobs)
+        DrainPatch.install(inst); // a stop answers requests already sent before it closes connections (Drain)
     }
 
     @Override
