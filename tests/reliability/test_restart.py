@@ -83,8 +83,8 @@ def test_stop_then_start_at_once_after_traffic_on_every_port(start_server, refer
     server.stop()
     for client in clients:
         client.close()
-    # Which ports the stop left in TIME-WAIT is a race (who closed first), and TorchServe's REST ports never
-    # are (it closes those connections with SO_LINGER 0, a reset): the others get one here, so every port
+    # Which ports the stop left in TIME-WAIT is a race (who closed first; the drain closes REST connections
+    # with a FIN, serve/torchserve/java/Drain.java): the others get one here, so every port
     # is held by TIME-WAIT when start() checks them.
     left = ports_in_time_wait(set(listening.values()))
     print(f"\nafter stop, TIME-WAIT on: {sorted(name for name, port in listening.items() if port in left)}")
