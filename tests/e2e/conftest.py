@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as tritongrpc
+import tritonclient.http as tritonhttp
 
 from client.api import TorchServeClient
 from models.registry import REGISTRY, get_spec
@@ -66,3 +68,19 @@ def mnist_test():
     from train.data import mnist_arrays
 
     return mnist_arrays("test")
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """The stock OIP REST client (tritonclient.http) on the module's server."""
+    client = tritonhttp.InferenceServerClient(url=server.inference_url.removeprefix("http://"), concurrency=4)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def grpc(server):
+    """The stock OIP gRPC client (tritonclient.grpc) on the module's server."""
+    client = tritongrpc.InferenceServerClient(url=server.grpc_address)
+    yield client
+    client.close()

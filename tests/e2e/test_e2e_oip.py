@@ -35,20 +35,6 @@ def auth(server) -> dict[str, str]:
     return {"Authorization": f"Bearer {server.keys()['inference']}"}
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    client = tritonhttp.InferenceServerClient(url=server.inference_url.removeprefix("http://"), concurrency=4)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def grpc(server):
-    client = tritongrpc.InferenceServerClient(url=server.grpc_address)
-    yield client
-    client.close()
-
-
 @pytest.fixture
 def grpc_auth(auth) -> dict[str, str]:
     return {"authorization": auth["Authorization"]}

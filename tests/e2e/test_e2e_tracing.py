@@ -28,20 +28,6 @@ def auth(server) -> dict[str, str]:
     return {"Authorization": f"Bearer {server.keys()['inference']}"}
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    client = tritonhttp.InferenceServerClient(url=server.inference_url.removeprefix("http://"))
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def grpc(server):
-    client = tritongrpc.InferenceServerClient(url=server.grpc_address)
-    yield client
-    client.close()
-
-
 def oip_body(rows: list, request_id: str | None = None, width: int = 2) -> dict:
     body = {"inputs": [{"name": "input", "shape": [len(rows), width], "datatype": "FP32",
                         "data": np.ravel(rows).tolist()}]}
