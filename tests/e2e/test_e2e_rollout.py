@@ -278,7 +278,9 @@ def test_the_model_api_stays_closed_outside_a_rollout(server, versions):
     runner = Rollout(server)
     secret = runner._acquire()
     try:
-        wrong = manage(server, "POST", "/rollout", params={**params, "secret": secret[:-1] + "A"})
+        # A secret one character off (its last character can be "A" itself: token_urlsafe(32) ends in one of 16)
+        off_by_one = secret[:-1] + ("B" if secret[-1] != "B" else "C")
+        wrong = manage(server, "POST", "/rollout", params={**params, "secret": off_by_one})
         assert wrong.status_code == 403 and wrong.json()["message"] == "wrong rollout secret"
         for archive in ("../store/mnistnet-v2.0.mar", "file:///etc/passwd", "http://127.0.0.1:9/m.mar"):
             bad = manage(server, "POST", "/rollout", params={**params, "archive": archive, "secret": secret})
