@@ -5,7 +5,7 @@
     python -m serve stop
     python -m serve status                       # every served version, its workers, which is the default
     python -m serve rollout mnistnet 2.0 [--margin 0.005] [--gate-samples 2000]   # serve/rollout.py
-    python -m serve rollback mnistnet
+    python -m serve rollback mnistnet [--drain-timeout 30]
     (each takes --config config.properties, --workdir .serve, --log-dir logs, --tmpdir WORKDIR/tmp)
 
 TorchServe runs in ``.serve/`` (``key_file.json``, its TMPDIR ``.serve/tmp``) and logs to ``logs/``
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from paths import EXAMPLES_DIR
 from serve.server import (DEFAULT_CONFIG, DEFAULT_LOG_CONFIG, DEFAULT_LOG_DIR, DEFAULT_WORKDIR, PID_FILE, Server,
-                          ServerError)
+                          ServerError, read_defaults)
 
 GRPC_LISTEN_ENV = "OIP_GRPC_LISTEN"  # --image: host:port of the OIP gRPC front, "off" for none
 
@@ -265,6 +265,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  cannot list models: {exc}")
         return 1
     all_ready = bool(names)
+    try:  # what rollout/rollback recorded in the store: the default a restart serves
+        records = read_defaults(server.model_store)
+    except ServerError as exc:
+        print(f"  {exc}")
+        records = {}
     for name in names:
         try:
             description = server.describe(name)
@@ -283,6 +288,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             role = "default" if index == 0 else "also served"
             print(f"  {name if index == 0 else '':16s} v{version.get('modelVersion')} ({role})  "
                   f"batch {version.get('batchSize')}  {workers}")
+        recorded = records.get(name)
+        if isinstance(recorded, dict) and recorded.get("default"):
+            print(f"  {'':16s} recorded default v{recorded['default']} ({recorded.get('archive')}; history "
+                  f"{' -> '.join(recorded.get('history', []))}): a restart serves it")
     return 0 if all_ready and grpc_pid else 1
 
 
@@ -299,7 +308,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
     try:
         report = _rollout(args).rollout(args.model, args.version, margin=args.margin, gate_samples=args.gate_samples,
-                                        grace=args.grace, report_path=args.report)
+                                        drain_timeout=args.drain_timeout, report_path=args.report)
     except RolloutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -311,7 +320,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from serve.rollout import RolloutError, print_report
 
     try:
-        report = _rollout(args).rollback(args.model, grace=args.grace)
+        report = _rollout(args).rollback(args.model, drain_timeout=args.drain_timeout)
     except RolloutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -343,7 +352,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     start.add_argument("--log-config", type=Path, default=None, help="with --image: log4j2 XML for TorchServe")
     commands.add_parser("stop", parents=[common], help="stop TorchServe and wait for it to exit")
     commands.add_parser("status", parents=[common], help="show every served version, its workers, the default")
-    from serve.rollout import DEFAULT_GATE_SAMPLES, DEFAULT_MARGIN, DRAIN_GRACE_S
+    from serve.rollout import DEFAULT_GATE_SAMPLES, DEFAULT_MARGIN, DRAIN_TIMEOUT_S
 
     rollout = commands.add_parser("rollout", parents=[common],
                                   help="serve model_store/<model>-v<V>.mar beside the default, gate it, promote it")
@@ -360,17 +369,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rollback.add_argument("model")
     for command in (rollout, rollback):
         command.add_argument("--timeout", type=float, default=120.0, help="seconds per step (default 120)")
-        command.add_argument("--grace", type=float, default=DRAIN_GRACE_S,
-                             help=f"seconds the old version keeps serving after its queue is empty "
-                                  f"(default {DRAIN_GRACE_S})")
+        command.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S,
+                             help=f"longest wait, in seconds, for the old version to answer the requests it has "
+                                  f"(queued or being run) before it is retired anyway (default {DRAIN_TIMEOUT_S:g})")
     argv = list(sys.argv[1:] if argv is None else argv)
     passed = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.torchserve_args = passed
     if passed and not getattr(args, "image", False):
         parser.error("torchserve flags after -- need start --image")
-    for name, default in (("config", DEFAULT_CONFIG), ("workdir", DEFAULT_WORKDIR), ("log_dir", DEFAULT_LOG_DIR),
-                          ("tmpdir", None)):
+    # In the image, TS_WORKDIR (the Dockerfile's) is where its TorchServe runs: `podman exec <ctr> python -m serve
+    # rollout|status ...` finds the keys and the rollout secret's folder there.
+    image_workdir = os.environ.get("TS_WORKDIR")
+    workdir = Path(image_workdir) if image_workdir else DEFAULT_WORKDIR
+    tmpdir = Path(os.environ.get("TMPDIR") or "/tmp") if image_workdir else None  # the entrypoint's --tmpdir
+    for name, default in (("config", DEFAULT_CONFIG), ("workdir", workdir), ("log_dir", DEFAULT_LOG_DIR),
+                          ("tmpdir", tmpdir)):
         if not hasattr(args, name):
             setattr(args, name, default)
     return args

@@ -3,16 +3,18 @@
 ``rollout <model> V`` registers ``model_store/<model>-v<V>.mar`` beside the current default (the registry's
 workers), waits for its workers, runs the quality gate through the served path (the held-out split sent to
 both versions' ``/v2/models/<m>/versions/<v>/infer`` as binary OIP batches), and only if V is no worse than
-the default by more than the margin makes it the default; the old version then answers what it has queued and
-is unregistered (its archive stays in the store). A failed gate unregisters V; the default never changes.
+the default by more than the margin makes it the default; the old version then answers every request it has
+(the agent's count of its queued and held requests, polled until it is 0, at most ``--drain-timeout``) and is
+unregistered (its archive stays in the store). A failed gate unregisters V; the default never changes.
 ``rollback <model>`` brings the previous default back the same way (no gate: it served before).
 
 TorchServe's register/unregister stay off (``enable_model_api=false``); this module reaches them through the
 agent's ``/rollout`` endpoint on the loopback management port, with the management key and a per-rollout
 secret in ``<workdir>/rollout.secret`` (mode 0600, created exclusively, so it is also the lock that refuses a
 second rollout at the same time). docs/security.md, "Rolling out a version", says why that is the narrowest
-opening. Versions served by default per model are kept in ``<workdir>/rollout-history.json``. A promotion lasts
-as long as the server: ``serve start`` serves ``<name>.mar`` (version 1.0) again.
+opening. Each model's default version and the versions it replaced are recorded in the model store
+(``<store>/.rollout/defaults.json``, serve/server.py :func:`~serve.server.defaults_file`): the next ``serve
+start`` on that store serves the promoted version, and a rollback after a restart goes back one step.
 """
 from __future__ import annotations
 
@@ -30,17 +32,17 @@ import numpy as np
 import psutil
 import requests
 
-from serve.server import Server, ServerError, check_archive
+from serve.server import Server, ServerError, check_archive, defaults_file, read_defaults, write_defaults
 
 if TYPE_CHECKING:
     from models.registry import ModelSpec
 
 SECRET_FILE = "rollout.secret"  # must match RolloutEndpoint.SECRET_FILE
-HISTORY_FILE = "rollout-history.json"
 DEFAULT_MARGIN = 0.005  # accuracy: absolute drop allowed (0.5 points); MSE: relative rise allowed (0.5 %)
 DEFAULT_GATE_SAMPLES = 2000  # the first N held-out samples (0: all of them; MNIST's test set has 10,000)
 GATE_BATCH = 250  # samples per gate request
-DRAIN_GRACE_S = 1.0  # after the old version's queue is empty: time for its last batch to be answered
+DRAIN_TIMEOUT_S = 30.0  # longest wait for the old version's requests in flight before it is retired anyway
+DRAIN_POLL_S = 0.05
 
 
 class RolloutError(RuntimeError):
@@ -124,15 +126,37 @@ class Rollout:
     def _release(self) -> None:
         (self.server.workdir / SECRET_FILE).unlink(missing_ok=True)
 
-    # --- history ---
-    def _history(self) -> dict[str, list[str]]:
-        path = self.server.workdir / HISTORY_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
+    # --- the record of defaults (in the model store) ---
+    def _history(self, model: str) -> list[str]:
+        """The versions ``model`` was served by, oldest first, the current default last (the record's)."""
+        try:
+            entry = read_defaults(self.server.model_store).get(model) or {}
+        except ServerError as exc:
+            raise RolloutError(str(exc)) from None
+        return [str(v) for v in entry.get("history", [])]
 
-    def _write_history(self, history: dict[str, list[str]]) -> None:
-        path = self.server.workdir / HISTORY_FILE
-        path.with_suffix(".tmp").write_text(json.dumps(history, indent=1) + "\n")
-        os.replace(path.with_suffix(".tmp"), path)
+    def _record(self, spec: ModelSpec, history: list[str]) -> None:
+        """Record ``spec``'s version as the default of its model, ``history`` ending with it."""
+        try:
+            models = read_defaults(self.server.model_store)
+            models[spec.name] = {"default": spec.version, "archive": f"{spec.artifact_stem}.mar", "history": history}
+            write_defaults(self.server.model_store, models)
+        except (OSError, ServerError) as exc:
+            raise RolloutError(f"cannot record the default in {defaults_file(self.server.model_store)}: {exc}; "
+                               f"{spec.name} {spec.version} serves as the default until the server restarts") from None
+
+    def _check_record_writable(self) -> None:
+        """Refuse before anything is registered when the record cannot be written (a read-only store)."""
+        folder = defaults_file(self.server.model_store).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise RolloutError(f"the model store's {folder} is not writable ({exc.strerror or exc}): a rollout records "
+                               "the new default there so that a restart serves it; make it writable (in the "
+                               "container: mount a model store the image's user, uid 10001, can write)") from None
 
     # --- steps ---
     def archive_of(self, spec: ModelSpec) -> Path:
@@ -171,20 +195,34 @@ class Rollout:
                 raise RolloutError(f"{model} {version}: {ready} of {workers} workers READY after {self.timeout:.0f} s")
             time.sleep(0.1)
 
-    def _retire(self, secret: str, model: str, version: str, grace: float) -> None:
-        """Wait until ``version`` (no longer the default) has answered what it queued, then unregister it."""
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            description = self._call("GET", f"/models/{model}/{version}")[0]
-            if description.get("jobQueueStatus", {}).get("pendingRequests", 0) == 0:
-                break
-            time.sleep(0.05)
-        time.sleep(grace)
+    def inflight(self, secret: str, model: str, version: str) -> int:
+        """Requests that reached ``version`` and are not answered yet: queued, or held by its workers."""
+        return int(self._endpoint(secret, op="inflight", model=model, version=version)["inflight"])
+
+    def _retire(self, secret: str, model: str, version: str, drain_timeout: float) -> dict:
+        """Wait until ``version`` (no longer the default) has answered every request that reached it (its in-flight
+        count read 0 twice in a row), at most ``drain_timeout`` seconds, then unregister it."""
+        started = time.monotonic()
+        zeros, count, first = 0, None, None
+        while zeros < 2:
+            count = self.inflight(secret, model, version)
+            first = count if first is None else first
+            zeros = zeros + 1 if count == 0 else 0
+            if zeros < 2:
+                if time.monotonic() - started > drain_timeout:
+                    self.log(f"{model} {version} still has {count} request(s) in flight after the drain timeout "
+                             f"({drain_timeout:g} s, --drain-timeout); retiring it anyway")
+                    break
+                time.sleep(DRAIN_POLL_S)
+        drain_s = time.monotonic() - started
         self._endpoint(secret, op="unregister", model=model, version=version)
-        self.log(f"retired {model} {version} (its archive stays in {self.server.model_store})")
+        self.log(f"retired {model} {version} after {drain_s:.2f} s of drain (its archive stays in "
+                 f"{self.server.model_store})")
+        return {"drain_s": round(drain_s, 2), "in_flight_at_drain_start": first, "drained": zeros >= 2,
+                "left_in_flight": 0 if zeros >= 2 else count}
 
     def rollout(self, model: str, version: str, *, margin: float = DEFAULT_MARGIN,
-                gate_samples: int = DEFAULT_GATE_SAMPLES, grace: float = DRAIN_GRACE_S,
+                gate_samples: int = DEFAULT_GATE_SAMPLES, drain_timeout: float = DRAIN_TIMEOUT_S,
                 report_path: Path | None = None) -> dict:
         """Register, gate and (if it passes) promote ``model`` ``version``; returns the report."""
         from models.registry import check_version, get_spec  # here: `serve start --image` runs without models/
@@ -200,6 +238,7 @@ class Rollout:
             raise RolloutError(f"{model} version {version} is already served (served: {', '.join(served)}; "
                                f"default {current})")
         archive = self.archive_of(spec)
+        self._check_record_writable()
         secret = self._acquire()
         try:
             try:
@@ -217,13 +256,11 @@ class Rollout:
                 self._call("PUT", f"/models/{model}/{version}/set-default")
                 report["promoted_after_s"] = round(time.perf_counter() - started, 2)
                 self.log(f"{model} {version} is the default now ({report['promoted_after_s']} s after the start)")
-                history = self._history()
-                versions = history.get(model) or [current]
-                if versions[-1] != current:  # the server restarted since (it serves <name>.mar again)
+                versions = self._history(model) or [current]
+                if versions[-1] != current:  # the record is not this server's (e.g. started with another store)
                     versions = [current]
-                history[model] = [*versions, version]
-                self._write_history(history)
-                self._retire(secret, model, current, grace)
+                self._record(spec, [*versions, version])
+                report.update(self._retire(secret, model, current, drain_timeout))
             else:
                 self._endpoint(secret, op="unregister", model=model, version=version)
                 self.log(f"gate refused {model} {version}: unregistered it; {current} stays the default")
@@ -233,7 +270,7 @@ class Rollout:
         self._write_report(report, report_path, f"rollout-{model}-{version}")
         return report
 
-    def rollback(self, model: str, grace: float = DRAIN_GRACE_S) -> dict:
+    def rollback(self, model: str, drain_timeout: float = DRAIN_TIMEOUT_S) -> dict:
         """Make the version served before the current default the default again (registered from the store)."""
         from models.registry import get_spec
 
@@ -242,13 +279,14 @@ class Rollout:
         except KeyError as exc:
             raise RolloutError(exc.args[0]) from None
         current = self._current(model)
-        versions = self._history().get(model, [])
+        versions = self._history(model)
         if len(versions) < 2 or versions[-1] != current:
             raise RolloutError(f"{model} has no previous version to go back to (default {current}; no rollout "
-                               "of this server made it the default)")
+                               f"recorded in {defaults_file(self.server.model_store)} made it the default)")
         previous = versions[-2]
         spec = get_spec(model).at_version(previous)
         archive = self.archive_of(spec)
+        self._check_record_writable()
         started = time.perf_counter()
         secret = self._acquire()
         try:
@@ -260,14 +298,13 @@ class Rollout:
                     self._unregister_quietly(secret, model, previous)
                     raise
             self._call("PUT", f"/models/{model}/{previous}/set-default")
-            history = self._history()
-            history[model] = history.get(model, versions)[:-1]
-            self._write_history(history)
+            self._record(spec, versions[:-1])
             self.log(f"{model} {previous} is the default again")
-            self._retire(secret, model, current, grace)
+            drain = self._retire(secret, model, current, drain_timeout)
         finally:
             self._release()
-        report = {"model": model, "from": current, "to": previous, "seconds": round(time.perf_counter() - started, 2)}
+        report = {"model": model, "from": current, "to": previous, **drain,
+                  "seconds": round(time.perf_counter() - started, 2)}
         self._write_report(report, None, f"rollback-{model}-{previous}")
         return report
 

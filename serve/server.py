@@ -273,6 +273,61 @@ def check_archive(path: Path, name: str) -> None:
         raise ServerError(f"{path} is not a readable model archive ({err}: truncated or corrupt); {fix}") from None
 
 
+# ------------------------------------------------------------------------------ promoted versions
+
+ROLLOUT_STATE_DIR = ".rollout"  # in the model store (hidden: TorchServe's load_models=all skips it)
+DEFAULTS_FILE = "defaults.json"
+
+
+def defaults_file(model_store: Path) -> Path:
+    """Where ``python -m serve rollout|rollback`` records each model's default version and its history:
+    ``<model_store>/.rollout/defaults.json``, beside the archives, so that it lives as long as they do (a
+    mounted store volume in the container) and every ``serve start`` on that store serves the promoted one."""
+    return Path(model_store) / ROLLOUT_STATE_DIR / DEFAULTS_FILE
+
+
+def read_defaults(model_store: Path) -> dict[str, dict]:
+    """``{model: {"default": V, "archive": "<file>.mar", "history": [V, ...]}}`` from the record; empty when
+    there is none. An unreadable record is a ``ServerError`` (it says which default the store should serve)."""
+    path = defaults_file(model_store)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise ServerError(f"{path} cannot be read ({err}); fix or delete it (the store then serves each "
+                          "<name>.mar as its default)") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, dict):
+        raise ServerError(f"{path} has no \"models\" object; fix or delete it")
+    return models
+
+
+def write_defaults(model_store: Path, models: dict[str, dict]) -> None:
+    """Replace the record atomically (a temporary file in the same folder, fsynced, then renamed)."""
+    path = defaults_file(model_store)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(staged, "w") as out:
+        out.write(json.dumps({"models": models}, indent=1, sort_keys=True) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(staged, path)
+
+
+def default_archive(model_store: Path, name: str) -> str:
+    """The archive ``serve start`` loads as ``name``'s default: the recorded one (a rollout's or rollback's)
+    when it is in the store, else ``<name>.mar``. A recorded archive that is gone is said on stderr."""
+    entry = read_defaults(model_store).get(name)
+    archive = entry.get("archive") if isinstance(entry, dict) else None
+    if archive and archive != f"{name}.mar":
+        if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.mar", archive) and (Path(model_store) / archive).is_file():
+            return archive
+        print(f"serve: {defaults_file(model_store)} says {name} {entry.get('default')} ({archive}) is the default, "
+              f"but {archive} is not in the store; serving {name}.mar", file=sys.stderr, flush=True)
+    return f"{name}.mar"
+
+
 def _writable_dir(directory: Path, what: str, option: str) -> None:
     """Create ``directory`` if needed and prove it writable; one-line ``ServerError`` naming the fix if not."""
     try:
@@ -431,7 +486,9 @@ class Server:
             raise ServerError(f"{err}: fix the config file") from None
         self.image = image
         self.torchserve_args = list(torchserve_args)
-        self.ports = ports or Ports.from_properties(with_environment(self.base_props) if image else self.base_props)
+        # TS_* variables override the config's addresses where it allows that (the image's config): also for
+        # `podman exec <ctr> python -m serve rollout|status`, which is not --image.
+        self.ports = ports or Ports.from_properties(with_environment(self.base_props))
         # host:port of the OIP gRPC front; None: none
         if grpc_listen is None:
             grpc_listen = f"127.0.0.1:{self.ports.oip_grpc}"
@@ -447,6 +504,7 @@ class Server:
 
             models = list(REGISTRY)
         self.models = list(models)
+        self.archives: dict[str, str] = {}  # name -> the archive start() loads as its default (default_archive)
         self.log_dir = Path(log_dir).resolve()
         self.log_config = Path(log_config).resolve()
         self.extra_env = dict(env or {})
@@ -552,7 +610,8 @@ class Server:
     def _check_can_start(self) -> None:
         check_torchserve()
         check_java()
-        missing = [name for name in self.models if not (self.model_store / f"{name}.mar").is_file()]
+        self.archives = {name: default_archive(self.model_store, name) for name in self.models}
+        missing = [name for name in self.models if not (self.model_store / self.archives[name]).is_file()]
         if missing:
             raise ServerError(
                 f"no archive for {', '.join(missing)} in {self.model_store}; build them with "
@@ -570,7 +629,7 @@ class Server:
         if len(str(socket_path)) > MAX_SOCKET_PATH:
             raise ServerError(f"TMPDIR {self.tmpdir} is too long for unix socket paths; use a shorter one")
         for name in self.models:  # last: reads every archive through
-            check_archive(self.model_store / f"{name}.mar", name)
+            check_archive(self.model_store / self.archives[name], name)
 
     def _check_dirs(self) -> None:
         _writable_dir(self.log_dir, "log folder", "--log-dir")
@@ -619,7 +678,7 @@ class Server:
             "--start",
             "--ts-config", str(ts_config),
             "--model-store", str(self.model_store),
-            *([] if self.image else ["--models", *[f"{name}={name}.mar" for name in self.models]]),
+            *self._models_flag(),
             "--ncs",  # no config snapshots: the served set is what config + archives say, nothing else
             "--log-config", str(self.log_config),
             *self.torchserve_args,
@@ -655,6 +714,16 @@ class Server:
                 raise ServerError(f"the TorchServe frontend did not start:\n{self.output_tail()}")
             time.sleep(0.2)
         self._start_grpc()
+
+    def _models_flag(self) -> list[str]:
+        """``--models name=archive ...``: each model's default archive (:func:`default_archive`). In image mode
+        only for the image's own ``load_models=all``: a ``--models`` flag, ``model_snapshot`` or a
+        ``load_models`` list (KServe's config) is left to TorchServe as it is."""
+        if self.image and ("--models" in self.torchserve_args or "model_snapshot" in self.base_props
+                           or self.base_props.get("load_models", "all").strip().lower() not in ("", "all")):
+            return []
+        archives = {name: self.archives.get(name) or default_archive(self.model_store, name) for name in self.models}
+        return ["--models", *[f"{name}={archives[name]}" for name in self.models]] if self.models else []
 
     # ---------------------------------------------------------------------------- fork server
 

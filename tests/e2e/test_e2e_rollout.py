@@ -5,6 +5,9 @@ Version 2.0 is a real retrain (1 epoch on 3000 images, ``python -m train --versi
 bad (1.0's weights with the output layer's rows rotated, so it says the wrong digit); 4.0's archive is garbage;
 5.0's weights are another network's, so its workers cannot load.
 Every served answer is checked against the in-process model of the version that says it answered.
+The old version is retired only when the agent counts none of its requests in flight (slow explanations and big
+batches addressed to it explicitly are all answered), and the promoted default is recorded in the store, so a
+restart serves it (and a rollback after the restart goes back one step).
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ import tritonclient.grpc as tritongrpc  # pinned in requirements-dev.txt: import
 from models.registry import get_spec
 from serve.package import package_models
 from serve.rollout import SECRET_FILE, Rollout, RolloutError, held_out
+from serve.server import defaults_file
 from paths import REPO_ROOT
-from servers import clean_env, manage, start_ready_server
+from servers import clean_env, manage, post, start_ready_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -322,3 +326,143 @@ def test_the_commands(server, rollout):
         rollout._endpoint(secret, op="unregister", model=MODEL, version="2.0")
         rollout._release()
     assert served(rollout) == {"1.0": "default"}
+
+
+class Pinned:
+    """Slow requests addressed to one version explicitly, sent (2 connections each) until ``stop_sending`` is
+    set: explanations of 32 digits with 256 integration steps (``/explanations/<m>/<v>``) and predictions of
+    1024 digits (``/predictions/<m>/<v>``), each seconds of a worker's time on these 2 cores. Each answer:
+    (kind, start, end, status, version, body)."""
+
+    def __init__(self, server, version: str, x: np.ndarray):
+        self.server, self.version, self.x = server, version, x
+        self.stop_sending = threading.Event()
+        self.answers: list[tuple] = []
+        self.threads = [threading.Thread(target=self._run, args=(kind,), daemon=True)
+                        for kind in ("explanations", "explanations", "predictions", "predictions")]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_sending.set()
+        for thread in self.threads:
+            thread.join(120)
+
+    def _run(self, kind: str) -> None:
+        body = ({"data": self.x[:32].tolist(), "steps": 256} if kind == "explanations"
+                else {"data": self.x[:1024].tolist()})
+        while not self.stop_sending.is_set():
+            start = time.monotonic()
+            try:
+                response = post(self.server, f"/{kind}/{MODEL}/{self.version}", json=body, timeout=120)
+                answer = (response.status_code, response.headers.get("X-Model-Version"),
+                          response.json() if response.status_code == 200 else response.text[:300])
+            except Exception as exc:  # a reset connection counts as a failure
+                answer = (None, None, repr(exc)[:300])
+            self.answers.append((kind, start, time.monotonic(), *answer))
+
+
+def test_the_old_version_answers_every_request_it_has_before_it_is_retired(server, rollout, reference):
+    """Slow requests addressed to 1.0 explicitly, in flight when 2.0 becomes the default, all answer 200 from 1.0
+    (checked against the in-process 1.0) under the 16-connection load: the retirement waits for the agent's
+    in-flight count of 1.0 to reach 0, however long its last requests take."""
+    x, _ = held_out(SPEC, 1024)
+    promoted = threading.Event()
+
+    def log(line: str) -> None:
+        if "is the default now" in line:
+            promoted.set()
+            pinned.stop_sending.set()  # from now on nothing new is addressed to 1.0
+
+    runner = Rollout(server, log=log, timeout=60.0)
+    with Load(server, x[:64]) as load, Pinned(server, "1.0", x) as pinned:
+        time.sleep(2.0)  # the pinned requests queue up on 1.0's workers
+        report = runner.rollout(MODEL, "2.0", gate_samples=500, margin=0.5)
+        retired = time.monotonic()
+    assert promoted.is_set() and report["passed"] and report["drained"] is True, report
+    assert served(runner) == {"2.0": "default"}
+    failures = [a[:5] + (a[5],) for a in pinned.answers if a[3] != 200]
+    assert failures == [], failures[:5]
+    expected = reference("1.0", x)
+    for kind, _start, _end, _status, version, body in pinned.answers:
+        assert version == "1.0", (kind, version)
+        assert len(body) == (32 if kind == "explanations" else 1024)
+        probabilities = np.asarray([row["probabilities"] for row in body]).reshape(len(body), -1)
+        np.testing.assert_allclose(probabilities, expected[:len(body)], atol=1e-4, err_msg=kind)
+    # Requests were in flight on 1.0 at the promotion (the agent counted them), and every pinned one was answered
+    # before 1.0 was unregistered.
+    assert report["in_flight_at_drain_start"] > 0, report
+    assert max(a[2] for a in pinned.answers) <= retired
+    print(f"\n[rollout] pinned to 1.0: {len(pinned.answers)} answered, seconds each "
+          f"{sorted(round(a[2] - a[1], 1) for a in pinned.answers)}; {report['in_flight_at_drain_start']} in flight "
+          f"at the promotion, drained in {report['drain_s']} s")
+    counts = check_attribution(load, reference, {"1.0", "2.0"})
+    assert counts.get("1.0", 0) > 0 and counts.get("2.0", 0) > 0, counts
+    back = rollout.rollback(MODEL)
+    assert back["to"] == "1.0" and back["drained"] is True
+    assert served(rollout) == {"1.0": "default"}
+
+
+def answered_by(server, x: np.ndarray) -> tuple[set[str], np.ndarray]:
+    """The versions that answer unversioned requests on the three routes (native, OIP REST, OIP gRPC), each
+    and the native answer's probabilities."""
+    from client.api import binary_v2_request, parse_binary_v2_response
+
+    key = server.keys()["inference"]
+    versions = set()
+    native = post(server, f"/predictions/{MODEL}", json={"data": x.tolist()})
+    assert native.status_code == 200, native.text
+    versions.add(native.headers["X-Model-Version"])
+    body, length = binary_v2_request(x)
+    oip = requests.post(f"{server.inference_url}/v2/models/{MODEL}/infer", data=body, timeout=30,
+                        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream",
+                                 "Inference-Header-Content-Length": str(length)})
+    assert oip.status_code == 200, oip.text
+    versions.add(parse_binary_v2_response(oip.content, oip.headers.get("Inference-Header-Content-Length"))["model_version"])
+    client = tritongrpc.InferenceServerClient(url=server.grpc_address)
+    try:
+        tensor = tritongrpc.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x.astype(np.float32))
+        versions.add(client.infer(MODEL, [tensor], headers={"authorization": f"Bearer {key}"}).get_response().model_version)
+    finally:
+        client.close()
+    return versions, np.asarray([row["probabilities"] for row in native.json()]).reshape(len(x), -1)
+
+
+def restart(server) -> None:
+    server.stop()
+    server.start()
+    server.wait_ready(timeout=300, progress=False)
+
+
+def test_the_promoted_default_survives_a_restart(server, rollout, reference):
+    """rollout 2.0, stop, start: unversioned requests are answered by 2.0 (header, OIP model_version, gRPC);
+    the record says why, `serve status` shows it; rollback after the restart, restart again: 1.0."""
+    x, _ = held_out(SPEC, 8)
+    x = x.reshape(len(x), -1)
+    rollout.rollout(MODEL, "2.0", gate_samples=300, margin=0.5)
+    record = json.loads(defaults_file(server.model_store).read_text())["models"][MODEL]
+    assert record == {"default": "2.0", "archive": f"{MODEL}-v2.0.mar", "history": ["1.0", "2.0"]}
+    restart(server)
+    assert served(rollout) == {"2.0": "default"}
+    versions, probabilities = answered_by(server, x)
+    assert versions == {"2.0"}
+    np.testing.assert_allclose(probabilities, reference("2.0", x), atol=1e-4)
+    status = subprocess.run([sys.executable, "-m", "serve", "status", "--config", str(server.workdir / "ts-config.properties"),
+                             "--workdir", str(server.workdir), "--tmpdir", str(server.tmpdir)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=clean_env())
+    assert f"{MODEL:16s} v2.0 (default)" in status.stdout, status.stdout
+    assert "recorded default v2.0 (mnistnet-v2.0.mar; history 1.0 -> 2.0): a restart serves it" in status.stdout
+
+    back = rollout.rollback(MODEL)  # the history survived the restart
+    assert back["from"] == "2.0" and back["to"] == "1.0"
+    record = json.loads(defaults_file(server.model_store).read_text())["models"][MODEL]
+    assert record == {"default": "1.0", "archive": f"{MODEL}.mar", "history": ["1.0"]}
+    restart(server)
+    assert served(rollout) == {"1.0": "default"}
+    versions, probabilities = answered_by(server, x)
+    assert versions == {"1.0"}
+    np.testing.assert_allclose(probabilities, reference("1.0", x), atol=1e-4)

@@ -3,15 +3,19 @@ package oip;
 import com.google.gson.JsonObject;
 import java.io.IOException;
 import java.io.OutputStream;
+import java.lang.reflect.Field;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.NoSuchFileException;
 import java.nio.file.Path;
 import java.nio.file.Paths;
 import java.security.MessageDigest;
+import java.util.ConcurrentModificationException;
 import java.util.List;
+import java.util.Map;
 import java.util.regex.Pattern;
 import org.pytorch.serve.http.StatusResponse;
+import org.pytorch.serve.job.Job;
 import org.pytorch.serve.servingsdk.Context;
 import org.pytorch.serve.servingsdk.ModelServerEndpoint;
 import org.pytorch.serve.servingsdk.annotations.Endpoint;
@@ -20,13 +24,16 @@ import org.pytorch.serve.servingsdk.http.Request;
 import org.pytorch.serve.servingsdk.http.Response;
 import org.pytorch.serve.util.ApiUtils;
 import org.pytorch.serve.util.ConfigManager;
+import org.pytorch.serve.wlm.BatchAggregator;
 import org.pytorch.serve.wlm.Model;
 import org.pytorch.serve.wlm.ModelManager;
+import org.pytorch.serve.wlm.WorkerThread;
 
 /**
- * {@code POST /rollout?op=register|unregister&...&secret=S} on the management port: the two model-API calls
- * that {@code python -m serve rollout|rollback} needs while {@code enable_model_api=false} keeps TorchServe's
- * own register and unregister refused (405) for everyone.
+ * {@code POST /rollout?op=register|unregister|inflight&...&secret=S} on the management port: the two model-API
+ * calls that {@code python -m serve rollout|rollback} needs while {@code enable_model_api=false} keeps
+ * TorchServe's own register and unregister refused (405) for everyone, and the count of one version's requests
+ * in flight, which the rollout polls until it is 0 before it retires the old version.
  *
  * <p>Accepted only when all of these hold (else a JSON 4xx naming what failed):
  *
@@ -40,6 +47,14 @@ import org.pytorch.serve.wlm.ModelManager;
  *       path, no URL), and TorchServe's own {@code allowed_urls} check still runs;
  *   <li>unregister: the version is not the model's default.
  * </ul>
+ *
+ * <p>{@code inflight} answers {@code queued} (jobs in the version's job queue), {@code held} (inference jobs its
+ * worker threads have taken from the queue and not yet answered: the {@code jobs} map of each worker's
+ * {@code BatchAggregator}, which a job enters when it is polled for a batch and leaves after its response is
+ * written) and {@code inflight}, their sum. TorchServe 0.12 exposes only the first (the management API's
+ * {@code pendingRequests}); the second is read by reflection. A job moves from the queue to the map in one
+ * step of the worker thread, so a caller that reads 0 twice a few milliseconds apart has seen every request
+ * that reached that version answered.
  *
  * Registered through the plugin SDK's {@code ServiceLoader} (the agent jar is on the class path); written for
  * TorchServe 0.12.0 only and refuses on any other version. See docs/security.md, "Rolling out a version".
@@ -59,7 +74,7 @@ public final class RolloutEndpoint extends ModelServerEndpoint {
         int[] status = {200};
         JsonObject body = new JsonObject();
         try {
-            body.addProperty("status", handle(req));
+            body.addProperty("status", handle(req, body));
         } catch (Refused refused) {
             status[0] = refused.code;
             body.addProperty("code", refused.code);
@@ -74,11 +89,27 @@ public final class RolloutEndpoint extends ModelServerEndpoint {
         }
     }
 
-    private static synchronized String handle(Request req) throws Refused {
+    private static String handle(Request req, JsonObject body) throws Refused {
+        List<String> op = req.getParameter("op");
+        if (op != null && op.size() == 1 && "inflight".equals(op.get(0))) {
+            checkVersion();
+            checkSecret(param(req, "secret"));
+            return inflight(checked(NAME, param(req, "model"), "model"),
+                    checked(NAME, param(req, "version"), "version"), body);
+        }
+        return change(req);
+    }
+
+    private static void checkVersion() throws Refused {
         String version = ConfigManager.getInstance().getVersion();
         if (version == null || !version.startsWith("0.12.0")) {
             throw new Refused(501, "the rollout endpoint is written for TorchServe 0.12.0, this is " + version);
         }
+    }
+
+    /** register or unregister, one at a time (an inflight count never waits behind a register). */
+    private static synchronized String change(Request req) throws Refused {
+        checkVersion();
         checkSecret(param(req, "secret"));
         String op = param(req, "op");
         String model = checked(NAME, param(req, "model"), "model");
@@ -104,7 +135,58 @@ public final class RolloutEndpoint extends ModelServerEndpoint {
         } catch (Exception e) { // TorchServe's own refusals: unknown model/version, bad archive, load failure
             throw new Refused(400, op + " " + model + " " + modelVersion + " failed: " + e.getMessage());
         }
-        throw new Refused(400, "op must be register or unregister, got " + op);
+        throw new Refused(400, "op must be register, unregister or inflight, got " + op);
+    }
+
+    private static String inflight(String model, String modelVersion, JsonObject body) throws Refused {
+        Model found = find(model, modelVersion);
+        if (found == null) {
+            throw new Refused(404, model + " version " + modelVersion + " is not served");
+        }
+        int queued = found.getPendingRequestsInJobQueue(); // first: a job leaves the queue before it is held
+        int held = 0;
+        for (WorkerThread worker : ModelManager.getInstance().getWorkers(found.getModelVersionName())) {
+            held += held(worker);
+        }
+        body.addProperty("queued", queued);
+        body.addProperty("held", held);
+        body.addProperty("inflight", queued + held);
+        return model + " version " + modelVersion + ": " + (queued + held) + " request(s) in flight";
+    }
+
+    /** Inference jobs a worker thread holds: taken from the queue for its batch and not yet answered. */
+    private static int held(WorkerThread worker) throws Refused {
+        try {
+            Object aggregator = field(WorkerThread.class, "aggregator").get(worker);
+            if (!(aggregator instanceof BatchAggregator)) {
+                return 0;
+            }
+            Object jobs = field(BatchAggregator.class, "jobs").get(aggregator);
+            if (!(jobs instanceof Map)) {
+                return 0;
+            }
+            Map<?, ?> map = (Map<?, ?>) jobs;
+            for (int attempt = 0; attempt < 5; attempt++) {
+                try { // the worker thread changes the map without a lock: a copy may need another try
+                    int count = 0;
+                    for (Object job : map.values().toArray()) {
+                        count += job instanceof Job && !((Job) job).isControlCmd() ? 1 : 0;
+                    }
+                    return count;
+                } catch (ConcurrentModificationException | NullPointerException e) {
+                    Thread.onSpinWait();
+                }
+            }
+            return map.size();
+        } catch (ReflectiveOperationException | RuntimeException e) {
+            throw new Refused(501, "cannot count the requests held by " + worker.getWorkerId() + ": " + e);
+        }
+    }
+
+    private static Field field(Class<?> owner, String name) throws NoSuchFieldException {
+        Field field = owner.getDeclaredField(name);
+        field.setAccessible(true);
+        return field;
     }
 
     private static String register(Request req, String model, String modelVersion) throws Exception {
