@@ -36,6 +36,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from pathlib import Path
 
 TIMEOUT_S = 3.0
@@ -122,15 +123,25 @@ def management_json(path: str, key: str | None):
 
 
 def expected_models() -> list[str]:
-    """Names from env HEALTHCHECK_MODELS, else the archive names in the model store."""
+    """Names from env HEALTHCHECK_MODELS, else the models of the archives in the model store (a versioned
+    archive, ``<name>-v<V>.mar``, is another version of ``<name>``: its manifest says so)."""
     names = os.environ.get("HEALTHCHECK_MODELS", "").strip()
     if names:
         return [n.strip() for n in names.split(",") if n.strip()]
     store = Path(os.environ.get("TS_MODEL_STORE_DIR", DEFAULT_MODEL_STORE))
-    archives = sorted(p.stem for p in store.glob("*.mar"))
+    archives = sorted({archive_model(p) for p in store.glob("*.mar")})
     if not archives:
         raise ServerError(f"no *.mar archives in {store} and HEALTHCHECK_MODELS is not set")
     return archives
+
+
+def archive_model(path: Path) -> str:
+    """The model name in an archive's ``MAR-INF/MANIFEST.json`` (the file's stem when it cannot be read)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]["modelName"]
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile):
+        return path.stem
 
 
 def health() -> str:

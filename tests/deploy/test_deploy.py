@@ -709,6 +709,18 @@ def test_health_names_archives_that_are_not_registered(tsctl, management_api, ca
     assert "not registered (yet): mlp" in capsys.readouterr().out
 
 
+def test_health_counts_a_versioned_archive_as_a_version_of_its_model(tsctl, management_api, capsys):
+    """A rollout's candidate in the store (``<name>-v<V>.mar``, its manifest naming ``<name>``) is not a model
+    of its own that the health check waits for."""
+    import zipfile
+
+    store = Path(os.environ["TS_MODEL_STORE_DIR"])
+    with zipfile.ZipFile(store / "mnistnet-v2.0.mar", "w") as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "mnistnet", "modelVersion": "2.0"}}))
+    assert tsctl.expected_models() == ["mlp", "mnistnet"]
+    assert tsctl.main(["health"]) == 0, capsys.readouterr().out
+
+
 def test_health_renews_an_expired_management_key(tsctl, management_api, capsys):
     management_api["valid"]["management"] = None  # "m1" expired: no management key is accepted
     assert tsctl.main(["health"]) == 0, capsys.readouterr().out
