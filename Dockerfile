@@ -118,6 +118,9 @@ RUN { grep -v '^enable_envvars_config=' /app/config.properties.repo; \
  && rm /app/config.properties.repo
 COPY --from=oip /out/oip-agent.jar /app/oip/oip-agent.jar
 COPY --from=builder /src/model_store/*.mar /app/model_store/
+# `python -m serve rollout|rollback` records the default it promotes in <store>/.rollout/ (a restart serves it):
+# writable by the image's user here; a mounted store must be writable by uid 10001 (deploy/README.md).
+RUN install -d -o 10001 -g 10001 -m 0755 /app/model_store/.rollout
 # serve/ (with serve/torchserve/: the patches, fork server and worker launch), the client it asks the
 # management API with, paths/ (the repository layout) and wire/ (the OIP codec the gRPC front imports, and
 # the [METRICS] lines): the entrypoint runs `python -m serve start --foreground --image` from /app.
@@ -125,6 +128,13 @@ COPY paths/ /app/paths/
 COPY wire/ /app/wire/
 COPY client/ /app/client/
 COPY serve/ /app/serve/
+# The rollout's quality gate (`podman exec -w /app <ctr> python -m serve rollout <m> V`): the model registry, the
+# data loader and the held-out MNIST test set (1.6 MB; the training split stays out).
+COPY models/ /app/models/
+COPY train/__init__.py train/data.py /app/train/
+COPY data/mnist/SHA256SUMS /app/data/mnist/
+COPY data/mnist/MNIST/raw/t10k-images-idx3-ubyte.gz data/mnist/MNIST/raw/t10k-labels-idx1-ubyte.gz \
+     /app/data/mnist/MNIST/raw/
 # entrypoint.sh is committed executable (mode 100755); COPY keeps the mode.
 COPY deploy/docker/ /app/docker/
 

@@ -231,6 +231,134 @@ def test_oip_grpc_front_with_tritonclient(box):
         client.close()
 
 
+class NativeLoad:
+    """``connections`` threads of unversioned ``/predictions/mnistnet`` requests to a container; each answer
+    recorded as (start, end, X-Model-Version, sample, probabilities), anything but a 200 as a failure."""
+
+    def __init__(self, box: Container, rows: np.ndarray, connections: int = 4):
+        import threading
+
+        self.box, self.rows = box, rows
+        self.answers: list[tuple] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i, connections), daemon=True)
+                        for i in range(connections)]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def _run(self, index: int, step: int) -> None:
+        session, n = requests.Session(), index
+        while not self.stop.is_set():
+            sample, n = n % len(self.rows), n + step
+            start = time.monotonic()
+            try:
+                answer = session.post(self.box.url("/predictions/mnistnet"), json={"data": self.rows[sample].tolist()},
+                                      headers=self.box.auth(), timeout=30)
+                if answer.status_code != 200:
+                    self.failures.append(f"{answer.status_code} {answer.text[:200]}")
+                    continue
+                self.answers.append((start, time.monotonic(), answer.headers.get("X-Model-Version"), sample,
+                                     np.asarray(answer.json()["probabilities"]).reshape(-1)))
+            except Exception as exc:  # a reset connection counts as a failure
+                self.failures.append(repr(exc)[:200])
+
+
+def test_rollout_and_rollback_in_a_running_container(engine, image, tmp_path):
+    """A container serving a mounted model store (the image's mnistnet.mar and a retrained 2.0):
+    `<engine> exec -w /app <ctr> python -m serve rollout mnistnet 2.0` under 4 connections of load answers every
+    request (0 failures), each from the version it names (checked against the in-process model), 2.0 once the
+    command returned; the recorded default survives a container restart; `rollback` brings 1.0 back the same way."""
+    import shutil
+
+    import torch
+
+    from train.__main__ import main as train_main
+
+    weights, store = tmp_path / "weights", tmp_path / "store"
+    weights.mkdir()
+    store.mkdir()
+    shutil.copy2(REPO_ROOT / "weights" / "mnistnet.pt", weights / "mnistnet.pt")
+    assert train_main(["mnistnet", "--version", "2.0", "--epochs", "1", "--limit", "3000", "--seed", "1",
+                       "--output-dir", str(weights), "--no-progress"]) == 0
+    shutil.copy2(REPO_ROOT / "model_store" / "mnistnet.mar", store / "mnistnet.mar")  # the image's own 1.0
+    package_models(["mnistnet"], weights, store, version="2.0")
+    store.chmod(0o777)  # the image's user (uid 10001) records the default in <store>/.rollout/
+    for archive in store.iterdir():
+        archive.chmod(0o644)
+
+    spec, models = get_spec("mnistnet"), {}
+    for version in ("1.0", "2.0"):
+        model = spec.at_version(version).build()
+        model.load_state_dict(torch.load(weights / f"{spec.at_version(version).artifact_stem}.pt", weights_only=True))
+        models[version] = model.eval()
+    rows, _ = mnist_test_digits(DIGITS)
+
+    def check(load: NativeLoad) -> dict[str, int]:
+        assert load.failures == [], load.failures[:5]
+        counts: dict[str, int] = {}
+        mean, std = spec.normalize
+        for _start, _end, version, sample, probabilities in load.answers:
+            with torch.no_grad():
+                expected = torch.softmax(models[version](torch.as_tensor((rows[sample:sample + 1] - mean) / std)
+                                                         .reshape(1, *spec.input_shape)), dim=1)[0].numpy()
+            np.testing.assert_allclose(probabilities, expected, atol=1e-4, err_msg=version)
+            counts[version] = counts.get(version, 0) + 1
+        return counts
+
+    def serve(*args: str) -> dict:
+        result = engine("exec", "-w", "/app", cid, "python", "-m", "serve", *args, timeout=300, check=False)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return json.loads(result.stdout)
+
+    def recorded() -> dict:
+        return json.loads((store / ".rollout" / "defaults.json").read_text())["models"]["mnistnet"]
+
+    http_port = free_port()
+    started = time.monotonic()
+    cid = engine("run", "-d", "-p", f"127.0.0.1:{http_port}:8080", "-e", "OIP_GRPC_LISTEN=off",
+                 "-v", f"{store}:/app/model_store", image).stdout.strip()
+    try:
+        box = Container(engine, cid, http_port, 0)
+        wait_until_ready(box, started)
+        with NativeLoad(box, rows) as load:
+            report = serve("rollout", "mnistnet", "2.0", "--gate-samples", "500", "--margin", "0.5")
+            promoted = time.monotonic()
+            time.sleep(1.0)
+        assert report["passed"] and report["drained"], report
+        counts = check(load)
+        assert counts.get("1.0", 0) > 0 and counts.get("2.0", 0) > 0, counts
+        assert {a[2] for a in load.answers if a[0] > promoted} == {"2.0"}
+        assert recorded() == {"default": "2.0", "archive": "mnistnet-v2.0.mar", "history": ["1.0", "2.0"]}
+
+        engine("restart", "-t", str(STOP_TIMEOUT_S), cid, timeout=STOP_TIMEOUT_S + 60)
+        box = Container(engine, cid, http_port, 0)  # a new key: TorchServe writes key_file.json at each start
+        wait_until_ready(box, time.monotonic())
+        with NativeLoad(box, rows) as load:
+            time.sleep(1.0)
+            assert {a[2] for a in load.answers} == {"2.0"}, "the restart did not serve the promoted default"
+            back = serve("rollback", "mnistnet")
+            rolled_back = time.monotonic()
+            time.sleep(1.0)
+        assert back["from"] == "2.0" and back["to"] == "1.0" and back["drained"], back
+        counts = check(load)
+        assert {a[2] for a in load.answers if a[0] > rolled_back} == {"1.0"}, counts
+        assert recorded() == {"default": "1.0", "archive": "mnistnet.mar", "history": ["1.0"]}
+        print(f"\n[container] rollout under load: {report['seconds']} s (drain {report['drain_s']} s), "
+              f"rollback after a restart: {back['seconds']} s; answers per version {counts}")
+    finally:
+        engine("rm", "-f", "-t", "0", cid, check=False)
+
+
 def test_sigterm_stops_the_container_cleanly(box):
     """Last test of the module: `stop` sends SIGTERM; both servers stop and the container exits 0."""
     start = time.monotonic()
