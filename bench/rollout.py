@@ -3,7 +3,7 @@
 Starts a private TorchServe serving mnistnet 1.0 (``weights/mnistnet.pt``) on free ports, builds version 2.0 from
 the same weights (the gate compares equal models, so it always passes: what is timed is the machinery), then
 ``--runs`` times: ``rollout mnistnet 2.0`` (register, workers READY, gate, set-default) and ``rollback``. For each
-rollout it prints the phases from the report (load, gate, promotion) and the end-to-end time until the first
+rollout it prints the phases from the report (load, gate, promotion, drain) and the end-to-end time until the first
 unversioned request is answered by 2.0. Results go in bench/README.md ("Rollout").
 """
 from __future__ import annotations
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                 gate = report["promoted_after_s"] - report["load_s"]
                 print(f"run {run}: load+READY {report['load_s']:.2f} s, gate ({report['samples']} samples) and "
                       f"set-default {gate:.2f} s, 2.0 answering {serving:.2f} s after the start; whole command "
-                      f"(old version drained and retired) {report['seconds']:.2f} s", flush=True)
+                      f"(old version drained and retired) {report['seconds']:.2f} s, of which the drain (1.0's in-flight count "
+                      f"polled to 0) {report['drain_s']:.2f} s", flush=True)
                 runner.rollback(MODEL)
             print(f"median time to the new default serving: {statistics.median(totals):.2f} s ({args.runs} runs)")
         finally:
