@@ -222,3 +222,33 @@ def test_image_models_count_a_versioned_archive_as_a_version_of_its_model(tmp_pa
                 {"runtime": "python", "model": {"modelName": "mlp", "modelVersion": version, "handler": "handler.py"}}))
     server = SimpleNamespace(base_props={"load_models": "all"}, model_store=tmp_path)
     assert image_models(server, []) == ["mlp"]
+
+
+def test_start_serves_the_recorded_default_and_says_when_it_cannot(tmp_path, capsys):
+    """`serve rollout|rollback` record the default in <store>/.rollout/defaults.json; `start` loads that archive
+    as the model's default (host, and --image with load_models=all), or <name>.mar when it is gone (saying so)."""
+    from serve.server import ServerError, default_archive, defaults_file, write_defaults
+
+    store = tmp_path / "store"
+    store.mkdir()
+    assert default_archive(store, "mnistnet") == "mnistnet.mar"  # no record
+    write_defaults(store, {"mnistnet": {"default": "2.0", "archive": "mnistnet-v2.0.mar", "history": ["1.0", "2.0"]}})
+    assert json.loads(defaults_file(store).read_text())["models"]["mnistnet"]["default"] == "2.0"
+    assert [p.name for p in defaults_file(store).parent.iterdir()] == ["defaults.json"]  # no staged file left
+    assert default_archive(store, "mnistnet") == "mnistnet.mar"
+    assert "mnistnet-v2.0.mar is not in the store; serving mnistnet.mar" in capsys.readouterr().err
+    (store / "mnistnet-v2.0.mar").write_bytes(b"")
+    assert default_archive(store, "mnistnet") == "mnistnet-v2.0.mar"
+    assert default_archive(store, "mlp") == "mlp.mar"
+
+    host = Server(ports=Ports.free(), workdir=tmp_path / "work", model_store=store, models=["mnistnet", "mlp"])
+    assert host._models_flag() == ["--models", "mnistnet=mnistnet-v2.0.mar", "mlp=mlp.mar"]
+    image = Server(ports=Ports.free(), workdir=tmp_path / "work", model_store=store, models=["mnistnet"], image=True)
+    assert image._models_flag() == ["--models", "mnistnet=mnistnet-v2.0.mar"]  # the image's load_models=all
+    kserve = Server(ports=Ports.free(), workdir=tmp_path / "work", model_store=store, models=["mnistnet"], image=True,
+                    torchserve_args=["--models", "mnistnet=mnistnet.mar"])
+    assert kserve._models_flag() == []  # its own --models (or model_snapshot) stays TorchServe's to read
+
+    defaults_file(store).write_text("{not json")
+    with pytest.raises(ServerError, match=r"defaults.json cannot be read .*fix or delete it"):
+        default_archive(store, "mnistnet")
