@@ -92,11 +92,13 @@ java.prefs,java.scripting,java.sql,jdk.crypto.ec,jdk.management,jdk.sctp,jdk.uns
 # ------------------------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime
 ARG DEBIAN_FRONTEND=noninteractive
-# tini as PID 1 (reaps zombies, forwards signals to the entrypoint). Unpinned on purpose: Debian's security
+# tini as PID 1 (reaps zombies, forwards signals to the entrypoint); procps for /bin/kill, which TorchServe runs
+# (`kill -9 <pid>`) to stop a scaled-down or unregistered version's workers: without it every unregister fails
+# ("Interrupted while cleaning resources") and a rollout cannot retire the old version. Unpinned on purpose: Debian's security
 # updates replace it in place. apt-get clean: base images without docker's apt hook keep the .debs otherwise.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends tini \
+ && apt-get install -y --no-install-recommends tini procps \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 

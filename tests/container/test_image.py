@@ -317,7 +317,8 @@ def test_rollout_and_rollback_in_a_running_container(engine, image, tmp_path):
 
     def serve(*args: str) -> dict:
         result = engine("exec", "-w", "/app", cid, "python", "-m", "serve", *args, timeout=300, check=False)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert result.returncode == 0, (result.stdout[-2000:] + result.stderr[-3000:]
+                                        + engine("logs", "--tail", "40", cid, check=False).stdout[-4000:])
         return json.loads(result.stdout)
 
     def recorded() -> dict:
