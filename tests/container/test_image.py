@@ -340,6 +340,9 @@ def test_rollout_and_rollback_in_a_running_container(engine, image, tmp_path):
         assert counts.get("1.0", 0) > 0 and counts.get("2.0", 0) > 0, counts
         assert {a[2] for a in load.answers if a[0] > promoted} == {"2.0"}
         assert recorded() == {"default": "2.0", "archive": "mnistnet-v2.0.mar", "history": ["1.0", "2.0"]}
+        status = engine("exec", "-w", "/app", cid, "python", "-m", "serve", "status", check=False).stdout
+        assert "TorchServe is running" in status and "mnistnet         v2.0 (default)" in status, status
+        assert "recorded default v2.0 (mnistnet-v2.0.mar; history 1.0 -> 2.0)" in status, status
 
         engine("restart", "-t", str(STOP_TIMEOUT_S), cid, timeout=STOP_TIMEOUT_S + 60)
         box = Container(engine, cid, http_port, 0)  # a new key: TorchServe writes key_file.json at each start
