@@ -6,7 +6,7 @@ bad (1.0's weights with the output layer's rows rotated, so it says the wrong di
 5.0's weights are another network's, so its workers cannot load.
 Every served answer is checked against the in-process model of the version that says it answered.
 The old version is retired only when the agent counts none of its requests in flight (slow explanations and big
-batches addressed to it explicitly are all answered), and the promoted default is recorded in the store, so a
+batches addressed to it explicitly are all answered; --drain-timeout bounds that wait), and the promoted default is recorded in the store, so a
 restart serves it (and a rollback after the restart goes back one step).
 """
 from __future__ import annotations
@@ -334,8 +334,8 @@ class Pinned:
     1024 digits (``/predictions/<m>/<v>``), each seconds of a worker's time on these 2 cores. Each answer:
     (kind, start, end, status, version, body)."""
 
-    def __init__(self, server, version: str, x: np.ndarray):
-        self.server, self.version, self.x = server, version, x
+    def __init__(self, server, version: str, x: np.ndarray, timeout: float = 120):
+        self.server, self.version, self.x, self.timeout = server, version, x, timeout
         self.stop_sending = threading.Event()
         self.answers: list[tuple] = []
         self.threads = [threading.Thread(target=self._run, args=(kind,), daemon=True)
@@ -357,7 +357,7 @@ class Pinned:
         while not self.stop_sending.is_set():
             start = time.monotonic()
             try:
-                response = post(self.server, f"/{kind}/{MODEL}/{self.version}", json=body, timeout=120)
+                response = post(self.server, f"/{kind}/{MODEL}/{self.version}", json=body, timeout=self.timeout)
                 answer = (response.status_code, response.headers.get("X-Model-Version"),
                           response.json() if response.status_code == 200 else response.text[:300])
             except Exception as exc:  # a reset connection counts as a failure
@@ -404,6 +404,30 @@ def test_the_old_version_answers_every_request_it_has_before_it_is_retired(serve
     back = rollout.rollback(MODEL)
     assert back["to"] == "1.0" and back["drained"] is True
     assert served(rollout) == {"1.0": "default"}
+
+
+def test_the_drain_timeout_bounds_the_wait_and_says_so(server, reference):
+    """With --drain-timeout shorter than the old version's requests, the rollout does not wait past it: it says so
+    (log line, report ``drained: false`` and how many were left) and retires 1.0 anyway; 2.0 serves."""
+    x, _ = held_out(SPEC, 1024)
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if "is the default now" in line:
+            pinned.stop_sending.set()
+
+    runner = Rollout(server, log=log, timeout=60.0)
+    with Pinned(server, "1.0", x, timeout=15) as pinned:
+        time.sleep(2.0)
+        report = runner.rollout(MODEL, "2.0", gate_samples=300, margin=0.5, drain_timeout=0.2)
+    assert report["passed"] and report["drained"] is False and report["left_in_flight"] > 0, report
+    assert report["drain_s"] < 2.0, report
+    assert any("request(s) in flight after the drain timeout (0.2 s, --drain-timeout); retiring it anyway" in line
+               for line in lines), lines
+    assert served(runner) == {"2.0": "default"}
+    runner.rollback(MODEL)
+    assert served(runner) == {"1.0": "default"}
 
 
 def answered_by(server, x: np.ndarray) -> tuple[set[str], np.ndarray]:
