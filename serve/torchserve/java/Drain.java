@@ -50,6 +50,7 @@ public final class Drain {
         channel.pipeline().addFirst("oip-drain", tracker);
         OPEN.add(tracker);
         channel.closeFuture().addListener(f -> OPEN.remove(tracker));
+        RequestIds.accepted(channel);
     }
 
     /**
@@ -57,14 +58,20 @@ public final class Drain {
      * returns the keep-alive to use (false for full answers once the drain has begun).
      */
     public static boolean answering(ChannelHandlerContext ctx, Object response, boolean keepAlive) {
+        RequestIds.answering(ctx, response);
         if (!(response instanceof FullHttpResponse)) { // a stream's head: busy until the connection closes
             return keepAlive;
         }
-        Tracker tracker = ctx.channel().pipeline().get(Tracker.class);
+        answered(ctx.channel());
+        return keepAlive && !draining;
+    }
+
+    /** The request on {@code channel} is answered (also Netty's own refusals: RequestIds). */
+    static void answered(Channel channel) {
+        Tracker tracker = channel.pipeline().get(Tracker.class);
         if (tracker != null) {
             tracker.busy = false;
         }
-        return keepAlive && !draining;
     }
 
     /** Called first in {@code ModelServer.stop} with its listeners' bind futures; returns once drained. */

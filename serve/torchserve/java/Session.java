@@ -23,6 +23,7 @@ public class Session {
 
     private String requestId;
     private String callerId;
+    private String answerId;
     private String traceId;
     private String remoteIp;
     private String method;
@@ -58,7 +59,8 @@ public class Session {
         startTime = System.currentTimeMillis();
     }
 
-    static String usableId(String value) {
+    /** {@code value} when it is usable as a request ID (1-128 printable ASCII characters, no spaces), else null. */
+    public static String usableId(String value) {
         return value != null && value.matches("[\\x21-\\x7e]{1,128}") ? value : null;
     }
 
@@ -76,9 +78,27 @@ public class Session {
         return id.matches("0+") ? null : id;
     }
 
-    /** TorchServe's UUID while the request runs; once answered (code set), the caller's ID if it sent one. */
+    /**
+     * TorchServe's UUID while the request runs; once answered (code set), the ID the answer names
+     * ({@link #nameAnswer}), else the caller's if it sent one.
+     */
     public String getRequestId() {
-        return code != 0 && callerId != null ? callerId : requestId;
+        return code != 0 ? answerId() : requestId;
+    }
+
+    /**
+     * The answer names its request {@code id} (header X-Request-ID set by the handler: an OIP body's
+     * {@code id} when the caller sent no X-Request-ID; oip/RequestIds.java); ignored unless usable.
+     */
+    public void nameAnswer(String id) {
+        String usable = usableId(id);
+        if (usable != null) {
+            answerId = usable;
+        }
+    }
+
+    private String answerId() {
+        return answerId != null ? answerId : callerId != null ? callerId : requestId;
     }
 
     public void setCode(int code) {
@@ -89,7 +109,7 @@ public class Session {
     public String toString() {
         long duration = System.currentTimeMillis() - startTime;
         return remoteIp + " \"" + method + " " + uri + ' ' + protocol + "\" " + code + ' ' + duration
-                + " request_id=" + (callerId != null ? callerId : requestId)
+                + " request_id=" + answerId()
                 + (traceId != null ? " trace_id=" + traceId : "");
     }
 }
