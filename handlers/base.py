@@ -92,6 +92,7 @@ class ServingHandler:
         self.initialized = False
         # The running batch's request IDs (by batch row) and per-request stage times in ms (handlers/tracing.py).
         self.request_ids: list = []
+        self._traces: list = []
         self._timing: list = []
 
     # ----------------------------------------------------------------------------------- lifecycle
@@ -151,7 +152,8 @@ class ServingHandler:
         self.request_ids = ids = [tracing.request_id(h, _torchserve_id(context, idx)) for idx, h in enumerate(headers)]
         now_us = time.time_ns() // 1000
         self._timing = [{"queue": tracing.queue_ms(h, now_us)} for h in headers]
-        tracing.log_context.begin(ids, [tracing.trace_id(h) for h in headers])
+        self._traces = [tracing.trace_id(h) for h in headers]
+        tracing.log_context.begin(ids, self._traces)
         try:
             return self._handle(data, context, envelope, status_context, responses, pending, explaining, headers,
                                 started)
@@ -168,12 +170,16 @@ class ServingHandler:
                     decoded = protocols.decode_envelope_row(request, self.spec, idx, envelope)
                 else:
                     decoded = protocols.decode_request(request, self.spec, headers[idx])
+                    if decoded.oip is not None and decoded.oip.id is not None:
+                        self._name_request(status_context, idx, headers[idx], decoded.oip.id)
                 if decoded.explain is not None:
                     options = explain.options(decoded.explain, self.spec, len(decoded.samples))
                     explaining.append((idx, decoded, options))
                 else:
                     pending.append((idx, decoded))
             except InputError as err:
+                if getattr(err, "request_id", None) is not None:  # an OIP body's id names even its error
+                    self._name_request(status_context, idx, headers[idx], err.request_id)
                 responses[idx] = self._error(status_context, idx, err.status, err.message)
             except Exception:
                 logger.exception("decoding request %d failed unexpectedly", idx)
@@ -289,6 +295,16 @@ class ServingHandler:
     def to_native(self, outputs: dict[str, np.ndarray], is_list: bool) -> Any:
         """Native JSON response; default ``{name: values as nested lists}`` for every output."""
         return {name: array.tolist() for name, array in outputs.items()}
+
+    def _name_request(self, context, idx: int, headers: dict, oip_id: str) -> None:
+        """An OIP body's ``id`` is request ``idx``'s ID when the caller sent no usable ``X-Request-ID``: in its
+        error body and log lines here, and (answer header ``X-Request-ID``) the frontend's header and access
+        log (serve/torchserve/java/Session.java)."""
+        if context is None or tracing.request_id(headers) is not None or self.request_ids[idx] == oip_id:
+            return
+        self.request_ids[idx] = oip_id
+        protocols.set_header(context, idx, tracing.REQUEST_ID_HEADER, oip_id)
+        tracing.log_context.begin(self.request_ids, self._traces)
 
     def _error(self, context, idx: int, status: int, message: str) -> dict:
         """Mark request ``idx`` failed with ``status`` (when the context has that request) and return

@@ -30,6 +30,7 @@ from handlers.decoding import (
     numeric_array,
     other_image_format,
 )
+from handlers import tracing
 from handlers.jsoncodec import encode_json, json_loads
 from wire import oip
 from wire.values import fmt_shape, is_int, short, type_name, what
@@ -281,11 +282,30 @@ def split_binary_body(payload: Any, header_length: Any) -> tuple[Any, memoryview
 
 
 def decode_oip(body: Any, spec, binary: memoryview | None = None, explain: bool = False) -> Decoded:
-    """Decode an OIP request (JSON header ``body``, plus its ``binary`` section for the binary extension)."""
+    """Decode an OIP request (JSON header ``body``, plus its ``binary`` section for the binary extension).
+    An :class:`InputError` about a request with an ``id`` carries it as ``request_id`` (its error names it)."""
     if not isinstance(body, dict):
         raise InputError(
             f"an Open Inference Protocol request must be a JSON object with 'inputs'; got {what(body)}"
         )
+    request_id = oip_id(body)
+    try:
+        return _decode_oip(body, spec, binary, explain)
+    except InputError as err:
+        err.request_id = request_id
+        raise
+
+
+def oip_id(body: dict) -> str | None:
+    """The request's ``id``: None when absent, else a usable request ID (handlers/tracing.py), or a 400."""
+    value = body.get("id")
+    if value is not None and not (isinstance(value, str) and tracing.usable_id(value)):
+        raise InputError(f"'id' must be a string of 1-{tracing.MAX_ID_LENGTH} printable ASCII characters "
+                         f"without spaces (it names the request); got {what(value)}")
+    return value
+
+
+def _decode_oip(body: dict, spec, binary: memoryview | None, explain: bool) -> Decoded:
     if "inputs" not in body:
         keys = ", ".join(repr(k) for k in sorted(map(str, body))) or "none"
         raise InputError(

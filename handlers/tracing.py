@@ -16,6 +16,7 @@ REQUEST_ID = "x-request-id"  # request header names arrive lowercased
 TRACEPARENT = "traceparent"
 RECEIVED = "x-serve-received-us"  # set by the frontend (serve/torchserve/java/Session.java): µs since the epoch
 SERVER_TIMING = "Server-Timing"
+REQUEST_ID_HEADER = "X-Request-ID"  # an answer's; the frontend keeps the one a handler sets
 MAX_ID_LENGTH = 128
 _USABLE_ID = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_ID_LENGTH)  # printable ASCII, no spaces: safe in a header
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")

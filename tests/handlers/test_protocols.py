@@ -258,6 +258,10 @@ MALFORMED = [
     pytest.param({"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": [0.0] * 784}],
                   "parameters": {"target": 12}},
                  {**OIP, "explain": "True"}, 400, ["cannot explain target 12"], id="explain-bad-target"),
+    *[pytest.param({"id": bad, "inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": [0.0] * 784}]},
+                   OIP, 400, ["'id' must be a string of 1-128 printable ASCII characters", got], id=f"bad-id-{got}")
+      for bad, got in [(42, "int 42"), ("has space", '"has space"'), ("", '""'), ("x" * 129, "string"),
+                       (["a"], "list")]],
 ]
 
 
@@ -276,14 +280,14 @@ def test_malformed_oip_requests_get_their_own_4xx(mnist, digits, body, headers, 
 
 def test_oip_json_body_arrives_parsed_as_bytes_or_as_text(mnist, digits):
     handler, context, reference = mnist
-    body = {"id": 42, "inputs": [{"name": "x", "shape": [2, 784], "datatype": "UINT8",
+    body = {"id": "req-42", "inputs": [{"name": "x", "shape": [2, 784], "datatype": "UINT8",
                                   "data": digits[:2].reshape(-1).tolist()}]}
     text = json.dumps(body)
     answers = handle(handler, context, [(body, OIP), (text.encode(), OIP), (text, OIP), (text.encode(), {})])
     expected = softmax_of(reference, digits[:2])
     for idx, answer in enumerate(answers):
         response = json.loads(answer)
-        assert response["id"] == 42 and context.get_response_content_type(idx) == "application/json"
+        assert response["id"] == "req-42" and context.get_response_content_type(idx) == "application/json"
         probabilities, predicted = response["outputs"]
         assert probabilities["shape"] == [2, 10] and predicted["data"] == expected.argmax(axis=1).tolist()
         np.testing.assert_allclose(np.reshape(probabilities["data"], (2, 10)), expected, atol=1e-6)

@@ -53,4 +53,30 @@ def test_a_batch_answers_each_request_with_its_id_timing_and_logged_trace(tmp_pa
     logged = [r.getMessage() for r in caplog.records if "answered 400" in r.getMessage()]
     assert len(logged) == 2 and all(f"trace_id={TRACE}" in line for line in logged)
     assert "request ts-req-1 answered" in logged[0] and "request bad-2 answered" in logged[1]
+    # The OIP body's id names request 2 once it is decoded: in the lines after, and in its answer's header.
     assert "[request_id=caller-1,ts-req-1,ts-req-2,bad-2" in logged[0]
+    assert "[request_id=caller-1,ts-req-1,oip-id-9,bad-2" in logged[1]
+    assert context.get_response_headers(2)["X-Request-ID"] == "oip-id-9"
+    assert "X-Request-ID" not in context.get_response_headers(0)  # the caller's header: the frontend writes it
+
+
+def test_an_oip_id_names_its_request_unless_the_caller_sent_x_request_id(tmp_path, digits):
+    handler, context, _ = serve("mnistnet", tmp_path)
+    pixels = np.ravel(digits[0] / 255.0).tolist()
+
+    def oip(id_, shape=(1, 784)):
+        return {"body": {"id": id_, "inputs": [{"name": "x", "shape": list(shape), "datatype": "FP32",
+                                                "data": pixels[:int(np.prod(shape))]}]}}
+
+    requests = [oip("body-1"), oip("body-2"), oip("body-3", (1, 10)), oip("has space"), oip(7)]
+    headers = [{}, {"X-Request-ID": "hdr-2"}, {}, {}, {}]
+    answers = run_batch(handler, context, requests, headers)
+    assert [context.get_response_status(i)[0] for i in range(5)] == [200, 200, 400, 400, 400]
+    assert answers[0]["id"] == "body-1" and context.get_response_headers(0)["X-Request-ID"] == "body-1"
+    # X-Request-ID wins for the request ID (the frontend writes it); the body's id is still echoed
+    assert answers[1]["id"] == "body-2" and "X-Request-ID" not in context.get_response_headers(1)
+    # an error after the id was read names it; an unusable id is refused, naming TorchServe's ID
+    assert answers[2]["request_id"] == "body-3" and context.get_response_headers(2)["X-Request-ID"] == "body-3"
+    for idx in (3, 4):
+        assert "'id' must be a string" in answers[idx]["error"] and answers[idx]["request_id"] == f"ts-req-{idx}"
+        assert "X-Request-ID" not in context.get_response_headers(idx)
