@@ -4,6 +4,7 @@ plain HTTP and the STOCK tritonclient (http and grpc): IDs round-trip on every p
 statistics counters move by exactly the requests sent."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -16,10 +17,12 @@ import tritonclient.http as tritonhttp
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from servers import post
+from paths import REPO_ROOT
+from servers import manage, post
 
 pytestmark = pytest.mark.e2e
 TRACE = "0af7651916cd43dd8448eb211c80319c"
+REPO_CONFIG = REPO_ROOT / "config.properties"
 TRACEPARENT = f"00-{TRACE}-b7ad6b7169203331-01"
 
 
@@ -76,9 +79,58 @@ def test_errors_name_their_request_id_in_body_and_header(server, auth):
         assert anonymous.json()["request_id"] == anonymous.headers["X-Request-ID"] != "", path
     missing = requests.get(server.inference_url + "/v2/models/nosuch/stats", headers=auth, timeout=30)
     assert missing.status_code == 404 and missing.json()["request_id"] == missing.headers["X-Request-ID"]
-    # TorchServe's own errors (here: an unknown model on the native route) name the ID in the header.
-    unknown = post(server, "/predictions/nosuch", json={"data": [[1, 2]]}, headers={"X-Request-ID": "ts-err-1"})
-    assert unknown.status_code == 404 and unknown.headers["X-Request-ID"] == "ts-err-1"
+
+
+def _names_its_id(answer, status: int, given: str | None) -> str:
+    """``answer`` is a JSON error ``status`` whose header and body name the same request ID (``given``)."""
+    assert answer.status_code == status, (answer.status_code, answer.text[:300])
+    body = answer.json()
+    assert body["code"] == status and body["error"], body
+    assert body["request_id"] == answer.headers["X-Request-ID"], (body, dict(answer.headers))
+    if given is not None:
+        assert body["request_id"] == given
+    return body["request_id"]
+
+
+def raw_http(server, request: bytes) -> tuple[int, dict, dict]:
+    """Send ``request`` as it is on a new connection; ``(status, headers, JSON body)`` of the answer."""
+    import http.client
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.ports.inference), timeout=30) as sock:
+        sock.sendall(request)
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, json.loads(answer.read())
+
+
+def test_torchserves_own_errors_name_the_request_id_in_body_and_header(server):
+    """Errors that TorchServe writes, not our handlers: unknown model on every route, a bad or missing
+    token, an unknown path, a request it cannot parse, the management API's refusals."""
+    cases = [
+        ("/predictions/nosuch", {"data": rows(1)}, "inference", 404),
+        ("/predictions/mlp/9.9", {"data": rows(1)}, "inference", 404),
+        ("/v1/models/nosuch:predict", {"instances": rows(1)}, "inference", 404),
+        ("/v2/models/nosuch/infer", oip_body(rows(1)), "inference", 404),
+        ("/predictions/mlp", {"data": rows(1)}, "management", 400),  # the wrong key
+        ("/predictions/mlp", {"data": rows(1)}, None, 400),  # no key
+        ("/no/such/path", {}, "inference", 404),
+    ]
+    for path, body, key, status in cases:
+        given = f"ts-{uuid.uuid4()}"
+        _names_its_id(post(server, path, key, json=body, headers={"X-Request-ID": given}), status, given)
+        generated = {_names_its_id(post(server, path, key, json=body), status, None) for _ in range(2)}
+        assert len(generated) == 2 and all(len(g) == 36 for g in generated), (path, generated)  # fresh UUIDs
+    # An unusable X-Request-ID (a space in it) is not used: a fresh ID names the error.
+    spaced = post(server, "/predictions/nosuch", json={}, headers={"X-Request-ID": "has space"})
+    assert _names_its_id(spaced, 404, None) != "has space"
+    # The management API (scaling an unknown model) and a request TorchServe cannot parse.
+    _names_its_id(manage(server, "PUT", "/models/nosuch?min_worker=1", headers={"X-Request-ID": "m-1"}), 404, "m-1")
+    status, headers, body = raw_http(server, b"BLAH\r\n\r\n")
+    assert status == 400 and body["request_id"] == headers["x-request-id"] != ""
+    status, headers, body = raw_http(server, b"POST /predictions/mlp HTTP/1.1\r\nHost: x\r\nX-Request-ID: raw-2\r\n"
+                                             b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    assert (status, body["request_id"], headers["x-request-id"]) == (400, "raw-2", "raw-2")  # no token
 
 
 def test_oip_rest_id_round_trips_through_the_stock_client_and_the_header(server, http, auth):
@@ -87,12 +139,29 @@ def test_oip_rest_id_round_trips_through_the_stock_client_and_the_header(server,
     tensor.set_data_from_numpy(x)
     result = http.infer("mlp", [tensor], request_id="oip-42", headers=auth)
     assert result.get_response()["id"] == "oip-42"
+    # Without X-Request-ID the body's id is the request ID: the answer's header too.
     answer = post(server, "/v2/models/mlp/infer", json=oip_body(rows(3), "body-id-7"))
-    assert answer.json()["id"] == "body-id-7" and answer.headers["X-Request-ID"]  # the header: TorchServe's ID
+    assert answer.json()["id"] == "body-id-7" and answer.headers["X-Request-ID"] == "body-id-7"
     assert list(timing(answer)) == ["queue", "decode", "infer", "encode"]
     versioned = post(server, "/v2/models/mlp/versions/1.0/infer", json=oip_body(rows(1)),
                      headers={"X-Request-ID": "hdr-1"})
     assert versioned.headers["X-Request-ID"] == "hdr-1" and versioned.json()["id"] == "hdr-1"
+    both = post(server, "/v2/models/mlp/infer", json=oip_body(rows(1), "body-8"), headers={"X-Request-ID": "hdr-8"})
+    assert both.headers["X-Request-ID"] == "hdr-8" and both.json()["id"] == "body-8"  # the header names it
+    # A refused request with an id names it; an id that is no usable string is itself refused.
+    refused = post(server, "/v2/models/mlp/infer", json=oip_body([[1.0] * 3], "body-9", width=3))
+    assert _names_its_id(refused, 400, "body-9")
+    for bad in (42, "has space", "", "x" * 129, {"a": 1}):
+        for path in ("/v2/models/mlp/infer", "/v2/models/mlp/versions/1.0/infer"):
+            answer = post(server, path, json=oip_body(rows(1), bad))
+            generated = _names_its_id(answer, 400, None)
+            assert generated != bad and "'id' must be a string" in answer.json()["error"], (bad, answer.text)
+    # The stock client with binary tensors: the id travels in the JSON header of the binary body.
+    tensor = tritonhttp.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    with pytest.raises(InferenceServerException) as err:
+        http.infer("mlp", [tensor], request_id="bad id", headers=auth)
+    assert "'id' must be a string" in err.value.message()
 
 
 def test_grpc_forwards_the_id_and_returns_it_in_trailing_metadata(server, grpc, auth):
@@ -189,27 +258,52 @@ def test_statistics_extension_counts_the_requests_sent(server, http, grpc, auth)
 
 def test_access_log_lines_name_the_request_id_and_trace_id(tmp_path, weights_dir, monkeypatch):
     """With SERVE_LOG_LEVEL=info (the access log's level), each access log line ends with the answer's ID
-    (the caller's, else TorchServe's, as in the header) and the traceparent's trace ID; errors too."""
+    (the caller's, else the OIP body's id, else TorchServe's, as in the header) and the traceparent's trace
+    ID; errors too, also those TorchServe or Netty write: a body over max_request_size (413, which Netty
+    answers before TorchServe sees the request) and a model without workers (503)."""
     from serve.package import package_models
     from servers import start_ready_server
 
     monkeypatch.setenv("SERVE_LOG_LEVEL", "info")
     package_models(["mlp"], weights_dir, tmp_path / "store")
-    server = start_ready_server(tmp_path, tmp_path / "store", ["mlp"])
+    config = tmp_path / "config.properties"
+    limit = 100_000
+    config.write_text(REPO_CONFIG.read_text() + f"\nmax_request_size={limit}\n")  # the last one counts
+    server = start_ready_server(tmp_path, tmp_path / "store", ["mlp"], config=config)
     try:
         traced = post(server, "/predictions/mlp", json={"data": rows(1)},
                       headers={"X-Request-ID": "acc-1", "traceparent": TRACEPARENT})
         unknown = post(server, "/predictions/nosuch", json={"data": rows(1)}, headers={"X-Request-ID": "acc-2"})
         anonymous = post(server, "/v2/models/mlp/infer", json=oip_body(rows(1)))
+        named = post(server, "/v2/models/mlp/infer", json=oip_body([[1.0] * 3], "acc-3", width=3))
         assert (traced.status_code, unknown.status_code, anonymous.status_code) == (200, 404, 200)
-        assert unknown.headers["X-Request-ID"] == "acc-2"
-        wanted = [f'"POST /predictions/mlp HTTP/1.1" 200 ', "request_id=acc-1 trace_id=" + TRACE,
+        assert unknown.headers["X-Request-ID"] == "acc-2" and _names_its_id(named, 400, "acc-3")
+        big = {"data": rows(limit // 10)}  # ~0.3 MB of JSON
+        too_large = _names_its_id(post(server, "/predictions/mlp", json=big, headers={"X-Request-ID": "acc-4"}),
+                                  413, "acc-4")
+        assert too_large and f"max_request_size ({limit} bytes)" in post(server, "/predictions/mlp", json=big).json()["error"]
+        _names_its_id(post(server, "/predictions/mlp", json=big), 413, None)
+        # still served on a new connection after the refusals
+        assert post(server, "/predictions/mlp", json={"data": rows(1)}).status_code == 200
+        scaled = manage(server, "PUT", "/models/mlp?min_worker=0&max_worker=0&synchronous=true")
+        assert scaled.status_code == 200, scaled.text
+        no_worker = post(server, "/predictions/mlp", json={"data": rows(1)}, headers={"X-Request-ID": "acc-5"})
+        _names_its_id(no_worker, 503, "acc-5")
+        wanted = ['"POST /predictions/mlp HTTP/1.1" 200 ', "request_id=acc-1 trace_id=" + TRACE,
                   '"POST /predictions/nosuch HTTP/1.1" 404 ', "request_id=acc-2",
-                  f"request_id={anonymous.headers['X-Request-ID']}"]
+                  f"request_id={anonymous.headers['X-Request-ID']}",
+                  '"POST /v2/models/mlp/infer HTTP/1.1" 400 ', "request_id=acc-3",
+                  '"POST /predictions/mlp HTTP/1.1" 413 ', "request_id=acc-4",
+                  '"POST /predictions/mlp HTTP/1.1" 503 ', "request_id=acc-5"]
         log = server.log_dir / "access_log.log"
         deadline = time.monotonic() + 20
         while not all(w in (text := log.read_text(errors="replace")) for w in wanted) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert all(w in text for w in wanted), text[-2000:]
+        assert all(w in text for w in wanted), [w for w in wanted if w not in text] + [text[-2000:]]
+        for line in text.splitlines():
+            if "request_id=acc-" in line:
+                code, rid = line.split('" ')[1].split()[0], line.split("request_id=")[1].split()[0]
+                assert (code, rid) in {("200", "acc-1"), ("404", "acc-2"), ("400", "acc-3"), ("413", "acc-4"),
+                                       ("503", "acc-5")}, line
     finally:
         server.stop()
