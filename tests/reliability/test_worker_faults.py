@@ -5,7 +5,8 @@ agent's patch, serve/torchserve/java/HeldJobs.java, the requests held for a batc
 and printed: seconds from each kill until every worker is READY again, how many requests failed and with
 what. Asserted: every request gets an HTTP answer within the model's response timeout (none hangs); only
 requests in flight at a kill fail (at most one per load thread per kill), each with TorchServe's exact
-"Worker died." JSON error (500, or 507 when the worker's exit status is 137); requests to the other model
+"Worker died." JSON error (500, or 507 when the worker's exit status is 137) naming the request's
+``X-Request-ID`` in its header and body; requests to the other model
 never fail; every request sent after the last recovery succeeds with the right answer; each new worker is
 a different process. Run in both worker launch modes (fork server on and off) and once with CPU hogs
 beside the server (two busy-loop processes), where the timing of the kills shifts.
@@ -54,6 +55,8 @@ class Outcome:
     finished: float
     status: int | None  # None: no HTTP response (connection error / timeout)
     detail: str
+    sent_id: str = ""  # the request's X-Request-ID
+    answer_id: str | None = None  # the answer's
 
 
 def load_loop(server, model: str, bodies: list[tuple[bytes, dict, object]], stop: threading.Event,
@@ -65,16 +68,17 @@ def load_loop(server, model: str, bodies: list[tuple[bytes, dict, object]], stop
     while not stop.is_set():
         body, headers, expected = bodies[i % len(bodies)]
         i += 1
+        sent_id, answer_id = f"{model}-{threading.get_ident()}-{i}", None
         started = time.monotonic()
         try:
             response = session.post(url, data=body, timeout=CLIENT_TIMEOUT_S, headers={
-                **headers, "Authorization": f"Bearer {server.keys()['inference']}"})
-            status, detail = response.status_code, response.text[:200]
+                **headers, "Authorization": f"Bearer {server.keys()['inference']}", "X-Request-ID": sent_id})
+            status, detail, answer_id = response.status_code, response.text[:400], response.headers.get("X-Request-ID")
             if status == 200 and not check(response.json(), expected):
                 status, detail = -1, f"wrong answer: {detail}"
         except requests.RequestException as err:
-            status, detail = None, f"{type(err).__name__}: {err}"[:200]
-        outcomes.append(Outcome(model, started, time.monotonic(), status, detail))
+            status, detail = None, f"{type(err).__name__}: {err}"[:400]
+        outcomes.append(Outcome(model, started, time.monotonic(), status, detail, sent_id, answer_id))
 
 
 def wait_recovered(server, old_pid: int, since: float) -> float:
@@ -138,13 +142,15 @@ def test_sigkill_worker_under_load(fork_workers, hogs, start_server, digits, ref
 
 
 def worker_died_answer(outcome: Outcome) -> bool:
-    """True if ``outcome`` is TorchServe's JSON "Worker died." error with a matching code."""
+    """True if ``outcome`` is TorchServe's JSON "Worker died." error with a matching code, naming the
+    request's ID in header and body."""
     try:
         body = json.loads(outcome.detail)
     except ValueError:
         return False
     return (outcome.status in WORKER_DIED and body.get("code") == outcome.status
-            and body.get("message") == "Worker died." and body.get("type") == "InternalServerException")
+            and body.get("message") == "Worker died." and body.get("type") == "InternalServerException"
+            and body.get("request_id") == outcome.answer_id == outcome.sent_id)
 
 
 def check_outcomes(server, outcomes: list[Outcome], before: dict, kills: list[tuple[int, float, float]],
