@@ -1,32 +1,29 @@
 """The CPU serving image, built from the Dockerfile and run as a real container (podman or docker).
 
-Once per module: bring weights/ and model_store/ up to date on the host (what `make package` does; the
-image's builder stage then reuses them), build ``torchserve-mnist:cpu`` (tests/container/container_image.py),
-start it as the Kubernetes Deployment does (read-only root, tmpfs /tmp and workdir) with its inference and
+Once per session (the ``engine`` and ``image`` fixtures, tests/container/conftest.py): bring weights/ and
+model_store/ up to date on the host (what `make package` does; the image's builder stage then reuses them),
+build ``torchserve-mnist:cpu`` (tests/container/container_image.py). Once per module: start it as the Kubernetes Deployment does (read-only root, tmpfs /tmp and workdir) with its inference and
 gRPC ports published on private loopback ports, and wait until every model is READY.
 Then: every model READY, real predictions with the token read out of the container, the Open Inference
 Protocol REST surface and the OIP gRPC front with the stock tritonclient, the non-root user, the size,
 and last a clean stop (SIGTERM → exit 0). The build and cold-start times are printed (``-s`` shows them).
 
-Without an engine this module skips, except under CI (``CI=true``), where it fails: CI must prove the image.
+Without an engine these tests skip, except under CI (``CI=true``), where they fail: CI must prove the image.
 """
 from __future__ import annotations
 
 import gzip
 import json
-import os
 import time
 
 import numpy as np
 import pytest
 import requests
 
-from container_image import CPU_TAG, EngineUnavailable, build, find_engine
 from dockerfile_support import dockerfile_instructions
 
 from models.registry import REGISTRY, get_spec
 from paths import REPO_ROOT
-from serve.package import package_models
 from servers import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -99,30 +96,9 @@ def wait_until_ready(box: Container, started: float) -> None:
     pytest.fail(f"not every model READY after {READY_TIMEOUT_S} s:\n{box.logs()}")
 
 
-@pytest.fixture(scope="module")
-def engine():
-    try:
-        return find_engine()
-    except EngineUnavailable as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI must build and run the image, but: {exc}")
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def image(engine):
-    """The freshly built CPU image's tag (weights and archives brought up to date on the host first)."""
-    start = time.monotonic()
-    package_models(list(REGISTRY), REPO_ROOT / "weights", REPO_ROOT / "model_store")
-    packaged = time.monotonic() - start
-    seconds = build(engine, CPU_TAG)
-    print(f"\n[container] weights + archives up to date in {packaged:.0f} s; image built in {seconds:.0f} s")
-    return CPU_TAG
-
-
-@pytest.fixture(scope="module")
-def box(engine, image):
-    """A running container of the image, every model READY; removed at the end of the module."""
+def run_container(engine, image) -> Container:
+    """Start a container of ``image`` and wait until every model is READY (the caller removes it:
+    ``engine("rm", "-f", "-t", "0", box.cid)``, also when this raises: ``box.cid`` is set first)."""
     http_port, grpc_port = free_port(), free_port()
     started = time.monotonic()
     # As the Kubernetes Deployment runs it: read-only root, writable tmpfs /tmp and workdir (podman 4 ignores
@@ -134,11 +110,22 @@ def box(engine, image):
     box = Container(engine, cid, http_port, grpc_port)
     try:
         wait_until_ready(box, started)
-        print(f"\n[container] cold start: first prediction after {box.timings['first_answer_s']:.1f} s, "
-              f"all {len(REGISTRY)} models READY after {box.timings['all_ready_s']:.1f} s")
+    except BaseException:
+        engine("rm", "-f", "-t", "0", cid, check=False)
+        raise
+    print(f"\n[container] cold start: first prediction after {box.timings['first_answer_s']:.1f} s, "
+          f"all {len(REGISTRY)} models READY after {box.timings['all_ready_s']:.1f} s")
+    return box
+
+
+@pytest.fixture(scope="module")
+def box(engine, image):
+    """A running container of the image, every model READY; removed at the end of the module."""
+    box = run_container(engine, image)
+    try:
         yield box
     finally:
-        engine("rm", "-f", "-t", "0", cid, check=False)
+        engine("rm", "-f", "-t", "0", box.cid, check=False)
 
 
 def test_image_is_small_non_root_and_healthchecked(engine, image):
