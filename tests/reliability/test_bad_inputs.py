@@ -3,8 +3,9 @@ the problem, never a 5xx; good requests batched together with bad ones still get
 whole matrix no worker has restarted and the server still answers correctly.
 
 Two refusals come from TorchServe's Java frontend, not from our handlers, and are documented here
-precisely rather than "fixed": a body over ``max_request_size`` gets 413 with an EMPTY body (Netty's
-request aggregator answers before any TorchServe code runs), and any HTTP method on ``/predictions/...``
+precisely: a body over ``max_request_size`` gets 413 from Netty's request aggregator before any TorchServe
+code runs (the agent's serve/torchserve/java/RequestIds.java gives it a JSON body naming the limit and the
+request ID; Netty's own is empty), and any HTTP method on ``/predictions/...``
 reaches the handler (TorchServe routes GET/PUT/DELETE there too), so a bodiless GET is our 400
 "empty request body", not a 405.
 """
@@ -211,10 +212,9 @@ def test_matrix_covers_enough_kinds():
 
 
 def test_body_over_max_request_size_is_refused_by_the_frontend(server, baseline):
-    """One byte over max_request_size: 413 from Netty's aggregator, with an EMPTY body (not JSON).
-
-    That answer comes before any TorchServe or handler code runs, so its body cannot be configured;
-    the status is what clients can rely on. The same happens to a chunked upload that grows too large.
+    """One byte over max_request_size: 413 from Netty's aggregator, before any TorchServe or handler code
+    runs; the agent gives it a JSON body naming the limit and the request ID (Netty's own is empty). The
+    same happens to a chunked upload that grows too large.
     A body of exactly max_request_size still passes the frontend (and gets our handler's 400 here).
     """
     limit = int(load_properties(server.workdir / "ts-config.properties")["max_request_size"])
@@ -225,11 +225,12 @@ def test_body_over_max_request_size_is_refused_by_the_frontend(server, baseline)
 
     response = send(server, "POST", MLP, data=exactly + b" ", headers=JSON, timeout=120)
     assert response.status_code == 413
-    assert response.content == b"", "TorchServe's 413 used to have no body; update docs/security.md"
+    assert f"exceeds max_request_size ({limit} bytes)" in error_message(response)
+    assert response.json()["request_id"] == response.headers["X-Request-ID"] != ""
 
     chunks = (b" " * (1 << 20) for _ in range(limit // (1 << 20) + 2))  # no Content-Length: chunked
-    response = send(server, "POST", MLP, data=chunks, headers=JSON, timeout=120)
-    assert response.status_code == 413
+    response = send(server, "POST", MLP, data=chunks, headers={**JSON, "X-Request-ID": "chunked-1"}, timeout=120)
+    assert response.status_code == 413 and response.json()["request_id"] == "chunked-1"
 
 
 def test_good_neighbours_in_a_batch_with_bad_requests_get_200(server, baseline, digits, reference):

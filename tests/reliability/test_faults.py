@@ -314,7 +314,7 @@ def test_hung_worker_is_answered_and_replaced(fault_server, batch_body, matrix):
         # is the copy of "message" every error body carries (serve/java).
         assert response.status_code == 500, response.text
         assert response.json() == {"code": 500, "type": "InternalServerException", "message": "Worker died.",
-                                   "error": "Worker died."}, response.text
+                                   "error": "Worker died.", "request_id": response.headers["X-Request-ID"]}, response.text
         message = error_message(response)
         assert hung["seconds"] < RESPONSE_TIMEOUT_S + 3, hung["seconds"]
         not_ready = None
