@@ -79,17 +79,13 @@ public final class RequestIds {
 
     /** Between the HTTP codec and the aggregator: sees each request's head and every answer. */
     static final class Ids extends ChannelDuplexHandler {
-        private String callerId;
-        private String requestLine = "\"GET / HTTP/1.1\"";
+        private HttpRequest head; // the current request's (no body: nothing to release)
         private long started;
 
         @Override
         public void channelRead(ChannelHandlerContext ctx, Object msg) {
-            if (msg instanceof HttpRequest) {
-                HttpRequest request = (HttpRequest) msg;
-                callerId = Session.usableId(request.headers().get(HEADER));
-                requestLine = '"' + request.method().name() + ' ' + request.uri() + ' '
-                        + request.protocolVersion().text() + '"';
+            if (msg instanceof HttpRequest) { // only noted: read when an answer bypasses TorchServe
+                head = (HttpRequest) msg;
                 started = System.currentTimeMillis();
             }
             ctx.fireChannelRead(msg);
@@ -111,9 +107,12 @@ public final class RequestIds {
             HttpHeaders headers = response.headers();
             String id = headers.get(HEADER);
             if (id == null) { // not sent by TorchServe's sendHttpResponse (Netty's 413/417): no ID, no log line
-                id = callerId != null ? callerId : UUID.randomUUID().toString();
+                id = head == null ? null : Session.usableId(head.headers().get(HEADER));
+                id = id != null ? id : UUID.randomUUID().toString();
                 headers.set(HEADER, id);
-                ACCESS_LOG.info("{} {} {} {} request_id={}", ctx.channel().remoteAddress(), requestLine,
+                String line = head == null ? "\"- - -\"" : '"' + head.method().name() + ' ' + head.uri() + ' '
+                        + head.protocolVersion().text() + '"';
+                ACCESS_LOG.info("{} {} {} {} request_id={}", ctx.channel().remoteAddress(), line,
                         response.status().code(), System.currentTimeMillis() - started, id);
                 Drain.answered(ctx.channel());
             }

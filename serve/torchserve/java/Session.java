@@ -4,6 +4,7 @@ import io.netty.handler.codec.http.HttpRequest;
 import java.time.Instant;
 import java.time.temporal.ChronoUnit;
 import java.util.UUID;
+import java.util.regex.Pattern;
 
 /**
  * TorchServe's per-request session (access log line, {@code x-request-id} answer header), loaded in place
@@ -20,6 +21,8 @@ public class Session {
 
     /** Request header that tells the handler when the frontend received the request (handlers/tracing.py). */
     static final String RECEIVED_HEADER = "x-serve-received-us";
+
+    private static final Pattern USABLE_ID = Pattern.compile("[\\x21-\\x7e]{1,128}");
 
     private String requestId;
     private String callerId;
@@ -61,7 +64,7 @@ public class Session {
 
     /** {@code value} when it is usable as a request ID (1-128 printable ASCII characters, no spaces), else null. */
     public static String usableId(String value) {
-        return value != null && value.matches("[\\x21-\\x7e]{1,128}") ? value : null;
+        return value != null && USABLE_ID.matcher(value).matches() ? value : null;
     }
 
     /** The trace ID of a W3C traceparent ({@code 00-<32 hex>-<16 hex>-<2 hex>}), else null. */
