@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from handlers import tracing
 from handlers.decoding import (
     MAX_SAMPLES,
     InputError,
@@ -30,7 +31,6 @@ from handlers.decoding import (
     numeric_array,
     other_image_format,
 )
-from handlers import tracing
 from handlers.jsoncodec import encode_json, json_loads
 from wire import oip
 from wire.values import fmt_shape, is_int, short, type_name, what
