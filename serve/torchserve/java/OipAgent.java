@@ -22,7 +22,8 @@ import java.util.Map;
  * </ul>
  *
  * <p>It also patches one method of TorchServe 0.12.0's {@code BatchAggregator} (HeldJobsPatch) and inserts
- * the stop's drain into three of its classes (DrainPatch).
+ * the stop's drain into three of its classes (DrainPatch); the drain's connection hook also puts in the
+ * handler that names the request ID in every error answer (RequestIds).
  *
  * Why an agent and not a TorchServe endpoint plugin: a plugin registered for "/v2" would also take
  * {@code POST /v2/models/m/infer} away from TorchServe's own fast route, and TorchServe runs plugins
