@@ -24,6 +24,7 @@ from dockerfile_support import dockerfile_instructions
 
 from models.registry import REGISTRY, get_spec
 from paths import REPO_ROOT
+from serve.package import package_models
 from servers import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
