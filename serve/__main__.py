@@ -11,12 +11,12 @@
 TorchServe runs in ``.serve/`` (``key_file.json``, its TMPDIR ``.serve/tmp``) and logs to ``logs/``
 (``torchserve.out``, ``ts_log.log``, ``model_log.log``). ``start`` returns once every model's workers
 are READY and prints the URLs (native REST, Open Inference Protocol REST and gRPC), the keys and a curl
-command to try. ``start`` also runs the OIP gRPC front (serve/oip_grpc.py) and ``stop`` stops it.
+command to try. The OIP gRPC service runs inside TorchServe's JVM (serve/torchserve/java/OipGrpc.java).
 
-``--foreground`` stays until SIGTERM/SIGINT (then stops the gRPC front, TorchServe and the fork server
-and exits 0) or until TorchServe or the gRPC front exits by itself (then stops the other and exits
-non-zero). ``--image`` is how deploy/docker/entrypoint.sh runs it: the config's own addresses (``TS_*``
-variables override them) and models, the gRPC front on ``OIP_GRPC_LISTEN`` (``off``: none), everything
+``--foreground`` stays until SIGTERM/SIGINT (then stops TorchServe and the fork server and exits 0) or
+until TorchServe exits by itself (then stops the rest and exits non-zero). ``--image`` is how
+deploy/docker/entrypoint.sh runs it: the config's own addresses (``TS_*`` variables override them) and
+models, OIP gRPC on ``OIP_GRPC_LISTEN`` (``off``: none), everything
 logged to stdout, no keys printed; flags after ``--`` go to torchserve, and its ``--ts-config`` and
 ``--model-store`` replace ``--config`` and the store.
 """
@@ -196,7 +196,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         raise
     if args.image:
         workers = sum(len(d.get("workers", [])) for d in descriptions.values())
-        print(f"serve: TorchServe is ready: {len(descriptions)} models, {workers} workers READY; OIP gRPC front "
+        print(f"serve: TorchServe is ready: {len(descriptions)} models, {workers} workers READY; OIP gRPC "
               f"{server.grpc_listen or 'off'}", flush=True)
     else:
         print(usage_text(server, descriptions), flush=True)
@@ -220,7 +220,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     server = make_server(args)
-    grpc_pid, stale, orphans = server.grpc_pid(), server.stale_pid(), server.orphan_workers()
+    stale, orphans = server.stale_pid(), server.orphan_workers()
     if server.stop():
         print("TorchServe stopped.")
     else:
@@ -228,8 +228,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
         if stale is not None:
             (server.tmpdir / PID_FILE).unlink(missing_ok=True)
             print(f"  removed the stale pid file (pid {stale} had died)")
-        if grpc_pid is not None:
-            print(f"  stopped the OIP gRPC front it left behind (pid {grpc_pid})")
         if orphans:
             print(f"  killed {len(orphans)} backend worker(s) it left behind (pids "
                   f"{', '.join(str(p.pid) for p in orphans)})")
@@ -242,20 +240,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     server = make_server(args)
     pid = server.pid()
     if pid is None:
-        stale, grpc_pid, orphans = server.stale_pid(), server.grpc_pid(), server.orphan_workers()
+        stale, orphans = server.stale_pid(), server.orphan_workers()
         if stale is not None:
             print(f"TorchServe is NOT running: it died (stale pid file, pid {stale} is gone)"
-                  + (f"; its OIP gRPC front (pid {grpc_pid}) is still up" if grpc_pid else "")
                   + (f"; {len(orphans)} of its backend workers are still up" if orphans else "")
                   + f". See {_relative(server.log_dir)}/ts_log.log; run `{_python()} -m serve stop`, then start it again.")
         else:
-            print("TorchServe is not running." + (f" (its OIP gRPC front, pid {grpc_pid}, is: "
-                                                  f"`{_python()} -m serve stop` stops it)" if grpc_pid else ""))
+            print("TorchServe is not running.")
         return 3
     print(f"TorchServe is running (pid {pid}); inference {server.inference_url}, management {server.management_url}")
     print(f"  OIP REST  {server.inference_url}/v2")
-    grpc_pid = server.grpc_pid()
-    print(f"  OIP gRPC  {server.grpc_address} " + (f"(pid {grpc_pid})" if grpc_pid else "NOT RUNNING (restart the server)"))
+    grpc_ok = server.grpc_listening() or not server.grpc_listen
+    print(f"  OIP gRPC  {server.grpc_address} " + ("(in TorchServe's JVM)" if server.grpc_listen and grpc_ok else
+                                                  "off" if grpc_ok else "NOT LISTENING (see ts_log.log; restart the server)"))
     fork_pid = server.forkserver_pid()
     print("  fork server " + (f"pid {fork_pid} (starts the backend workers)" if fork_pid else
                               "not running (backend workers start as plain Python processes)"))
@@ -292,7 +289,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if isinstance(recorded, dict) and recorded.get("default"):
             print(f"  {'':16s} recorded default v{recorded['default']} ({recorded.get('archive')}; history "
                   f"{' -> '.join(recorded.get('history', []))}): a restart serves it")
-    return 0 if all_ready and grpc_pid else 1
+    return 0 if all_ready and grpc_ok else 1
 
 
 def _rollout(args: argparse.Namespace):

@@ -82,6 +82,7 @@ public final class Drain {
         try {
             long start = System.nanoTime();
             draining = true;
+            OipGrpc.drain(LIMIT_MS); // OIP gRPC: new calls refused, calls in progress answered
             System.err.println("oip-agent: drain: " + OPEN.size() + " connection(s) open");
             if (listeners != null) { // stop accepting; not closed: TorchServe's main thread ends all once they are
                 for (ChannelFuture listener : listeners) {

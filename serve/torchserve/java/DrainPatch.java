@@ -17,6 +17,7 @@ import jdk.internal.org.objectweb.asm.Opcodes;
  *   <li>{@code ServerInitializer.initChannel(Channel)}: {@code Drain.accepted(channel)};
  *   <li>{@code NettyUtils.sendHttpResponse(ctx, response, keepAlive)}:
  *       {@code keepAlive = Drain.answering(ctx, response, keepAlive)};
+ *   <li>{@code ModelServer.startGRPCServers()}: {@code OipGrpc.start()} (the OIP gRPC service, {@link OipGrpc});
  *   <li>{@code ModelServer.stop()}: {@code Drain.drain(this.futures)} (the listeners' bind futures).
  * </ul>
  *
@@ -111,6 +112,16 @@ final class DrainPatch implements ClassFileTransformer {
                                         visitMethodInsn(Opcodes.INVOKESTATIC, "oip/Drain", "answering",
                                                 "(" + CTX + "Ljava/lang/Object;Z)Z", false);
                                         visitVarInsn(Opcodes.ISTORE, 2);
+                                    }
+                                };
+                            }
+                            if (MODEL_SERVER.equals(className) && isPublic && "startGRPCServers".equals(name)
+                                    && "()V".equals(descriptor)) {
+                                found[0] = true;
+                                return new Prologue(mv) {
+                                    @Override
+                                    void insert() {
+                                        visitMethodInsn(Opcodes.INVOKESTATIC, "oip/OipGrpc", "start", "()V", false);
                                     }
                                 };
                             }

@@ -74,7 +74,7 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
     /** Written into every archive by serve/package.py from models/registry.py (ModelSpec.oip_metadata). */
     static final String METADATA_FILE = "oip_metadata.json";
 
-    static final List<String> EXTENSIONS = Arrays.asList("binary_tensor_data", "statistics");
+    public static final List<String> EXTENSIONS = Arrays.asList("binary_tensor_data", "statistics");
 
     /** The caller's X-Request-ID on this connection's current request, for the errors sent here. */
     static final AttributeKey<String> CALLER_REQUEST_ID = AttributeKey.valueOf("oip-caller-request-id");
@@ -139,10 +139,7 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
         }
         Model model = findModel(name, version);
         if (model == null) {
-            sendError(ctx, HttpResponseStatus.NOT_FOUND, version == null
-                    ? "model " + quote(name) + " is not served; served models: " + String.join(", ", modelNames())
-                    : "model " + quote(name) + " has no version " + quote(version) + "; served versions: "
-                            + String.join(", ", versions(name)));
+            sendError(ctx, HttpResponseStatus.NOT_FOUND, notFound(name, version));
             return;
         }
         switch (action) {
@@ -185,7 +182,8 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
         NettyUtils.sendJsonResponse(ctx, body);
     }
 
-    private static void serverReady(ChannelHandlerContext ctx) {
+    /** What keeps the server from being ready ("model/version (n of m workers READY)"); empty when ready. */
+    public static List<String> notReady() {
         List<String> waiting = new ArrayList<>();
         ModelManager manager = ModelManager.getInstance();
         for (Map.Entry<String, ModelVersionedRefs> entry : manager.getAllModels()) {
@@ -198,6 +196,11 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
                 }
             }
         }
+        return waiting;
+    }
+
+    private static void serverReady(ChannelHandlerContext ctx) {
+        List<String> waiting = notReady();
         JsonObject body = new JsonObject();
         body.addProperty("ready", waiting.isEmpty());
         if (!waiting.isEmpty()) {
@@ -219,6 +222,11 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
     }
 
     private static void modelMetadata(ChannelHandlerContext ctx, Model model) {
+        NettyUtils.sendJsonResponse(ctx, metadata(model));
+    }
+
+    /** The model metadata answer: oip_metadata.json of the archive, its name and every served version. */
+    public static JsonObject metadata(Model model) {
         JsonObject body;
         Path file = model.getModelDir().toPath().resolve(METADATA_FILE);
         try {
@@ -234,7 +242,15 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
         JsonArray versions = new JsonArray();
         versions(model.getModelName()).forEach(versions::add);
         body.add("versions", versions);
-        NettyUtils.sendJsonResponse(ctx, body);
+        return body;
+    }
+
+    /** The NOT_FOUND message for a model or version that is not served, naming what is. */
+    public static String notFound(String name, String version) {
+        return version == null
+                ? "model " + quote(name) + " is not served; served models: " + String.join(", ", modelNames())
+                : "model " + quote(name) + " has no version " + quote(version) + "; served versions: "
+                        + String.join(", ", versions(name));
     }
 
     // ----------------------------------------------------------------------------------- inference
@@ -283,7 +299,7 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
         NettyUtils.sendJsonResponse(ctx, body);
     }
 
-    private static JsonObject modelStatistics(String name, String version) {
+    public static JsonObject modelStatistics(String name, String version) {
         // Per version (TorchServe's counters).
         long requests = (long) sum("ts_inference_requests_total", name, version, null);
         double latencyUs = sum("ts_inference_latency_microseconds", name, version, null);
@@ -360,7 +376,7 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
     // -------------------------------------------------------------------------------------- helpers
 
     /** Workers that have loaded the model: what the management API reports as READY. */
-    private static int readyWorkers(Model model) {
+    public static int readyWorkers(Model model) {
         int ready = 0;
         for (WorkerThread worker : ModelManager.getInstance().getWorkers(model.getModelVersionName())) {
             if (worker.isRunning() && worker.getState() == WorkerState.WORKER_MODEL_LOADED) {
@@ -370,7 +386,7 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
         return ready;
     }
 
-    private static Model findModel(String name, String version) {
+    public static Model findModel(String name, String version) {
         try {
             return ModelManager.getInstance().getModel(name, version);
         } catch (ModelVersionNotFoundException | RuntimeException e) {
@@ -378,7 +394,7 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
         }
     }
 
-    private static List<String> modelNames() {
+    public static List<String> modelNames() {
         List<String> names = new ArrayList<>();
         for (Map.Entry<String, ModelVersionedRefs> entry : ModelManager.getInstance().getAllModels()) {
             names.add(entry.getKey());
@@ -387,7 +403,7 @@ public class OpenInferenceProtocolRequestHandler extends HttpRequestHandlerChain
         return names;
     }
 
-    private static List<String> versions(String name) {
+    public static List<String> versions(String name) {
         List<String> versions = new ArrayList<>();
         try {
             for (Map.Entry<String, Model> entry : ModelManager.getInstance().getAllModelVersions(name)) {
