@@ -46,8 +46,9 @@ import org.pytorch.serve.wlm.ModelManager;
  * binary outputs become {@code raw_output_contents} as views of the worker's bytes (no copy).
  *
  * <p>Request ID: the caller's {@code x-request-id} metadata, else the request's {@code id}, else a fresh
- * UUID; it goes to the handler as {@code X-Request-ID}, comes back as trailing metadata (errors included)
- * and is the response's {@code id} when the request had none. The job's own ID is a fresh UUID, as REST's.
+ * UUID; it goes to the handler as {@code X-Request-ID} and comes back as trailing metadata (errors
+ * included). The response's {@code id} is the request's, else the caller's {@code x-request-id}, else empty
+ * (as Triton: equal requests get equal answers). The job's own ID is a fresh UUID, as REST's.
  * Counted in TorchServe's request, latency and queue metrics like a REST request (ModelStatistics reads them).
  */
 final class InferJob extends Job {
@@ -58,6 +59,8 @@ final class InferJob extends Job {
     private final ServerCallStreamObserver<ModelInferResponse> observer;
     private final OipGrpc.CallState state;
     private final List<String> labels;
+    /** The caller's usable x-request-id metadata, else null (then the answer's id stays empty, as Triton's). */
+    private final String callerId;
 
     private InferJob(Model model, String version, RequestInput input, ModelInferRequest request,
             StreamObserver<ModelInferResponse> observer, OipGrpc.CallState state) {
@@ -65,6 +68,7 @@ final class InferJob extends Job {
         this.request = request;
         this.observer = (ServerCallStreamObserver<ModelInferResponse>) observer;
         this.state = state;
+        this.callerId = OipGrpc.usableId(state.headers.get(OipGrpc.REQUEST_ID));
         this.labels = Arrays.asList(model.getModelName(), version == null ? "default" : version,
                 ConfigManager.getInstance().getHostName());
     }
@@ -80,6 +84,11 @@ final class InferJob extends Job {
         try {
             if (request.getModelName().isEmpty()) {
                 throw OipGrpc.error(Status.INVALID_ARGUMENT, "model name is required");
+            }
+            int cap = ConfigManager.getInstance().getMaxRequestSize();
+            if (request.getSerializedSize() > cap) {
+                throw OipGrpc.error(Status.RESOURCE_EXHAUSTED, "the request is " + request.getSerializedSize()
+                        + " bytes; this server takes at most " + cap + " (max_request_size)");
             }
             int[] headerLength = new int[1];
             byte[] body = body(request, headerLength);
@@ -418,7 +427,7 @@ final class InferJob extends Job {
                 .setModelVersion(!request.getModelVersion().isEmpty() ? request.getModelVersion()
                         : header.has("model_version") && !header.get("model_version").isJsonNull()
                                 ? header.get("model_version").getAsString() : "")
-                .setId(!request.getId().isEmpty() ? request.getId() : state.requestId);
+                .setId(!request.getId().isEmpty() ? request.getId() : callerId == null ? "" : callerId);
         if (header.has("parameters") && header.get("parameters").isJsonObject()) {
             for (Map.Entry<String, JsonElement> p : header.getAsJsonObject("parameters").entrySet()) {
                 InferParameter value = parameter(p.getValue());

@@ -113,7 +113,10 @@ public final class OipGrpc {
             throw new IOException("oip-agent: " + LISTEN_PROPERTY + "=" + listen + " is not HOST:PORT");
         }
         Server built = NettyServerBuilder.forAddress(address)
-                .maxInboundMessageSize(config.getMaxRequestSize())
+                // Twice TorchServe's max_request_size: up to that the message is read whole and ModelInfer
+                // refuses one above max_request_size with a status the client sees (InferJob); grpc's own
+                // refusal resets the stream while the client still sends (the client then reads CANCELLED).
+                .maxInboundMessageSize((int) Math.min(Integer.MAX_VALUE, 2L * config.getMaxRequestSize()))
                 .flowControlWindow(FLOW_CONTROL_WINDOW)
                 .directExecutor() // every RPC only reads frontend state or queues a job: no blocking
                 .addService(ServerInterceptors.intercept(definition(), new CallInterceptor()))
