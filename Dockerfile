@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Serving image: TorchServe 0.12 on Java 17 serving every model of this repository, as a non-root user,
-# with the Open Inference Protocol REST surface (our Java agent) on 8080 and the OIP gRPC front on 7070:
+# with the Open Inference Protocol REST surface (our Java agent) on 8080 and OIP gRPC (in the same JVM) on 7070:
 # the same servers and config `make serve` runs. KServe runs this image too (deploy/kserve/servingruntime.yaml).
 # Full guide (run, token key, GPU image, Kubernetes, KServe): deploy/README.md.
 #
@@ -46,7 +46,7 @@ RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "$TORCH
  && python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 COPY requirements-serve.txt /tmp/requirements-serve.txt
 RUN pip install -r /tmp/requirements-serve.txt \
- && python -c 'import torch, ts, captum.attr, grpc, tritonclient.grpc, yaml, PIL, psutil, requests'
+ && python -c 'import torch, ts, captum.attr, yaml, PIL, psutil, requests'
 
 # ------------------------------------------------------------------------------------------- builder
 FROM deps AS builder
@@ -124,7 +124,7 @@ COPY --from=builder /src/model_store/*.mar /app/model_store/
 # writable by the image's user here; a mounted store must be writable by uid 10001 (deploy/README.md).
 RUN install -d -o 10001 -g 10001 -m 0755 /app/model_store/.rollout
 # serve/ (with serve/torchserve/: the patches, fork server and worker launch), the client it asks the
-# management API with, paths/ (the repository layout) and wire/ (the OIP codec the gRPC front imports, and
+# management API with, paths/ (the repository layout) and wire/ (the OIP codec and
 # the [METRICS] lines): the entrypoint runs `python -m serve start --foreground --image` from /app.
 COPY paths/ /app/paths/
 COPY wire/ /app/wire/
@@ -140,7 +140,7 @@ COPY data/mnist/MNIST/raw/t10k-images-idx3-ubyte.gz data/mnist/MNIST/raw/t10k-la
 # entrypoint.sh is committed executable (mode 100755); COPY keeps the mode.
 COPY deploy/docker/ /app/docker/
 
-# Inference (REST) and the OIP gRPC front on all interfaces (publish them with -p); management and
+# Inference (REST) and OIP gRPC on all interfaces (publish them with -p); management and
 # metrics stay on the container's loopback unless overridden, e.g. -e TS_METRICS_ADDRESS=http://0.0.0.0:8082.
 # APP_DIR is read by deploy/docker/entrypoint.sh, OIP_AGENT_JAR and OIP_GRPC_LISTEN by `serve start`;
 # TS_METRICS_CONFIG declares the handlers' model-quality metrics (serve/metrics.yaml, as on the host).

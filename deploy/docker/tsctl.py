@@ -11,7 +11,7 @@
     python3 /app/docker/tsctl.py live
         Exit 0 when both servers of the container answer: TorchServe's inference port answers
         ``GET /v2/health/live`` (any answer but a 5xx: with token auth on and no valid key the frontend
-        still answers), and the OIP gRPC front (env ``OIP_GRPC_LISTEN``, default ``0.0.0.0:7070``;
+        still answers), and the OIP gRPC port (in TorchServe's JVM; env ``OIP_GRPC_LISTEN``, default ``0.0.0.0:7070``;
         empty or ``off``: not checked) accepts a TCP connection. Cheap: no management call, no worker
         check. The KServe runtime's liveness probe (deploy/kserve/servingruntime.yaml): an exec probe
         works whichever single port Knative routes to (HTTP 8080 or gRPC 7070).
@@ -185,15 +185,15 @@ def live() -> str:
         with socket.create_connection((host, int(port)), timeout=TIMEOUT_S):
             pass
     except (OSError, ValueError) as err:
-        raise ServerError(f"the OIP gRPC front does not accept connections on {host}:{port}: {err}") from None
-    return f"live: TorchServe answers ({status}), OIP gRPC front listens on {host}:{port}"
+        raise ServerError(f"the OIP gRPC port does not accept connections on {host}:{port}: {err}") from None
+    return f"live: TorchServe answers ({status}), OIP gRPC listens on {host}:{port}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("health", help="exit 0 when every expected model has READY workers")
-    sub.add_parser("live", help="exit 0 when TorchServe and the OIP gRPC front answer")
+    sub.add_parser("live", help="exit 0 when TorchServe and its OIP gRPC port answer")
     key_cmd = sub.add_parser("key", help="print a (renewed if expired) key from key_file.json")
     key_cmd.add_argument("kind", nargs="?", default="inference", choices=sorted(KEY_SECTIONS))
     args = parser.parse_args(argv)

@@ -104,7 +104,7 @@ def test_dockerfile_runtime_contract():
     assert "TS_METRICS_ADDRESS=http://127.0.0.1:8082" in env
     assert "OIP_GRPC_LISTEN=0.0.0.0:7070" in env
     root = load_properties(REPO / "config.properties")
-    assert root.get("oip_grpc_port") == "7070", "the image's gRPC front port is the one `make serve` uses"
+    assert root.get("oip_grpc_port") == "7070", "the image's OIP gRPC port is the one `make serve` uses"
     # torchserve's launcher reads TS_CONFIG_FILE before --ts-config: KServe's --ts-config would be ignored.
     assert "TS_CONFIG_FILE" not in env
 
@@ -125,7 +125,7 @@ def test_dockerfile_ships_the_oip_agent_and_the_grpc_front():
     env = dict(pair.split("=", 1) for ins, args in runtime if ins == "ENV" for pair in args.split())
     copies = [args.split() for ins, args in runtime if ins == "COPY"]
     assert ["--from=oip", "/out/oip-agent.jar", env["OIP_AGENT_JAR"]] in copies
-    assert ["serve/", f"{env['APP_DIR']}/serve/"] in copies, "python -m serve.oip_grpc runs from APP_DIR"
+    assert ["serve/", f"{env['APP_DIR']}/serve/"] in copies, "python -m serve runs from APP_DIR"
     assert ["deploy/docker/", f"{env['APP_DIR']}/docker/"] in copies
 
 
@@ -871,7 +871,7 @@ def live_servers(monkeypatch, tmp_path):
 
 def test_live_ok_when_both_servers_answer(tsctl, live_servers, capsys):
     assert tsctl.main(["live"]) == 0, capsys.readouterr().out
-    assert "OIP gRPC front listens" in capsys.readouterr().out
+    assert "OIP gRPC listens" in capsys.readouterr().out
 
 
 def test_live_fails_on_a_5xx_or_a_closed_grpc_port(tsctl, live_servers, capsys):
