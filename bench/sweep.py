@@ -9,7 +9,7 @@ samples/s and p50/p99. Forms, all through the stock clients (the same client for
 
 * ``rest-bin``: Open Inference Protocol over REST with binary tensors (``tritonclient.http``, FP32 input
   ``[N, 784]``, binary outputs);
-* ``grpc``: the same tensor over gRPC (``tritonclient.grpc``; ours: serve/oip_grpc.py's front);
+* ``grpc``: the same tensor over gRPC (``tritonclient.grpc``; ours: the OIP gRPC service in TorchServe's JVM);
 * ``oip-json``: the Open Inference Protocol with JSON data (``tritonclient.http`` with ``binary_data=False``);
 * ``native-json`` (ours only): ``POST /predictions/mnistnet`` with the JSON array the baselines get.
 

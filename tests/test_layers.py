@@ -167,7 +167,7 @@ def test_the_image_holds_every_package_its_python_modules_import():
     entrypoint = (REPO_ROOT / "deploy" / "docker" / "entrypoint.sh").read_text()
     run = sorted({m for m in re.findall(r"-m\s+([A-Za-z_][\w.]*)", entrypoint)
                   if m.split(".")[0] in top_level_packages()})
-    assert run, "the entrypoint runs at least one of the repository's modules (the gRPC front)"
+    assert run, "the entrypoint runs at least one of the repository's modules (serve)"
     needed = {name.split(".")[0] for name in module_closure(run)}
     missing = sorted(p for p in needed if f"{env['APP_DIR']}/{p}" not in copied)
     assert not missing, f"{run} import {missing}, which the runtime stage does not COPY into {env['APP_DIR']}"
