@@ -5,7 +5,7 @@ model_store/ up to date on the host (what `make package` does; the image's build
 build ``torchserve-mnist:cpu`` (tests/container/container_image.py). Once per module: start it as the Kubernetes Deployment does (read-only root, tmpfs /tmp and workdir) with its inference and
 gRPC ports published on private loopback ports, and wait until every model is READY.
 Then: every model READY, real predictions with the token read out of the container, the Open Inference
-Protocol REST surface and the OIP gRPC front with the stock tritonclient, the non-root user, the size,
+Protocol REST surface and OIP gRPC (in the JVM) with the stock tritonclient, the non-root user, the size,
 and last a clean stop (SIGTERM → exit 0). The build and cold-start times are printed (``-s`` shows them).
 
 Without an engine these tests skip, except under CI (``CI=true``), where they fail: CI must prove the image.

@@ -1,5 +1,5 @@
 """The Open Inference Protocol surface, driven by the STOCK clients (tritonclient http and grpc, defaults on:
-binary tensors) against the session's real TorchServe (REST: TorchServe + serve/torchserve/java; gRPC: serve/oip_grpc.py).
+binary tensors) against the session's real TorchServe (REST: TorchServe + serve/torchserve/java; gRPC: the same agent, inside the JVM).
 
 Every endpoint (server live/ready/metadata, model ready/metadata, infer) for every model, with and
 without a version; datatypes FP32, FP64, UINT8, INT64; JSON and binary both ways; requested-output

@@ -9,7 +9,7 @@ Cases (docs/reliability.md has the table these tests print at the end of the mod
    → answered after the timeout with a JSON error, worker replaced (new pid, READY again), readiness
    probe non-200 meanwhile, the other model untouched; time to recovery measured;
 3. dead JVM: ``python -m serve status`` says it died (stale pid) and exits non-zero, ``serve stop``
-   still stops the OIP gRPC front; the container entrypoint exits non-zero when the JVM dies;
+   cleans up; the container entrypoint exits non-zero when the JVM dies;
 4. bad start: corrupt / truncated archive, missing or broken weights, port in use, unwritable log
    folder → ``python -m serve start`` fails fast with one line naming cause and fix, no stray process;
 5. keys: rotated and expired inference keys get 400 InvalidKeyException; the client re-reads the key file;

@@ -3,7 +3,7 @@
 A stopped server leaves the connections it closed in TIME-WAIT on its own ports for about a minute. The
 servers themselves bind with SO_REUSEADDR and would start, so the start-up port check must not count those
 (it used to: "port(s) already in use: 7070 (oip_grpc)" after any gRPC call). Here: a real server gets
-traffic on every port it listens on (REST inference, management, metrics, the OIP gRPC front, TorchServe's
+traffic on every port it listens on (REST inference, management, metrics, OIP gRPC, TorchServe's
 own gRPC inference and management), the connections stay open across ``stop()``, every port then holds a
 connection in TIME-WAIT (the test leaves one where the stop did not), and ``start()`` follows at once on the same ports: it must succeed, and the restarted server answers right (the in-process model).
 That a port something really listens on is still refused: tests/serve/test_server_control.py.

@@ -259,7 +259,7 @@ def test_container_runs_as_non_root():
 
 
 def test_container_publishes_only_the_inference_ports():
-    """REST (native, KServe v1, OIP) on 8080 and the OIP gRPC front on 7070; management and metrics stay inside."""
+    """REST (native, KServe v1, OIP) on 8080 and OIP gRPC on 7070; management and metrics stay inside."""
     exposed = [port for ins, args in runtime_stage() if ins == "EXPOSE" for port in args.split()]
     assert exposed == ["8080", "7070"]
     env = " ".join(args for ins, args in runtime_stage() if ins == "ENV")
