@@ -495,6 +495,8 @@ class Server:
         if grpc_listen is None:
             grpc_listen = f"127.0.0.1:{self.ports.oip_grpc}"
         self.grpc_listen = None if grpc_listen.strip() in ("", "off") else grpc_listen.strip()
+        if os.environ.get(oip_agent.AGENT_ENV, "on").strip() in ("", "off"):
+            self.grpc_listen = None  # OIP gRPC is served by the agent: no agent, no OIP gRPC
         if self.grpc_listen:
             self.ports = replace(self.ports, oip_grpc=_port_of(self.grpc_listen))
         self.workdir = Path(workdir).resolve()
