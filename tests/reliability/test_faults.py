@@ -454,7 +454,10 @@ def test_expired_key_gets_a_clear_refusal(short_key_server, matrix):
 def test_dead_jvm_is_reported_and_stop_cleans_up(short_key_server, matrix):
     server = short_key_server
     pid = server.pid()
-    assert pid and server.grpc_listening()
+    deadline = time.monotonic() + 60
+    while not server.grpc_listening():  # the JVM binds OIP gRPC after its REST ports (not waited READY here)
+        assert pid and time.monotonic() < deadline, server.output_tail()
+        time.sleep(0.2)
     frontend = psutil.Process(pid)
     deadline = time.monotonic() + 60
     while "fault_handler: loading for" not in "\n".join(server._log_since_start("model_log.log")):
