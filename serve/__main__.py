@@ -35,7 +35,7 @@ from paths import EXAMPLES_DIR
 from serve.server import (DEFAULT_CONFIG, DEFAULT_LOG_CONFIG, DEFAULT_LOG_DIR, DEFAULT_WORKDIR, PID_FILE, Server,
                           ServerError, read_defaults)
 
-GRPC_LISTEN_ENV = "OIP_GRPC_LISTEN"  # --image: host:port of the OIP gRPC front, "off" for none
+GRPC_LISTEN_ENV = "OIP_GRPC_LISTEN"  # --image: host:port of OIP gRPC (in the JVM), "off" for none
 
 
 class StopRequested(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow it

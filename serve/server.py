@@ -346,7 +346,7 @@ def _writable_dir(directory: Path, what: str, option: str) -> None:
 
 def _wait_exited(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     """Wait up to ``timeout`` s for ``processes`` to exit; returns those still running. A zombie counts as
-    exited: a process another parent started (e.g. the gRPC front of a ``serve start`` that is still
+    exited: a process another parent started (e.g. the fork server of a ``serve start`` that is still
     running in the same test) stays a zombie until that parent reaps it, and ``psutil.wait_procs`` would
     wait out the whole timeout for it."""
     deadline = time.monotonic() + timeout
@@ -366,7 +366,7 @@ def _wait_exited(processes: list[psutil.Process], timeout: float) -> list[psutil
 
 
 class HelperProcess:
-    """A process a :class:`Server` runs beside TorchServe (the fork server, the OIP gRPC front): started in
+    """A process a :class:`Server` runs beside TorchServe (the fork server): started in
     its own session with its output appended to ``log_file`` and its pid in ``pid_file``, so that a later
     ``serve status|stop`` finds it; stopped with SIGTERM, then SIGKILL after a timeout."""
 

@@ -1,7 +1,7 @@
 """The Open Inference Protocol (KServe v2) codec: datatypes, BYTES elements and the binary tensor data body.
 
-The one place that knows how OIP tensors are laid out in bytes; the handlers (shipped inside every archive),
-the gRPC front (serve/oip_grpc.py) and the client (client/oip.py) all use it. numpy and the standard
+The one place that knows how OIP tensors are laid out in bytes; the handlers (shipped inside every archive)
+and the client (client/oip.py) use it. numpy and the standard
 library only. docs/protocols.md describes the formats.
 """
 from __future__ import annotations
