@@ -276,6 +276,13 @@ def test_access_log_lines_name_the_request_id_and_trace_id(tmp_path, weights_dir
         unknown = post(server, "/predictions/nosuch", json={"data": rows(1)}, headers={"X-Request-ID": "acc-2"})
         anonymous = post(server, "/v2/models/mlp/infer", json=oip_body(rows(1)))
         named = post(server, "/v2/models/mlp/infer", json=oip_body([[1.0] * 3], "acc-3", width=3))
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel := grpclib.insecure_channel(server.grpc_address))
+        request = service_pb2.ModelInferRequest(model_name="mlp")
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 2])
+        request.raw_input_contents.append(np.asarray(rows(1), dtype=np.float32).tobytes())
+        stub.ModelInfer(request, metadata=(("authorization", f"Bearer {server.keys()['inference']}"),
+                                           ("x-request-id", "acc-6"), ("traceparent", TRACEPARENT)), timeout=30)
+        channel.close()
         assert (traced.status_code, unknown.status_code, anonymous.status_code) == (200, 404, 200)
         assert unknown.headers["X-Request-ID"] == "acc-2" and _names_its_id(named, 400, "acc-3")
         big = {"data": rows(limit // 10)}  # ~0.3 MB of JSON
@@ -294,7 +301,8 @@ def test_access_log_lines_name_the_request_id_and_trace_id(tmp_path, weights_dir
                   f"request_id={anonymous.headers['X-Request-ID']}",
                   '"POST /v2/models/mlp/infer HTTP/1.1" 400 ', "request_id=acc-3",
                   '"POST /predictions/mlp HTTP/1.1" 413 ', "request_id=acc-4",
-                  '"POST /predictions/mlp HTTP/1.1" 503 ', "request_id=acc-5"]
+                  '"POST /predictions/mlp HTTP/1.1" 503 ', "request_id=acc-5",
+                  '"gRPC /inference.GRPCInferenceService/ModelInfer HTTP/2.0" 0 ', "request_id=acc-6 trace_id=" + TRACE]
         log = server.log_dir / "access_log.log"
         deadline = time.monotonic() + 20
         while not all(w in (text := log.read_text(errors="replace")) for w in wanted) and time.monotonic() < deadline:

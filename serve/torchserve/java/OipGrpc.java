@@ -11,6 +11,7 @@ import com.google.protobuf.Message;
 import io.grpc.Context;
 import io.grpc.Contexts;
 import io.grpc.ForwardingServerCall;
+import io.grpc.Grpc;
 import io.grpc.KnownLength;
 import io.grpc.Metadata;
 import io.grpc.MethodDescriptor;
@@ -90,6 +91,9 @@ public final class OipGrpc {
     }
 
     static final Context.Key<CallState> STATE = Context.key("oip-grpc-call");
+
+    /** TorchServe's access log (logs/access_log.log at SERVE_LOG_LEVEL=info): one line per call, as REST's. */
+    private static final org.slf4j.Logger ACCESS_LOG = org.slf4j.LoggerFactory.getLogger("ACCESS_LOG");
 
     private static volatile Server server;
 
@@ -399,7 +403,8 @@ public final class OipGrpc {
 
     /**
      * Token auth (the inference key, as REST) and the call's state; every answer, errors included, carries
-     * trailing metadata {@code x-request-id} once the call has one.
+     * trailing metadata {@code x-request-id} once the call has one, and writes one access-log line in REST's
+     * format: {@code <peer> "gRPC /<method> HTTP/2.0" <gRPC status code> <ms> request_id=<id> [trace_id=<t>]}.
      */
     static final class CallInterceptor implements ServerInterceptor {
         @Override
@@ -407,6 +412,7 @@ public final class OipGrpc {
                 ServerCall<Q, R> call, Metadata headers, ServerCallHandler<Q, R> next) {
             CallState state = new CallState(headers);
             state.requestId = usableId(headers.get(REQUEST_ID));
+            long started = System.currentTimeMillis();
             ServerCall<Q, R> wrapped = new ForwardingServerCall.SimpleForwardingServerCall<Q, R>(call) {
                 @Override
                 public void close(Status status, Metadata trailers) {
@@ -415,6 +421,13 @@ public final class OipGrpc {
                         trailers.put(REQUEST_ID, id);
                     }
                     super.close(status, trailers);
+                    if (ACCESS_LOG.isInfoEnabled()) {
+                        String trace = org.pytorch.serve.http.Session.traceId(headers.get(TRACEPARENT));
+                        ACCESS_LOG.info(getAttributes().get(Grpc.TRANSPORT_ATTR_REMOTE_ADDR) + " \"gRPC /"
+                                + getMethodDescriptor().getFullMethodName() + " HTTP/2.0\" " + status.getCode().value()
+                                + ' ' + (System.currentTimeMillis() - started) + " request_id=" + (id == null ? "-" : id)
+                                + (trace != null ? " trace_id=" + trace : ""));
+                    }
                 }
             };
             if (Boolean.TRUE.equals(TokenAuthorization.isEnabled())) {

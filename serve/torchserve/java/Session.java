@@ -68,7 +68,7 @@ public class Session {
     }
 
     /** The trace ID of a W3C traceparent ({@code 00-<32 hex>-<16 hex>-<2 hex>}), else null. */
-    static String traceId(String value) {
+    public static String traceId(String value) {
         if (value == null) {
             return null;
         }
