@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -61,12 +62,14 @@ def run_wrk(
     """
     _check_target(url, connections)
     threads = max(1, min(threads, connections))
+    # wrk reads its times as whole seconds ("-d0.5s" is a usage error): round up; its report gives the real window
     with tempfile.NamedTemporaryFile(prefix="wrk-body-", delete=False) as handle:
         handle.write(body)
         body_file = handle.name
     try:
         cmd = [
-            wrk_path(), f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", f"--timeout={timeout_s:g}s",
+            wrk_path(), f"-t{threads}", f"-c{connections}", f"-d{max(1, math.ceil(seconds))}s",
+            f"--timeout={max(1, math.ceil(timeout_s))}s",
             "-s", str(LUA_SCRIPT), url, "--", body_file, content_type,
         ]
         env = {**os.environ, "WRK_AUTH": f"Bearer {token}" if token else "",
