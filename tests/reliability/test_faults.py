@@ -394,8 +394,11 @@ def test_workflow_registration_loads_nothing(fault_server, tmp_path, matrix):
             response = manage(server, "POST", "/workflows", params={"url": url})
             answers[url] = (response.status_code, error_message(response))
             text = message.format(url)
+            request_id = response.headers.get("X-Request-ID")
+            assert request_id, (url, dict(response.headers))
             assert (response.status_code, response.json()) == (
-                status, {"code": status, "type": kind, "message": text, "error": text}), (url, response.text)
+                status, {"code": status, "type": kind, "message": text, "error": text, "request_id": request_id}
+            ), (url, response.text)
         assert manage(server, "GET", "/workflows").json() == {"workflows": []}
         assert manage(server, "GET", "/models").json() == models_before
     finally:
