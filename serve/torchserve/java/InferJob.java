@@ -55,17 +55,17 @@ final class InferJob extends Job {
 
     static final String HEADER_LENGTH = "Inference-Header-Content-Length";
 
-    private final ModelInferRequest request;
+    private final Call call;
     private final ServerCallStreamObserver<ModelInferResponse> observer;
     private final OipGrpc.CallState state;
     private final List<String> labels;
     /** The caller's usable x-request-id metadata, else null (then the answer's id stays empty, as Triton's). */
     private final String callerId;
 
-    private InferJob(Model model, String version, RequestInput input, ModelInferRequest request,
+    private InferJob(Model model, String version, RequestInput input, Call call,
             StreamObserver<ModelInferResponse> observer, OipGrpc.CallState state) {
         super(model.getModelName(), version, WorkerCommands.PREDICT, input);
-        this.request = request;
+        this.call = call;
         this.observer = (ServerCallStreamObserver<ModelInferResponse>) observer;
         this.state = state;
         this.callerId = OipGrpc.usableId(state.headers.get(OipGrpc.REQUEST_ID));
@@ -73,14 +73,31 @@ final class InferJob extends Job {
                 ConfigManager.getInstance().getHostName());
     }
 
-    /** The ModelInfer RPC. */
-    static void submit(ModelInferRequest request, StreamObserver<ModelInferResponse> observer) {
-        OipGrpc.CallState state = OipGrpc.STATE.get();
-        String id = state.requestId;
-        if (id == null) {
-            id = OipGrpc.usableId(request.getId());
+    /**
+     * A ModelInfer as its marshaller leaves it ({@link OipGrpc.InferRequestMarshaller}): the request's names
+     * and ID, and the worker's body with its JSON header's length, or the first thing wrong with the request.
+     * Made while the parsed message's raw inputs are still views of the received bytes.
+     */
+    static final class Call {
+        final String modelName;
+        final String modelVersion;
+        final String id;
+        final byte[] body;
+        final int headerLength;
+        final StatusRuntimeException problem;
+
+        private Call(ModelInferRequest request, byte[] body, int headerLength, StatusRuntimeException problem) {
+            this.modelName = request.getModelName();
+            this.modelVersion = request.getModelVersion();
+            this.id = request.getId();
+            this.body = body;
+            this.headerLength = headerLength;
+            this.problem = problem;
         }
-        state.requestId = id != null ? id : UUID.randomUUID().toString();
+    }
+
+    /** Checks the request (name, max_request_size, inputs: in that order) and builds its body: one copy. */
+    static Call prepare(ModelInferRequest request) {
         try {
             if (request.getModelName().isEmpty()) {
                 throw OipGrpc.error(Status.INVALID_ARGUMENT, "model name is required");
@@ -92,11 +109,31 @@ final class InferJob extends Job {
             }
             int[] headerLength = new int[1];
             byte[] body = body(request, headerLength);
-            String version = request.getModelVersion().isEmpty() ? null : request.getModelVersion();
-            Model model = OipGrpc.model(request.getModelName(), request.getModelVersion());
+            return new Call(request, body, headerLength[0], null);
+        } catch (StatusRuntimeException e) {
+            return new Call(request, null, 0, e);
+        } catch (RuntimeException e) { // ArithmeticException from a shape's element count and kin
+            return new Call(request, null, 0, OipGrpc.error(Status.INVALID_ARGUMENT, e.toString()));
+        }
+    }
+
+    /** The ModelInfer RPC. */
+    static void submit(Call call, StreamObserver<ModelInferResponse> observer) {
+        OipGrpc.CallState state = OipGrpc.STATE.get();
+        String id = state.requestId;
+        if (id == null) {
+            id = OipGrpc.usableId(call.id);
+        }
+        state.requestId = id != null ? id : UUID.randomUUID().toString();
+        try {
+            if (call.problem != null) {
+                throw call.problem;
+            }
+            String version = call.modelVersion.isEmpty() ? null : call.modelVersion;
+            Model model = OipGrpc.model(call.modelName, call.modelVersion);
             RequestInput input = new RequestInput(UUID.randomUUID().toString());
             input.updateHeaders("content-type", "application/octet-stream");
-            input.updateHeaders(HEADER_LENGTH.toLowerCase(), String.valueOf(headerLength[0]));
+            input.updateHeaders(HEADER_LENGTH.toLowerCase(), String.valueOf(call.headerLength));
             input.updateHeaders("explain", "False");
             input.updateHeaders("oip-request", "v2");
             input.updateHeaders("x-request-id", state.requestId);
@@ -106,10 +143,10 @@ final class InferJob extends Job {
             }
             input.updateHeaders("x-serve-received-us",
                     String.valueOf(ChronoUnit.MICROS.between(Instant.EPOCH, Instant.now())));
-            input.addParameter(new InputParameter("body", body, "application/octet-stream"));
+            input.addParameter(new InputParameter("body", call.body, "application/octet-stream"));
             count("ts_inference_requests_total", Arrays.asList(model.getModelName(),
                     version == null ? "default" : version, ConfigManager.getInstance().getHostName()), 1);
-            InferJob job = new InferJob(model, version, input, request, observer, state);
+            InferJob job = new InferJob(model, version, input, call, observer, state);
             if (!ModelManager.getInstance().addJob(job)) {
                 throw OipGrpc.error(Status.UNAVAILABLE, "model " + quote(model.getModelName())
                         + " has no worker or its job queue is full; retry later");
@@ -423,11 +460,11 @@ final class InferJob extends Job {
         int jsonLength = headerLength < 0 ? body.length : headerLength;
         JsonObject header = JsonParser.parseString(new String(body, 0, jsonLength, StandardCharsets.UTF_8)).getAsJsonObject();
         ModelInferResponse.Builder result = ModelInferResponse.newBuilder()
-                .setModelName(request.getModelName())
-                .setModelVersion(!request.getModelVersion().isEmpty() ? request.getModelVersion()
+                .setModelName(call.modelName)
+                .setModelVersion(!call.modelVersion.isEmpty() ? call.modelVersion
                         : header.has("model_version") && !header.get("model_version").isJsonNull()
                                 ? header.get("model_version").getAsString() : "")
-                .setId(!request.getId().isEmpty() ? request.getId() : callerId == null ? "" : callerId);
+                .setId(!call.id.isEmpty() ? call.id : callerId == null ? "" : callerId);
         if (header.has("parameters") && header.get("parameters").isJsonObject()) {
             for (Map.Entry<String, JsonElement> p : header.getAsJsonObject("parameters").entrySet()) {
                 InferParameter value = parameter(p.getValue());

@@ -8,10 +8,13 @@ import com.google.protobuf.CodedInputStream;
 import com.google.protobuf.CodedOutputStream;
 import com.google.protobuf.InvalidProtocolBufferException;
 import com.google.protobuf.Message;
+import com.google.protobuf.UnsafeByteOperations;
 import io.grpc.Context;
 import io.grpc.Contexts;
+import io.grpc.Detachable;
 import io.grpc.ForwardingServerCall;
 import io.grpc.Grpc;
+import io.grpc.HasByteBuffer;
 import io.grpc.KnownLength;
 import io.grpc.Metadata;
 import io.grpc.MethodDescriptor;
@@ -31,7 +34,9 @@ import java.io.ByteArrayInputStream;
 import java.io.IOException;
 import java.io.InputStream;
 import java.net.InetSocketAddress;
+import java.nio.ByteBuffer;
 import java.nio.charset.StandardCharsets;
+import java.util.ArrayList;
 import java.util.List;
 import java.util.concurrent.TimeUnit;
 import org.pytorch.serve.grpc.openinference.OpenInferenceGrpc.ModelInferRequest;
@@ -363,39 +368,90 @@ public final class OipGrpc {
     }
 
     /**
-     * ModelInferRequest read into one array and parsed with aliasing: each raw_input_contents is a view
-     * of that array, not a copy ({@link InferJob} then copies it once, into the worker's body).
+     * ModelInferRequest parsed where grpc received it: with grpc's {@link Detachable} and {@link HasByteBuffer}
+     * the message's transport buffers are kept (not copied) and the message is parsed from them with
+     * aliasing, so each raw_input_contents is a view of the received bytes; {@link InferJob#prepare} then
+     * copies them once, into the worker's body, before the buffers go back to the transport. Without those
+     * interfaces the message is read into one array first (then views of that array). The parsed message
+     * does not outlive this call: only the names, the ID and the body (or what is wrong) travel on.
      */
-    static final class InferRequestMarshaller implements MethodDescriptor.Marshaller<ModelInferRequest> {
-        private final MethodDescriptor.Marshaller<ModelInferRequest> plain = proto(ModelInferRequest.getDefaultInstance());
-
+    static final class InferRequestMarshaller implements MethodDescriptor.Marshaller<InferJob.Call> {
         @Override
-        public InputStream stream(ModelInferRequest value) {
-            return plain.stream(value);
+        public InputStream stream(InferJob.Call value) {
+            throw new UnsupportedOperationException("the server never sends a ModelInferRequest");
         }
 
         @Override
-        public ModelInferRequest parse(InputStream stream) {
+        public InferJob.Call parse(InputStream stream) {
+            InputStream held = null;
             try {
-                byte[] data;
-                if (stream instanceof KnownLength) {
-                    data = new byte[stream.available()];
-                    int read = stream.readNBytes(data, 0, data.length);
-                    if (read != data.length) {
-                        throw new IOException("message ended after " + read + " of " + data.length + " bytes");
-                    }
-                } else {
-                    data = stream.readAllBytes();
+                ByteString bytes = null;
+                if (stream instanceof Detachable && stream instanceof HasByteBuffer
+                        && ((HasByteBuffer) stream).byteBufferSupported()) {
+                    held = ((Detachable) stream).detach();
+                    bytes = views(held);
                 }
-                CodedInputStream in = CodedInputStream.newInstance(data);
+                if (bytes == null) {
+                    InputStream source = held != null ? held : stream;
+                    byte[] data;
+                    if (source instanceof KnownLength) {
+                        data = new byte[source.available()];
+                        int read = source.readNBytes(data, 0, data.length);
+                        if (read != data.length) {
+                            throw new IOException("message ended after " + read + " of " + data.length + " bytes");
+                        }
+                    } else {
+                        data = source.readAllBytes();
+                    }
+                    bytes = UnsafeByteOperations.unsafeWrap(data);
+                }
+                // A ByteString's own CodedInputStream counts its bytes immutable: with aliasing, bytes fields
+                // are then views (CodedInputStream.newInstance(byte[]) would copy each one).
+                CodedInputStream in = bytes.newCodedInput();
                 in.enableAliasing(true);
                 in.setSizeLimit(Integer.MAX_VALUE);
-                return ModelInferRequest.parseFrom(in);
+                return InferJob.prepare(ModelInferRequest.parseFrom(in));
             } catch (InvalidProtocolBufferException e) {
                 throw error(Status.INVALID_ARGUMENT, "unreadable ModelInferRequest: " + e.getMessage());
             } catch (IOException e) {
                 throw error(Status.INTERNAL, "cannot read the request: " + e);
+            } finally {
+                if (held != null) {
+                    try {
+                        held.close(); // the transport's buffers go back; nothing refers to them any more
+                    } catch (IOException e) { // nothing to do
+                    }
+                }
             }
+        }
+
+        /**
+         * The detached message as views of its transport buffers (marked, so skipping keeps them until
+         * {@code close}), or null when they cannot be kept (nothing has been read then).
+         */
+        private static ByteString views(InputStream held) throws IOException {
+            if (!(held instanceof HasByteBuffer) || !held.markSupported()) {
+                return null;
+            }
+            held.mark(Integer.MAX_VALUE);
+            List<ByteString> parts = new ArrayList<>();
+            for (int left; (left = held.available()) > 0; ) {
+                ByteBuffer buffer = ((HasByteBuffer) held).getByteBuffer();
+                if (buffer == null || !buffer.hasRemaining()) {
+                    held.reset();
+                    return null;
+                }
+                buffer = buffer.slice();
+                if (buffer.remaining() > left) {
+                    buffer.limit(left);
+                }
+                parts.add(UnsafeByteOperations.unsafeWrap(buffer));
+                long skipped = held.skip(buffer.remaining());
+                if (skipped != buffer.remaining()) {
+                    throw new IOException("skipped " + skipped + " of " + buffer.remaining() + " bytes");
+                }
+            }
+            return ByteString.copyFrom(parts); // a rope of the views, not a copy
         }
     }
 
