@@ -5,7 +5,8 @@
 
 For 1, 8, 64, 256 and 1,024 real MNIST test digits per request, one caller (one connection, one request in
 flight, closed loop) sends the same request for ``--seconds`` after a short warm-up and the sweep reports
-samples/s and p50/p99. Forms, all through the stock clients (the same client for both servers):
+samples/s and p50/p99; each form is first warmed with its own calls (``--warmup`` seconds over its sizes).
+Forms, all through the stock clients (the same client for both servers):
 
 * ``rest-bin``: Open Inference Protocol over REST with binary tensors (``tritonclient.http``, FP32 input
   ``[N, 784]``, binary outputs);
@@ -139,18 +140,21 @@ def check(call, images: np.ndarray, expected: np.ndarray, label: str) -> None:
 
 
 def sweep_server(side: str, server, forms, sizes, seconds: float, weights: Path, warmup: float) -> dict:
-    """Every (form, size) point against one running server; ``{form: {size: result}}``."""
+    """Every (form, size) point against one running server; ``{form: {size: result}}``. Before a form's first
+    point, ``warmup`` seconds of that form's own calls, round-robin over the sizes it will be timed at: the JVM
+    (ours) compiles each form's hot paths (gRPC's differ from REST's) under load first, and every form starts warm."""
     token = server.keys().get("inference")
     out: dict = {}
-    warm = make_caller("rest-bin", server, token, digits(1))
-    deadline = time.monotonic() + warmup  # the JVM (ours) compiles its hot paths under load first
-    while time.monotonic() < deadline:
-        warm()
     for form in forms:
         out[form] = {}
+        callers = {size: make_caller(form, server, token, digits(size)) for size in sizes}
+        deadline = time.monotonic() + warmup
+        while time.monotonic() < deadline:
+            for size in sizes:
+                callers[size]()
         for size in sizes:
             images = digits(size)
-            call = make_caller(form, server, token, images)
+            call = callers[size]
             check(call, images, reference(images, weights), f"{side} {form} {size}")
             result = time_calls(call, size, seconds)
             out[form][str(size)] = result
@@ -261,8 +265,8 @@ def main(argv=None) -> int:
     parser.add_argument("--forms", default=",".join(FORMS), help=f"of {', '.join(FORMS)} (default all)")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="images per request (default 1,8,64,256,1024)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per point (default 3)")
-    parser.add_argument("--warmup", type=float, default=15.0,
-                        help="seconds of 1-image binary REST calls before each server's first point (default 15)")
+    parser.add_argument("--warmup", type=float, default=8.0,
+                        help="seconds of each form's own calls (all its sizes, in turn) before its first point (default 8)")
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--out", type=Path, default=BENCH_RESULTS_DIR, help="writes sweep.json and sweep.png here")
     parser.add_argument("--no-save", action="store_true", help="print only")
