@@ -209,7 +209,10 @@ class ServingHandler:
         metrics = self.metrics
         started = time.perf_counter()
         try:
-            outputs = self.forward(np.concatenate([decoded.samples for _, decoded in pending]))
+            # One request (a lone caller, or one request carrying many samples): its own array, not a copy.
+            samples = pending[0][1].samples if len(pending) == 1 else np.concatenate(
+                [decoded.samples for _, decoded in pending])
+            outputs = self.forward(samples)
         except Exception as err:
             logger.exception("forward pass failed for a batch of %d request(s)", len(pending))
             for idx, _ in pending:

@@ -290,25 +290,40 @@ def _check_number(value: Any, where: str) -> None:
 # ---------------------------------------------------------------------------------------- finishing
 
 
-def finish(samples: np.ndarray, spec) -> np.ndarray:
-    """Range-check image intensities, normalise like training, cast to float32 ``(N, *input_shape)``."""
+def finish(samples: np.ndarray, spec, bounds: tuple[float, float] | None = None) -> np.ndarray:
+    """Range-check image intensities, normalise like training, cast to float32 ``(N, *input_shape)``.
+
+    ``samples`` may be a read-only view of the request's bytes: it is never written to. The result is one new
+    float32 array: the cast and the subtraction of the mean are one pass (``np.subtract`` into float32 casts
+    first, so the values are those of ``astype(float32)`` then ``-= mean``), the division a second, in place.
+    ``bounds``: ``(min, max)`` of ``samples`` when the caller has computed them already."""
     if spec.is_image_model:
-        x = _check_intensities(samples).astype(np.float32)  # within [0, 1]: no float32 overflow
+        x = _float32(_check_intensities(samples, bounds), spec.normalize)  # within [0, 1]: no float32 overflow
     else:
         with np.errstate(over="ignore"):  # overflow to inf is reported just below
             x = samples.astype(np.float32)
         if not np.all(np.isfinite(x)):
             raise InputError("data holds a value outside the float32 range (about +-3.4e38)")
-    if spec.normalize is not None:  # in place: x is astype's own copy
-        mean, std = spec.normalize
-        x -= np.float32(mean)
-        x /= np.float32(std)
+        if spec.normalize is not None:  # in place: x is astype's own copy
+            mean, std = spec.normalize
+            x -= np.float32(mean)
+            x /= np.float32(std)
     return x.reshape((len(x),) + tuple(spec.input_shape))
 
 
-def _check_intensities(pixels: np.ndarray) -> np.ndarray:
+def _float32(samples: np.ndarray, normalize: tuple[float, float] | None) -> np.ndarray:
+    """A new float32 array of ``samples``, normalised ``(x - mean) / std`` in float32 when ``normalize`` is set."""
+    if normalize is None:
+        return samples.astype(np.float32)
+    mean, std = normalize
+    x = np.subtract(samples, np.float32(mean), dtype=np.float32)
+    x /= np.float32(std)
+    return x
+
+
+def _check_intensities(pixels: np.ndarray, bounds: tuple[float, float] | None = None) -> np.ndarray:
     """``pixels`` clipped to [0, 1]; InputError unless all lie within PIXEL_TOLERANCE of it (NaN never does)."""
-    lo, hi = float(pixels.min()), float(pixels.max())
+    lo, hi = bounds if bounds is not None else (float(pixels.min()), float(pixels.max()))
     if not (lo >= -PIXEL_TOLERANCE and hi <= 1 + PIXEL_TOLERANCE):
         hint = ""
         if hi > 1 + PIXEL_TOLERANCE and hi <= 255 and lo >= -PIXEL_TOLERANCE:

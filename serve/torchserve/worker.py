@@ -40,6 +40,7 @@ SWITCH = "SERVE_FAST_WORKER"  # "0" in the worker's environment keeps TorchServe
 _INT = struct.Struct("!i")
 _TWO_INTS = struct.Struct("!ii")
 _END = _INT.pack(-1)
+_SMALL = 1 << 14  # blobs up to this size go through the buffer; larger ones are read into place
 _installed = False
 
 
@@ -74,8 +75,20 @@ class _Reader:
         return _INT.unpack(self.read(4))[0]
 
     def blob(self, n: int) -> bytearray:
-        """``n`` bytes as the bytearray TorchServe's reader hands over."""
-        return bytearray(self.read(n))
+        """``n`` bytes as the bytearray TorchServe's reader hands over; a large one (a request body) is read
+        straight into its bytearray: one copy from the socket, not a ``bytes`` then its bytearray copy."""
+        if n <= _SMALL:
+            return bytearray(self.read(n))
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.file.readinto(view[got:])
+            if not k:
+                logging.info("Frontend disconnected.")
+                sys.exit(0)
+            got += k
+        return buf
 
 
 _reader: _Reader | None = None

@@ -23,7 +23,8 @@ import java.util.Map;
  *
  * <p>It also patches one method of TorchServe 0.12.0's {@code BatchAggregator} (HeldJobsPatch) and inserts
  * the stop's drain into three of its classes (DrainPatch); the drain's connection hook also puts in the
- * handler that names the request ID in every error answer (RequestIds).
+ * handler that names the request ID in every error answer (RequestIds). DataPathPatch changes how it reads
+ * bodies, forms batches and hands them to the workers.
  *
  * Why an agent and not a TorchServe endpoint plugin: a plugin registered for "/v2" would also take
  * {@code POST /v2/models/m/infer} away from TorchServe's own fast route, and TorchServe runs plugins
@@ -55,6 +56,7 @@ public final class OipAgent implements ClassFileTransformer {
         inst.addTransformer(new OipAgent());
         HeldJobsPatch.install(inst); // requests held for a batch survive a dead worker (HeldJobs)
         DrainPatch.install(inst); // a stop answers requests already sent before it closes connections (Drain)
+        DataPathPatch.install(inst); // large reads for large bodies, no batch wait for jobs not queued (DataPath)
     }
 
     @Override

@@ -1,0 +1,132 @@
+package oip;
+
+import java.lang.instrument.ClassFileTransformer;
+import java.lang.instrument.Instrumentation;
+import java.security.ProtectionDomain;
+import jdk.internal.org.objectweb.asm.ClassReader;
+import jdk.internal.org.objectweb.asm.ClassVisitor;
+import jdk.internal.org.objectweb.asm.ClassWriter;
+import jdk.internal.org.objectweb.asm.MethodVisitor;
+import jdk.internal.org.objectweb.asm.Opcodes;
+
+/**
+ * Class-file transform of two TorchServe 0.12.0 classes that wires in {@link DataPath} (what and why: there).
+ *
+ * <ul>
+ *   <li>{@code ServerInitializer.initChannel(Channel)}: {@code DataPath.accepted(channel)} inserted first;
+ *   <li>{@code Model.pollInferJob(Map, int, LinkedBlockingDeque)}: its second timed
+ *       {@code LinkedBlockingDeque.poll(long, TimeUnit)} (the batch loop's; the first one waits for the
+ *       batch's first job and stays) becomes {@code DataPath.nextJob(queue, delay, unit)}.
+ * </ul>
+ *
+ * Applied only when TorchServe's version is 0.12.0 ({@link HeldJobsPatch#torchServeVersion}) and each method
+ * is there as expected (exactly two timed polls in pollInferJob); otherwise the class loads unchanged and one
+ * line on stderr says so. Uses the JDK's ASM that {@link HeldJobsPatch#install} exports to the agent, so it
+ * is registered after it.
+ */
+final class DataPathPatch implements ClassFileTransformer {
+
+    private static final String INITIALIZER = "org/pytorch/serve/ServerInitializer";
+    private static final String MODEL = "org/pytorch/serve/wlm/Model";
+    private static final String CHANNEL = "Lio/netty/channel/Channel;";
+    private static final String DEQUE = "java/util/concurrent/LinkedBlockingDeque";
+    private static final String POLL_INFER = "(Ljava/util/Map;IL" + DEQUE + ";)V";
+    private static final String TIMED_POLL = "(JLjava/util/concurrent/TimeUnit;)Ljava/lang/Object;";
+
+    private DataPathPatch() {}
+
+    static void install(Instrumentation inst) {
+        try {
+            inst.addTransformer(new DataPathPatch());
+        } catch (RuntimeException err) { // never stop the server over it
+            warn("agent", "not installed: " + err);
+        }
+    }
+
+    @Override
+    public byte[] transform(
+            ClassLoader loader,
+            String className,
+            Class<?> classBeingRedefined,
+            ProtectionDomain protectionDomain,
+            byte[] classfileBuffer) {
+        if (classBeingRedefined != null || !(INITIALIZER.equals(className) || MODEL.equals(className))) {
+            return null;
+        }
+        try {
+            String version = HeldJobsPatch.torchServeVersion(protectionDomain);
+            if (!HeldJobsPatch.VERSION.equals(version)) {
+                warn(className, "TorchServe " + version + " is not " + HeldJobsPatch.VERSION + "; left as it is");
+                return null;
+            }
+            byte[] patched = Asm.patch(className, classfileBuffer);
+            if (patched == null) {
+                warn(className, "the method to patch is not as expected; left as it is");
+            }
+            return patched;
+        } catch (RuntimeException | java.io.IOException | LinkageError err) {
+            warn(className, "not applied: " + err);
+            return null;
+        }
+    }
+
+    private static void warn(String target, String message) {
+        System.err.println("oip-agent: data-path patch of " + target + ": " + message);
+    }
+
+    /** Everything that names ASM types, in a class of its own (HeldJobsPatch.Asm says why). */
+    private static final class Asm {
+        static byte[] patch(String className, byte[] original) {
+            ClassReader reader = new ClassReader(original);
+            ClassWriter writer = new ClassWriter(reader, ClassWriter.COMPUTE_MAXS);
+            int[] polls = {0};
+            boolean[] found = {false};
+            reader.accept(
+                    new ClassVisitor(Opcodes.ASM8, writer) {
+                        @Override
+                        public MethodVisitor visitMethod(
+                                int access, String name, String descriptor, String signature, String[] exceptions) {
+                            MethodVisitor mv = super.visitMethod(access, name, descriptor, signature, exceptions);
+                            boolean isPublic = (access & Opcodes.ACC_PUBLIC) != 0;
+                            if (INITIALIZER.equals(className) && isPublic && "initChannel".equals(name)
+                                    && ("(" + CHANNEL + ")V").equals(descriptor)) {
+                                found[0] = true;
+                                return new MethodVisitor(Opcodes.ASM8, mv) {
+                                    @Override
+                                    public void visitCode() {
+                                        super.visitCode();
+                                        visitVarInsn(Opcodes.ALOAD, 1);
+                                        visitMethodInsn(Opcodes.INVOKESTATIC, "oip/DataPath", "accepted",
+                                                "(" + CHANNEL + ")V", false);
+                                    }
+                                };
+                            }
+                            if (MODEL.equals(className) && isPublic && "pollInferJob".equals(name)
+                                    && POLL_INFER.equals(descriptor)) {
+                                found[0] = true;
+                                return new MethodVisitor(Opcodes.ASM8, mv) {
+                                    @Override
+                                    public void visitMethodInsn(
+                                            int opcode, String owner, String method, String desc, boolean itf) {
+                                        if (opcode == Opcodes.INVOKEVIRTUAL && DEQUE.equals(owner)
+                                                && "poll".equals(method) && TIMED_POLL.equals(desc) && ++polls[0] == 2) {
+                                            super.visitMethodInsn(Opcodes.INVOKESTATIC, "oip/DataPath", "nextJob",
+                                                    "(L" + DEQUE + ";JLjava/util/concurrent/TimeUnit;)Ljava/lang/Object;",
+                                                    false);
+                                            return;
+                                        }
+                                        super.visitMethodInsn(opcode, owner, method, desc, itf);
+                                    }
+                                };
+                            }
+                            return mv;
+                        }
+                    },
+                    0);
+            if (!found[0] || (MODEL.equals(className) && polls[0] != 2)) {
+                return null;
+            }
+            return writer.toByteArray();
+        }
+    }
+}
