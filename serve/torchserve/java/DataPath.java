@@ -14,7 +14,7 @@ import java.util.concurrent.TimeUnit;
  *       body arrives in a few reads (an 803 kB OIP tensor took ~200 reads of 4 kB, each one an
  *       {@code HttpContent} the aggregator collected, and 16 reads per wake-up of the event loop).
  *   <li>{@link #nextJob}: when a worker builds a batch it takes the jobs already queued and does not wait
- *       {@code maxBatchDelay} for more. TorchServe's {@code Model.pollInferJob} waits up to the delay
+ *       {@code maxBatchDelay} for more. TorchServe's {@code Model.pollBatch} (and {@code pollInferJob}) waits up to the delay
  *       for every further job, so a lone request (one caller, or one request that carries a whole batch
  *       of samples) always waited the full window for company that never came. Under load, requests
  *       queue while the workers are busy, so batches still form from what is waiting.

@@ -14,14 +14,16 @@ import jdk.internal.org.objectweb.asm.Opcodes;
  *
  * <ul>
  *   <li>{@code ServerInitializer.initChannel(Channel)}: {@code DataPath.accepted(channel)} inserted first;
- *   <li>{@code Model.pollInferJob(Map, int, LinkedBlockingDeque)}: its second timed
- *       {@code LinkedBlockingDeque.poll(long, TimeUnit)} (the batch loop's; the first one waits for the
- *       batch's first job and stays) becomes {@code DataPath.nextJob(queue, delay, unit)}.
+ *   <li>{@code Model.pollBatch(String, long, Map)} (what {@code BatchAggregator} calls) and
+ *       {@code Model.pollInferJob(Map, int, LinkedBlockingDeque)} (the same loop, for the job-ticket
+ *       aggregators): the batch loop's timed {@code LinkedBlockingDeque.poll(long, TimeUnit)}, the last one
+ *       in each (before it: the worker's own management queue, and the wait for the batch's first job,
+ *       which stay), becomes {@code DataPath.nextJob(queue, delay, unit)}.
  * </ul>
  *
  * Applied only when TorchServe's version is 0.12.0 ({@link HeldJobsPatch#torchServeVersion}) and each method
- * is there as expected (exactly two timed polls in pollInferJob); otherwise the class loads unchanged and one
- * line on stderr says so. Uses the JDK's ASM that {@link HeldJobsPatch#install} exports to the agent, so it
+ * is there as expected (pollBatch with three timed polls, pollInferJob with two); otherwise the class loads
+ * unchanged and one line on stderr says so. Uses the JDK's ASM that {@link HeldJobsPatch#install} exports to the agent, so it
  * is registered after it.
  */
 final class DataPathPatch implements ClassFileTransformer {
@@ -31,6 +33,7 @@ final class DataPathPatch implements ClassFileTransformer {
     private static final String CHANNEL = "Lio/netty/channel/Channel;";
     private static final String DEQUE = "java/util/concurrent/LinkedBlockingDeque";
     private static final String POLL_INFER = "(Ljava/util/Map;IL" + DEQUE + ";)V";
+    private static final String POLL_BATCH = "(Ljava/lang/String;JLjava/util/Map;)V";
     private static final String TIMED_POLL = "(JLjava/util/concurrent/TimeUnit;)Ljava/lang/Object;";
 
     private DataPathPatch() {}
@@ -79,8 +82,9 @@ final class DataPathPatch implements ClassFileTransformer {
         static byte[] patch(String className, byte[] original) {
             ClassReader reader = new ClassReader(original);
             ClassWriter writer = new ClassWriter(reader, ClassWriter.COMPUTE_MAXS);
-            int[] polls = {0};
-            boolean[] found = {false};
+            int[] polls = {0, 0}; // timed polls seen in pollBatch, in pollInferJob
+            int[] expected = {3, 2}; // the last one of each is the batch loop's
+            int[] found = {0};
             reader.accept(
                     new ClassVisitor(Opcodes.ASM8, writer) {
                         @Override
@@ -90,7 +94,7 @@ final class DataPathPatch implements ClassFileTransformer {
                             boolean isPublic = (access & Opcodes.ACC_PUBLIC) != 0;
                             if (INITIALIZER.equals(className) && isPublic && "initChannel".equals(name)
                                     && ("(" + CHANNEL + ")V").equals(descriptor)) {
-                                found[0] = true;
+                                found[0]++;
                                 return new MethodVisitor(Opcodes.ASM8, mv) {
                                     @Override
                                     public void visitCode() {
@@ -101,15 +105,18 @@ final class DataPathPatch implements ClassFileTransformer {
                                     }
                                 };
                             }
-                            if (MODEL.equals(className) && isPublic && "pollInferJob".equals(name)
-                                    && POLL_INFER.equals(descriptor)) {
-                                found[0] = true;
+                            int which = !MODEL.equals(className) || !isPublic ? -1
+                                    : "pollBatch".equals(name) && POLL_BATCH.equals(descriptor) ? 0
+                                    : "pollInferJob".equals(name) && POLL_INFER.equals(descriptor) ? 1 : -1;
+                            if (which >= 0) {
+                                found[0]++;
                                 return new MethodVisitor(Opcodes.ASM8, mv) {
                                     @Override
                                     public void visitMethodInsn(
                                             int opcode, String owner, String method, String desc, boolean itf) {
                                         if (opcode == Opcodes.INVOKEVIRTUAL && DEQUE.equals(owner)
-                                                && "poll".equals(method) && TIMED_POLL.equals(desc) && ++polls[0] == 2) {
+                                                && "poll".equals(method) && TIMED_POLL.equals(desc)
+                                                && ++polls[which] == expected[which]) {
                                             super.visitMethodInsn(Opcodes.INVOKESTATIC, "oip/DataPath", "nextJob",
                                                     "(L" + DEQUE + ";JLjava/util/concurrent/TimeUnit;)Ljava/lang/Object;",
                                                     false);
@@ -123,10 +130,10 @@ final class DataPathPatch implements ClassFileTransformer {
                         }
                     },
                     0);
-            if (!found[0] || (MODEL.equals(className) && polls[0] != 2)) {
-                return null;
-            }
-            return writer.toByteArray();
+            boolean asExpected = MODEL.equals(className)
+                    ? found[0] == 2 && polls[0] == expected[0] && polls[1] == expected[1]
+                    : found[0] == 1;
+            return asExpected ? writer.toByteArray() : null;
         }
     }
 }
