@@ -304,6 +304,35 @@ def test_binary_decoding_views_the_received_bytes(digits):
     np.testing.assert_allclose(decoded.samples, native.samples, atol=1e-6)
 
 
+def test_binary_fp32_decoding_is_the_training_normalisation_and_leaves_the_body_alone(digits):
+    """FP32 intensities: the samples are exactly float32 ``(x - mean) / std`` (cast, subtract, divide, in that
+    order, as before the one-pass cast-and-subtract), in a new array; the received bytes are not written to."""
+    spec = get_spec("mnistnet")
+    x = np.tile(digits.reshape(8, 784) / 255.0, (128, 1)).astype(np.float32)  # 1,024 images
+    x[0, :3] = [-1e-7, 1 + 1e-7, 0.5]  # within the tolerance: clipped, not refused
+    body, headers = triton_request(x, "FP32")
+    received = bytearray(body)
+    decoded = decode_request({"body": received}, spec, headers)
+    mean, std = spec.normalize
+    want = np.clip(x, 0, 1).astype(np.float32)
+    want -= np.float32(mean)
+    want /= np.float32(std)
+    assert decoded.samples.dtype == np.float32 and decoded.samples.shape == (1024, 784)
+    assert np.array_equal(decoded.samples, want)
+    assert bytes(received) == body
+    assert not np.shares_memory(decoded.samples, np.frombuffer(received, np.uint8))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_binary_fp32_non_finite_anywhere_is_refused(bad):
+    x = np.full((3, 784), 0.5, np.float32)
+    x[2, 700] = bad  # one value, in the last image
+    body, headers = triton_request(x, "FP32")
+    spec = get_spec("mnistnet")
+    with pytest.raises(Exception, match="NaN or infinite values"):
+        decode_request({"body": bytearray(body)}, spec, headers)
+
+
 def test_request_headers_are_read_case_insensitively():
     from ts.context import Context
 

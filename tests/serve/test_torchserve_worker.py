@@ -75,6 +75,32 @@ def test_one_buffer_across_messages_and_a_load_message():
     assert _comparable(_read_all(fast_worker.retrieve_msg, wire, 3)) == _comparable(_read_all(retrieve_msg, wire, 3))
 
 
+def test_large_bodies_read_into_place_are_the_messages_torchserve_reads():
+    """Bodies above the buffered size (read straight into their bytearray, in pieces as the socket delivers
+    them) and small ones between them: the same message dicts as TorchServe's reader, bytearrays both."""
+    rng = __import__("numpy").random.default_rng(0)
+    big = [rng.bytes(n) for n in (fast_worker._SMALL + 1, 1 << 16, 3 * (1 << 20) + 7)]
+    batch = [(f"r{i}", {"inference-header-content-length": "12"},
+              [("body", "application/octet-stream", body), ("note", "text/plain", b"x" * i)])
+             for i, body in enumerate(big)]
+    wire = _wire(batch) + _wire(batch[:1])
+    ours = _read_all(fast_worker.retrieve_msg, wire, 2)
+    assert _comparable(ours) == _comparable(_read_all(retrieve_msg, wire, 2))
+    bodies = [request["parameters"][0]["value"] for request in ours[0][1]]
+    assert bodies == big and all(type(b) is bytearray for b in bodies)
+
+
+def test_frontend_gone_in_a_large_body_exits_like_torchserve():
+    sender, receiver = socket.socketpair()
+    body = b"\0" * (fast_worker._SMALL * 4)
+    frame = _frame_request("a", {}, [("body", "application/octet-stream", body)])
+    sender.sendall(b"I" + frame[: len(frame) - len(body) // 2])  # half the body, then the frontend is gone
+    sender.close()
+    with pytest.raises(SystemExit):
+        fast_worker.retrieve_msg(receiver)
+    receiver.close()
+
+
 def test_frontend_gone_exits_like_torchserve():
     sender, receiver = socket.socketpair()
     sender.sendall(b"I" + struct.pack("!i", 3))
