@@ -90,3 +90,36 @@ def test_agent_patches_batch_aggregator_and_the_class_verifies(tmp_path):
                                                                 "org.pytorch.serve.wlm.Async"))]
     assert subclasses and not any("unguarded" in line or "synchronized" in line for line in subclasses), subclasses
     assert "held-jobs patch" not in result.stderr, result.stderr
+
+
+def test_agent_data_path_patch_applies_and_the_classes_verify(tmp_path):
+    """The data-path patch (serve/torchserve/java/DataPathPatch.java) applies to the installed TorchServe's four
+    classes and each passes the JVM's verifier: the request encoder gains its allocateBuffer, and no class is
+    reported as left unchanged. What the patch does is tested in tests/e2e/test_e2e_datapath.py."""
+    import shutil
+    import subprocess
+
+    from serve.server import java_executable
+    from servers import clean_env
+
+    jar = oip_agent.build(tmp_path / "oip-agent.jar")
+    with zipfile.ZipFile(jar) as archive:
+        assert {"oip/DataPath.class", "oip/DataPathPatch.class"} <= set(archive.namelist())
+    probe = tmp_path / "Probe.java"
+    probe.write_text(
+        "public class Probe { public static void main(String[] a) throws Exception {\n"
+        "  for (String name : a) for (var m : Class.forName(name).getDeclaredMethods())\n"
+        "    System.out.println(name + \" \" + m.getName() + \" \" + java.lang.reflect.Modifier.toString(m.getModifiers()));\n"
+        "}}\n")
+    frontend = str(oip_agent.torchserve_jar())
+    subprocess.run([shutil.which("javac"), "-d", str(tmp_path), str(probe)], check=True, env=clean_env())
+    classes = ["org.pytorch.serve.wlm.Model", "org.pytorch.serve.ServerInitializer",
+               "org.pytorch.serve.wlm.WorkerThread$1", "org.pytorch.serve.util.codec.ModelRequestEncoder"]
+    result = subprocess.run(
+        [java_executable(), "-Xverify:all", f"-javaagent:{jar}", "-cp", f"{frontend}:{tmp_path}", "Probe", *classes],
+        capture_output=True, text=True, timeout=120, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    lines = set(result.stdout.split("\n"))
+    assert "org.pytorch.serve.util.codec.ModelRequestEncoder allocateBuffer protected" in lines
+    assert "org.pytorch.serve.wlm.Model pollBatch public" in lines
+    assert "data-path patch" not in result.stderr, result.stderr

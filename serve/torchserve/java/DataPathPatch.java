@@ -19,6 +19,10 @@ import jdk.internal.org.objectweb.asm.Opcodes;
  *       aggregators): the batch loop's timed {@code LinkedBlockingDeque.poll(long, TimeUnit)}, the last one
  *       in each (before it: the worker's own management queue, and the wait for the batch's first job,
  *       which stay), becomes {@code DataPath.nextJob(queue, delay, unit)}.
+ *   <li>{@code WorkerThread$1.initChannel(Channel)} (the worker connection's initializer):
+ *       {@code DataPath.workerChannel(channel)} inserted first;
+ *   <li>{@code ModelRequestEncoder}: a method added, {@code allocateBuffer(ctx, msg, preferDirect)} (it has none:
+ *       {@code MessageToByteEncoder}'s is used) returning {@code DataPath.requestBuffer(ctx, msg, preferDirect)}.
  * </ul>
  *
  * Applied only when TorchServe's version is 0.12.0 ({@link HeldJobsPatch#torchServeVersion}) and each method
@@ -30,6 +34,11 @@ final class DataPathPatch implements ClassFileTransformer {
 
     private static final String INITIALIZER = "org/pytorch/serve/ServerInitializer";
     private static final String MODEL = "org/pytorch/serve/wlm/Model";
+    private static final String WORKER_INIT = "org/pytorch/serve/wlm/WorkerThread$1";
+    private static final String ENCODER = "org/pytorch/serve/util/codec/ModelRequestEncoder";
+    private static final String ALLOCATE = "allocateBuffer";
+    private static final String ALLOCATE_DESCRIPTOR =
+            "(Lio/netty/channel/ChannelHandlerContext;Ljava/lang/Object;Z)Lio/netty/buffer/ByteBuf;";
     private static final String CHANNEL = "Lio/netty/channel/Channel;";
     private static final String DEQUE = "java/util/concurrent/LinkedBlockingDeque";
     private static final String POLL_INFER = "(Ljava/util/Map;IL" + DEQUE + ";)V";
@@ -53,7 +62,8 @@ final class DataPathPatch implements ClassFileTransformer {
             Class<?> classBeingRedefined,
             ProtectionDomain protectionDomain,
             byte[] classfileBuffer) {
-        if (classBeingRedefined != null || !(INITIALIZER.equals(className) || MODEL.equals(className))) {
+        if (classBeingRedefined != null || !(INITIALIZER.equals(className) || MODEL.equals(className)
+                || WORKER_INIT.equals(className) || ENCODER.equals(className))) {
             return null;
         }
         try {
@@ -92,18 +102,22 @@ final class DataPathPatch implements ClassFileTransformer {
                                 int access, String name, String descriptor, String signature, String[] exceptions) {
                             MethodVisitor mv = super.visitMethod(access, name, descriptor, signature, exceptions);
                             boolean isPublic = (access & Opcodes.ACC_PUBLIC) != 0;
-                            if (INITIALIZER.equals(className) && isPublic && "initChannel".equals(name)
-                                    && ("(" + CHANNEL + ")V").equals(descriptor)) {
+                            if ((INITIALIZER.equals(className) || WORKER_INIT.equals(className)) && isPublic
+                                    && "initChannel".equals(name) && ("(" + CHANNEL + ")V").equals(descriptor)) {
                                 found[0]++;
+                                String call = INITIALIZER.equals(className) ? "accepted" : "workerChannel";
                                 return new MethodVisitor(Opcodes.ASM8, mv) {
                                     @Override
                                     public void visitCode() {
                                         super.visitCode();
                                         visitVarInsn(Opcodes.ALOAD, 1);
-                                        visitMethodInsn(Opcodes.INVOKESTATIC, "oip/DataPath", "accepted",
+                                        visitMethodInsn(Opcodes.INVOKESTATIC, "oip/DataPath", call,
                                                 "(" + CHANNEL + ")V", false);
                                     }
                                 };
+                            }
+                            if (ENCODER.equals(className) && ALLOCATE.equals(name)) {
+                                found[0] = -100; // it has its own: leave the class alone
                             }
                             int which = !MODEL.equals(className) || !isPublic ? -1
                                     : "pollBatch".equals(name) && POLL_BATCH.equals(descriptor) ? 0
@@ -127,6 +141,26 @@ final class DataPathPatch implements ClassFileTransformer {
                                 };
                             }
                             return mv;
+                        }
+
+                        @Override
+                        public void visitEnd() {
+                            if (ENCODER.equals(className) && found[0] == 0) {
+                                found[0] = 1;
+                                MethodVisitor mv = super.visitMethod(
+                                        Opcodes.ACC_PROTECTED, ALLOCATE, ALLOCATE_DESCRIPTOR, null,
+                                        new String[] {"java/lang/Exception"});
+                                mv.visitCode();
+                                mv.visitVarInsn(Opcodes.ALOAD, 1);
+                                mv.visitVarInsn(Opcodes.ALOAD, 2);
+                                mv.visitVarInsn(Opcodes.ILOAD, 3);
+                                mv.visitMethodInsn(Opcodes.INVOKESTATIC, "oip/DataPath", "requestBuffer",
+                                        ALLOCATE_DESCRIPTOR, false);
+                                mv.visitInsn(Opcodes.ARETURN);
+                                mv.visitMaxs(3, 4);
+                                mv.visitEnd();
+                            }
+                            super.visitEnd();
                         }
                     },
                     0);
