@@ -106,15 +106,16 @@ def test_agent_data_path_patch_applies_and_the_classes_verify(tmp_path):
     with zipfile.ZipFile(jar) as archive:
         assert {"oip/DataPath.class", "oip/DataPathPatch.class"} <= set(archive.namelist())
     probe = tmp_path / "Probe.java"
-    probe.write_text(
+    probe.write_text(  # loaded and linked, not initialised (WorkerThread's static init needs a ConfigManager)
         "public class Probe { public static void main(String[] a) throws Exception {\n"
-        "  for (String name : a) for (var m : Class.forName(name).getDeclaredMethods())\n"
+        "  for (String name : a) for (var m : Class.forName(name, false, Probe.class.getClassLoader()).getDeclaredMethods())\n"
         "    System.out.println(name + \" \" + m.getName() + \" \" + java.lang.reflect.Modifier.toString(m.getModifiers()));\n"
         "}}\n")
     frontend = str(oip_agent.torchserve_jar())
     subprocess.run([shutil.which("javac"), "-d", str(tmp_path), str(probe)], check=True, env=clean_env())
     classes = ["org.pytorch.serve.wlm.Model", "org.pytorch.serve.ServerInitializer",
-               "org.pytorch.serve.wlm.WorkerThread$1", "org.pytorch.serve.util.codec.ModelRequestEncoder"]
+               "org.pytorch.serve.wlm.WorkerThread$1", "org.pytorch.serve.util.codec.ModelRequestEncoder",
+               "org.pytorch.serve.wlm.WorkerThread"]
     result = subprocess.run(
         [java_executable(), "-Xverify:all", f"-javaagent:{jar}", "-cp", f"{frontend}:{tmp_path}", "Probe", *classes],
         capture_output=True, text=True, timeout=120, env=clean_env())

@@ -22,7 +22,9 @@ import jdk.internal.org.objectweb.asm.Opcodes;
  *   <li>{@code WorkerThread$1.initChannel(Channel)} (the worker connection's initializer):
  *       {@code DataPath.workerChannel(channel)} inserted first;
  *   <li>{@code ModelRequestEncoder}: a method added, {@code allocateBuffer(ctx, msg, preferDirect)} (it has none:
- *       {@code MessageToByteEncoder}'s is used) returning {@code DataPath.requestBuffer(ctx, msg, preferDirect)}.
+ *       {@code MessageToByteEncoder}'s is used) returning {@code DataPath.requestBuffer(ctx, msg, preferDirect)};
+ *   <li>{@code WorkerThread.run()}: its one {@code CompletableFuture.runAsync(Runnable)} (the batch's write to
+ *       the worker) becomes {@code DataPath.runHere(Runnable)}.
  * </ul>
  *
  * Applied only when TorchServe's version is 0.12.0 ({@link HeldJobsPatch#torchServeVersion}) and each method
@@ -36,6 +38,8 @@ final class DataPathPatch implements ClassFileTransformer {
     private static final String MODEL = "org/pytorch/serve/wlm/Model";
     private static final String WORKER_INIT = "org/pytorch/serve/wlm/WorkerThread$1";
     private static final String ENCODER = "org/pytorch/serve/util/codec/ModelRequestEncoder";
+    private static final String WORKER_THREAD = "org/pytorch/serve/wlm/WorkerThread";
+    private static final String RUN_ASYNC = "(Ljava/lang/Runnable;)Ljava/util/concurrent/CompletableFuture;";
     private static final String ALLOCATE = "allocateBuffer";
     private static final String ALLOCATE_DESCRIPTOR =
             "(Lio/netty/channel/ChannelHandlerContext;Ljava/lang/Object;Z)Lio/netty/buffer/ByteBuf;";
@@ -63,7 +67,7 @@ final class DataPathPatch implements ClassFileTransformer {
             ProtectionDomain protectionDomain,
             byte[] classfileBuffer) {
         if (classBeingRedefined != null || !(INITIALIZER.equals(className) || MODEL.equals(className)
-                || WORKER_INIT.equals(className) || ENCODER.equals(className))) {
+                || WORKER_INIT.equals(className) || ENCODER.equals(className) || WORKER_THREAD.equals(className))) {
             return null;
         }
         try {
@@ -113,6 +117,22 @@ final class DataPathPatch implements ClassFileTransformer {
                                         visitVarInsn(Opcodes.ALOAD, 1);
                                         visitMethodInsn(Opcodes.INVOKESTATIC, "oip/DataPath", call,
                                                 "(" + CHANNEL + ")V", false);
+                                    }
+                                };
+                            }
+                            if (WORKER_THREAD.equals(className) && isPublic && "run".equals(name) && "()V".equals(descriptor)) {
+                                found[0]++;
+                                return new MethodVisitor(Opcodes.ASM8, mv) {
+                                    @Override
+                                    public void visitMethodInsn(
+                                            int opcode, String owner, String method, String desc, boolean itf) {
+                                        if (opcode == Opcodes.INVOKESTATIC && "java/util/concurrent/CompletableFuture".equals(owner)
+                                                && "runAsync".equals(method) && RUN_ASYNC.equals(desc)) {
+                                            polls[0]++;
+                                            super.visitMethodInsn(Opcodes.INVOKESTATIC, "oip/DataPath", "runHere", RUN_ASYNC, false);
+                                            return;
+                                        }
+                                        super.visitMethodInsn(opcode, owner, method, desc, itf);
                                     }
                                 };
                             }
@@ -166,6 +186,7 @@ final class DataPathPatch implements ClassFileTransformer {
                     0);
             boolean asExpected = MODEL.equals(className)
                     ? found[0] == 2 && polls[0] == expected[0] && polls[1] == expected[1]
+                    : WORKER_THREAD.equals(className) ? found[0] == 1 && polls[0] == 1 // one runAsync in run()
                     : found[0] == 1;
             return asExpected ? writer.toByteArray() : null;
         }
