@@ -21,12 +21,13 @@ import org.pytorch.serve.util.messages.RequestInput;
  *       {@link #RECEIVE_MIN}–{@link #RECEIVE_MAX} bytes instead of TorchServe's fixed 4 kB one, so a large
  *       body arrives in a few reads (an 803 kB OIP tensor took ~200 reads of 4 kB, each one an
  *       {@code HttpContent} the aggregator collected, and 16 reads per wake-up of the event loop).
- *   <li>{@link #nextJob}: when a worker builds a batch it takes the jobs already queued and does not wait
- *       {@code maxBatchDelay} for more. TorchServe's {@code Model.pollBatch} (and {@code pollInferJob}) waits up to the delay
- *       for every further job, so a lone request (one caller, or one request that carries a whole batch
- *       of samples) always waited the full window for company that never came. Under load, requests
- *       queue while the workers are busy, so batches still form from what is waiting.
- *       {@code -Doip.batchWait=true} keeps TorchServe's wait (to measure the difference).
+ *   <li>{@link #nextJob}: when a worker builds a batch it waits for more jobs only while other REST requests
+ *       are in progress on the server ({@link Drain#inProgress} counts more than the batch holds): those
+ *       may yet join it. TorchServe's {@code Model.pollBatch} (and {@code pollInferJob}) always waits up to
+ *       {@code maxBatchDelay} for every further job, so a lone request (one caller, or one request that
+ *       carries a whole batch of samples) waited the full window for company that never came. Jobs already
+ *       queued are always taken. {@code -Doip.batchWait=always} keeps TorchServe's wait, {@code never}
+ *       takes only what is queued (default {@code auto}: as described).
  *   <li>{@link #workerChannel}: the socket to each worker gets a send buffer of {@link #WORKER_SEND_BUFFER}
  *       (the kernel caps it at {@code net.core.wmem_max}), so a large batch is written in one go instead of
  *       ~200 kB at a time, each step waiting for the worker to read and the event loop to wake again.
@@ -45,7 +46,7 @@ public final class DataPath {
     static final int RECEIVE_MIN = 1024;
     static final int RECEIVE_INITIAL = 16 * 1024;
     static final int RECEIVE_MAX = Integer.getInteger("oip.receiveMax", 1 << 20);
-    static final boolean BATCH_WAIT = Boolean.getBoolean("oip.batchWait");
+    static final String BATCH_WAIT = System.getProperty("oip.batchWait", "auto");
     static final int WORKER_SEND_BUFFER = Integer.getInteger("oip.workerSendBuffer", 4 << 20);
 
     private DataPath() {}
@@ -60,11 +61,24 @@ public final class DataPath {
     }
 
     /**
-     * In place of {@code queue.poll(delay, unit)} inside {@code Model.pollInferJob}'s batch loop: the next
-     * job already queued, or null (the batch is complete) without waiting.
+     * In place of {@code queue.poll(delay, unit)} inside {@code Model.pollBatch}'s batch loop ({@code batch}: the
+     * jobs it holds so far): the next job already queued; else, while more requests are in progress than
+     * the batch holds, the next one within the delay; else null (the batch is complete) without waiting.
      */
-    public static Object nextJob(LinkedBlockingDeque<?> queue, long delay, TimeUnit unit) throws InterruptedException {
-        return BATCH_WAIT ? queue.poll(delay, unit) : queue.poll();
+    public static Object nextJob(LinkedBlockingDeque<?> queue, long delay, TimeUnit unit, Map<?, ?> batch)
+            throws InterruptedException {
+        switch (BATCH_WAIT) {
+            case "always":
+                return queue.poll(delay, unit);
+            case "never":
+                return queue.poll();
+            default:
+                Object job = queue.poll();
+                if (job != null || Drain.inProgress() <= batch.size()) {
+                    return job;
+                }
+                return queue.poll(delay, unit);
+        }
     }
 
     /** Called first in the worker connection's {@code ChannelInitializer.initChannel}: its send buffer. */

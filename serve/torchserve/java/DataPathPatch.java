@@ -18,7 +18,7 @@ import jdk.internal.org.objectweb.asm.Opcodes;
  *       {@code Model.pollInferJob(Map, int, LinkedBlockingDeque)} (the same loop, for the job-ticket
  *       aggregators): the batch loop's timed {@code LinkedBlockingDeque.poll(long, TimeUnit)}, the last one
  *       in each (before it: the worker's own management queue, and the wait for the batch's first job,
- *       which stay), becomes {@code DataPath.nextJob(queue, delay, unit)}.
+ *       which stay), becomes {@code DataPath.nextJob(queue, delay, unit, batch)} (the method's job map).
  *   <li>{@code WorkerThread$1.initChannel(Channel)} (the worker connection's initializer):
  *       {@code DataPath.workerChannel(channel)} inserted first;
  *   <li>{@code ModelRequestEncoder}: a method added, {@code allocateBuffer(ctx, msg, preferDirect)} (it has none:
@@ -151,9 +151,11 @@ final class DataPathPatch implements ClassFileTransformer {
                                         if (opcode == Opcodes.INVOKEVIRTUAL && DEQUE.equals(owner)
                                                 && "poll".equals(method) && TIMED_POLL.equals(desc)
                                                 && ++polls[which] == expected[which]) {
+                                            // the batch so far: pollBatch's jobsRepo (slot 4), pollInferJob's jobs (1)
+                                            super.visitVarInsn(Opcodes.ALOAD, which == 0 ? 4 : 1);
                                             super.visitMethodInsn(Opcodes.INVOKESTATIC, "oip/DataPath", "nextJob",
-                                                    "(L" + DEQUE + ";JLjava/util/concurrent/TimeUnit;)Ljava/lang/Object;",
-                                                    false);
+                                                    "(L" + DEQUE + ";JLjava/util/concurrent/TimeUnit;Ljava/util/Map;)"
+                                                            + "Ljava/lang/Object;", false);
                                             return;
                                         }
                                         super.visitMethodInsn(opcode, owner, method, desc, itf);

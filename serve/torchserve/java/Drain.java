@@ -10,6 +10,7 @@ import java.util.List;
 import java.util.Set;
 import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.atomic.AtomicBoolean;
+import java.util.concurrent.atomic.AtomicInteger;
 
 /**
  * The drain that runs when TorchServe stops (SIGTERM: its shutdown hook calls {@code ModelServer.stop}),
@@ -36,6 +37,8 @@ public final class Drain {
 
     private static final Set<Tracker> OPEN = ConcurrentHashMap.newKeySet();
     private static final AtomicBoolean STARTED = new AtomicBoolean();
+    /** Connections with a request in progress (read and not yet answered): REST requests in flight. */
+    private static final AtomicInteger IN_PROGRESS = new AtomicInteger();
     private static volatile boolean draining;
 
     private Drain() {}
@@ -49,8 +52,16 @@ public final class Drain {
         Tracker tracker = new Tracker(channel);
         channel.pipeline().addFirst("oip-drain", tracker);
         OPEN.add(tracker);
-        channel.closeFuture().addListener(f -> OPEN.remove(tracker));
+        channel.closeFuture().addListener(f -> {
+            OPEN.remove(tracker);
+            tracker.idle();
+        });
         RequestIds.accepted(channel);
+    }
+
+    /** REST requests read and not yet answered, on every connection (DataPath's batching asks). */
+    public static int inProgress() {
+        return IN_PROGRESS.get();
     }
 
     /**
@@ -70,7 +81,7 @@ public final class Drain {
     static void answered(Channel channel) {
         Tracker tracker = channel.pipeline().get(Tracker.class);
         if (tracker != null) {
-            tracker.busy = false;
+            tracker.idle();
         }
     }
 
@@ -113,7 +124,7 @@ public final class Drain {
     /** First handler of a connection: busy from the first bytes of a request until its answer. */
     static final class Tracker extends ChannelDuplexHandler {
         private final Channel channel;
-        volatile boolean busy;
+        private final AtomicBoolean busy = new AtomicBoolean();
 
         Tracker(Channel channel) {
             this.channel = channel;
@@ -121,13 +132,22 @@ public final class Drain {
 
         @Override
         public void channelRead(ChannelHandlerContext ctx, Object msg) {
-            busy = true;
+            if (busy.compareAndSet(false, true)) {
+                IN_PROGRESS.incrementAndGet();
+            }
             ctx.fireChannelRead(msg);
+        }
+
+        /** The request is answered (or the connection closed). */
+        void idle() {
+            if (busy.compareAndSet(true, false)) {
+                IN_PROGRESS.decrementAndGet();
+            }
         }
 
         void closeIfIdle() {
             channel.eventLoop().execute(() -> {
-                if (!busy && channel.isOpen()) {
+                if (!busy.get() && channel.isOpen()) {
                     channel.close();
                 }
             });
