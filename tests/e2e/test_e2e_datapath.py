@@ -68,6 +68,7 @@ def test_a_lone_request_is_answered_without_waiting_for_the_batch_window(slow_wi
     """One request at a time: each answer correct and back long before TorchServe's 3 s window would close
     (its own loop would hold every one of them for the whole window: nothing else is queued)."""
     for start in (0, 1, 2):
+        time.sleep(0.05)  # lone: no other request in progress or just answered (serve/torchserve/java/DataPath.java)
         x, model_input = digits(mnist_test, 1, start)
         began = time.perf_counter()
         outputs, response = infer_binary(slow_window_server, x)

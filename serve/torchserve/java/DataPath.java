@@ -21,9 +21,9 @@ import org.pytorch.serve.util.messages.RequestInput;
  *       {@link #RECEIVE_MIN}–{@link #RECEIVE_MAX} bytes instead of TorchServe's fixed 4 kB one, so a large
  *       body arrives in a few reads (an 803 kB OIP tensor took ~200 reads of 4 kB, each one an
  *       {@code HttpContent} the aggregator collected, and 16 reads per wake-up of the event loop).
- *   <li>{@link #nextJob}: when a worker builds a batch it waits for more jobs only while other REST requests
- *       are in progress on the server ({@link Drain#inProgress} counts more than the batch holds): those
- *       may yet join it. TorchServe's {@code Model.pollBatch} (and {@code pollInferJob}) always waits up to
+ *   <li>{@link #nextJob}: when a worker builds a batch it waits for more jobs only while more REST connections
+ *       are active than the batch holds ({@link Drain#active}: a request in progress, or answered within the
+ *       last millisecond, as a closed-loop client sends its next one right after): those may yet join it. TorchServe's {@code Model.pollBatch} (and {@code pollInferJob}) always waits up to
  *       {@code maxBatchDelay} for every further job, so a lone request (one caller, or one request that
  *       carries a whole batch of samples) waited the full window for company that never came. Jobs already
  *       queued are always taken. {@code -Doip.batchWait=always} keeps TorchServe's wait, {@code never}
@@ -47,6 +47,8 @@ public final class DataPath {
     static final int RECEIVE_INITIAL = 16 * 1024;
     static final int RECEIVE_MAX = Integer.getInteger("oip.receiveMax", 1 << 20);
     static final String BATCH_WAIT = System.getProperty("oip.batchWait", "auto");
+    /** A connection answered this recently counts as active: its client may be sending the next request. */
+    static final long RECENT_NANOS = 1_000_000;
     static final int WORKER_SEND_BUFFER = Integer.getInteger("oip.workerSendBuffer", 4 << 20);
 
     private DataPath() {}
@@ -62,8 +64,8 @@ public final class DataPath {
 
     /**
      * In place of {@code queue.poll(delay, unit)} inside {@code Model.pollBatch}'s batch loop ({@code batch}: the
-     * jobs it holds so far): the next job already queued; else, while more requests are in progress than
-     * the batch holds, the next one within the delay; else null (the batch is complete) without waiting.
+     * jobs it holds so far): the next job already queued; else, while more connections are active than the
+     * batch holds, the next one within the delay; else null (the batch is complete) without waiting.
      */
     public static Object nextJob(LinkedBlockingDeque<?> queue, long delay, TimeUnit unit, Map<?, ?> batch)
             throws InterruptedException {
@@ -74,7 +76,7 @@ public final class DataPath {
                 return queue.poll();
             default:
                 Object job = queue.poll();
-                if (job != null || Drain.inProgress() <= batch.size()) {
+                if (job != null || Drain.active(Math.min(unit.toNanos(delay), RECENT_NANOS)) <= batch.size()) {
                     return job;
                 }
                 return queue.poll(delay, unit);

@@ -59,9 +59,25 @@ public final class Drain {
         RequestIds.accepted(channel);
     }
 
-    /** REST requests read and not yet answered, on every connection (DataPath's batching asks). */
+    /** REST requests read and not yet answered, on every connection. */
     public static int inProgress() {
         return IN_PROGRESS.get();
+    }
+
+    /**
+     * Connections with a request in progress or answered within the last {@code windowNanos} (a client in a
+     * closed loop sends its next request right after its answer): DataPath's batching asks, only when the
+     * job queue is empty, so the walk over the open connections is rare.
+     */
+    public static int active(long windowNanos) {
+        long now = System.nanoTime();
+        int active = 0;
+        for (Tracker tracker : OPEN) {
+            if (tracker.busy.get() || now - tracker.answeredAt < windowNanos) {
+                active++;
+            }
+        }
+        return active;
     }
 
     /**
@@ -125,6 +141,7 @@ public final class Drain {
     static final class Tracker extends ChannelDuplexHandler {
         private final Channel channel;
         private final AtomicBoolean busy = new AtomicBoolean();
+        private volatile long answeredAt = System.nanoTime() - 3_600_000_000_000L; // never, in effect
 
         Tracker(Channel channel) {
             this.channel = channel;
@@ -140,6 +157,7 @@ public final class Drain {
 
         /** The request is answered (or the connection closed). */
         void idle() {
+            answeredAt = System.nanoTime();
             if (busy.compareAndSet(true, false)) {
                 IN_PROGRESS.decrementAndGet();
             }
