@@ -5,8 +5,9 @@ before it sends the batch to its worker process. A worker process killed during 
 the held requests unanswered for ever (the client waited out its own timeout): serve/torchserve/java/HeldJobs.java
 now puts them back at the head of the model's queue, and the restarted worker serves them.
 
-Deterministic: mnistnet is packaged here with ``maxBatchDelay`` 3000 ms, so one lone request sits in the
-batch wait for 3 s; the worker is SIGKILLed 1 s into it. Asserted, in both worker launch modes (fork server
+Deterministic: mnistnet is packaged here with ``maxBatchDelay`` 3000 ms and the server runs TorchServe's own
+batch wait (``-Doip.batchWait=always``: by default the agent sends a lone request at once, DataPath.java), so one
+lone request sits in the batch wait for 3 s; the worker is SIGKILLed 1 s into it. Asserted, in both worker launch modes (fork server
 on and off): the request gets the right prediction (the in-process model's), within the model's response
 timeout, from the new worker process. And a scale-down to 0 and back to 1 during the wait (TorchServe's
 own path for a worker it stops on purpose): the held requests are answered, once, in one batch.
@@ -42,6 +43,19 @@ CLIENT_TIMEOUT_S = 2 * RESPONSE_TIMEOUT_S  # a hang shows up as no answer by the
 
 
 @pytest.fixture(scope="module")
+def always_wait(tmp_path_factory) -> Path:
+    """The repository's config with TorchServe's batch wait kept (-Doip.batchWait=always), so requests are held."""
+    from serve.server import DEFAULT_CONFIG
+
+    lines = [line + " -Doip.batchWait=always" if line.startswith("vmargs=") else line
+             for line in DEFAULT_CONFIG.read_text().splitlines()]
+    assert any("-Doip.batchWait=always" in line for line in lines)
+    path = tmp_path_factory.mktemp("always-wait") / "config.properties"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
 def slow_batch_store(tmp_path_factory, weights_dir):
     """mnistnet, one worker, batches of 8 that wait up to BATCH_DELAY_MS to fill."""
     store = tmp_path_factory.mktemp("slow-batch-store").resolve()
@@ -52,8 +66,9 @@ def slow_batch_store(tmp_path_factory, weights_dir):
 
 
 @pytest.mark.parametrize("fork_workers", [True, False], ids=["forkserver", "no-forkserver"])
-def test_request_held_for_a_batch_survives_its_worker(fork_workers, slow_batch_store, tmp_path, digits, reference):
-    server = start_ready_server(tmp_path, slow_batch_store, ["mnistnet"], fork_workers=fork_workers)
+def test_request_held_for_a_batch_survives_its_worker(fork_workers, slow_batch_store, always_wait, tmp_path, digits,
+                                                      reference):
+    server = start_ready_server(tmp_path, slow_batch_store, ["mnistnet"], fork_workers=fork_workers, config=always_wait)
     try:
         images, _ = digits
         expected = reference.probabilities("mnistnet", images[:1])[0]
@@ -89,10 +104,11 @@ def test_request_held_for_a_batch_survives_its_worker(fork_workers, slow_batch_s
         server.stop()
 
 
-def test_requests_held_for_a_batch_survive_a_scale_down(slow_batch_store, tmp_path, digits, reference):
+def test_requests_held_for_a_batch_survive_a_scale_down(slow_batch_store, always_wait, tmp_path, digits, reference):
     """TorchServe's own path when it stops a worker on purpose: it returns the held requests to the queue
     itself (the agent's patch stays out of it: each request must be queued and answered exactly once)."""
-    server = start_ready_server(tmp_path, slow_batch_store, ["mnistnet"], log_config=HERE / "log4j2.xml")
+    server = start_ready_server(tmp_path, slow_batch_store, ["mnistnet"], log_config=HERE / "log4j2.xml",
+                                config=always_wait)
     try:
         images, _ = digits
         expected = reference.probabilities("mnistnet", images[:2])
