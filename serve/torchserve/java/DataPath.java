@@ -22,8 +22,9 @@ import org.pytorch.serve.util.messages.RequestInput;
  *       body arrives in a few reads (an 803 kB OIP tensor took ~200 reads of 4 kB, each one an
  *       {@code HttpContent} the aggregator collected, and 16 reads per wake-up of the event loop).
  *   <li>{@link #nextJob}: when a worker builds a batch it waits for more jobs only while more REST connections
- *       are active than the batch holds ({@link Drain#active}: a request in progress, or answered within the
- *       last millisecond, as a closed-loop client sends its next one right after): those may yet join it. TorchServe's {@code Model.pollBatch} (and {@code pollInferJob}) always waits up to
+ *       are active and OIP gRPC calls in flight than the batch holds ({@link Drain#active}: a request in
+ *       progress, or answered within the last millisecond, as a closed-loop client sends its next one right
+ *       after; {@link InferJob#inFlight}): those may yet join it. TorchServe's {@code Model.pollBatch} (and {@code pollInferJob}) always waits up to
  *       {@code maxBatchDelay} for every further job, so a lone request (one caller, or one request that
  *       carries a whole batch of samples) waited the full window for company that never came. Jobs already
  *       queued are always taken. {@code -Doip.batchWait=always} keeps TorchServe's wait, {@code never}
@@ -76,7 +77,8 @@ public final class DataPath {
                 return queue.poll();
             default:
                 Object job = queue.poll();
-                if (job != null || Drain.active(Math.min(unit.toNanos(delay), RECENT_NANOS)) <= batch.size()) {
+                if (job != null || Drain.active(Math.min(unit.toNanos(delay), RECENT_NANOS)) + InferJob.inFlight()
+                        <= batch.size()) {
                     return job;
                 }
                 return queue.poll(delay, unit);

@@ -23,6 +23,8 @@ import java.util.List;
 import java.util.Map;
 import java.util.Set;
 import java.util.UUID;
+import java.util.concurrent.atomic.AtomicBoolean;
+import java.util.concurrent.atomic.AtomicInteger;
 import org.pytorch.serve.grpc.openinference.OpenInferenceGrpc.InferParameter;
 import org.pytorch.serve.grpc.openinference.OpenInferenceGrpc.InferTensorContents;
 import org.pytorch.serve.grpc.openinference.OpenInferenceGrpc.ModelInferRequest;
@@ -54,6 +56,11 @@ import org.pytorch.serve.wlm.ModelManager;
 final class InferJob extends Job {
 
     static final String HEADER_LENGTH = "Inference-Header-Content-Length";
+
+    /** ModelInfer calls queued or in a batch and not yet answered: DataPath's batch wait counts them. */
+    private static final AtomicInteger IN_FLIGHT = new AtomicInteger();
+
+    private final AtomicBoolean inFlight = new AtomicBoolean();
 
     private final Call call;
     private final ServerCallStreamObserver<ModelInferResponse> observer;
@@ -147,7 +154,10 @@ final class InferJob extends Job {
             count("ts_inference_requests_total", Arrays.asList(model.getModelName(),
                     version == null ? "default" : version, ConfigManager.getInstance().getHostName()), 1);
             InferJob job = new InferJob(model, version, input, call, observer, state);
+            job.inFlight.set(true);
+            IN_FLIGHT.incrementAndGet();
             if (!ModelManager.getInstance().addJob(job)) {
+                job.answered();
                 throw OipGrpc.error(Status.UNAVAILABLE, "model " + quote(model.getModelName())
                         + " has no worker or its job queue is full; retry later");
             }
@@ -424,6 +434,7 @@ final class InferJob extends Job {
     @Override
     public void response(byte[] body, CharSequence contentType, int statusCode, String statusPhrase,
             Map<String, String> responseHeaders) {
+        answered();
         long now = System.nanoTime();
         count("ts_inference_latency_microseconds", labels, (now - getBegin()) / 1000.0);
         count("ts_queue_latency_microseconds", labels, (getScheduled() - getBegin()) / 1000.0);
@@ -568,8 +579,20 @@ final class InferJob extends Job {
 
     @Override
     public void sendError(int status, String error) {
+        answered();
         count("ts_inference_latency_microseconds", labels, (System.nanoTime() - getBegin()) / 1000.0);
         fail(status, error == null ? "HTTP " + status : error);
+    }
+
+    /** ModelInfer calls in flight (see {@link #IN_FLIGHT}). */
+    static int inFlight() {
+        return IN_FLIGHT.get();
+    }
+
+    private void answered() {
+        if (inFlight.compareAndSet(true, false)) {
+            IN_FLIGHT.decrementAndGet();
+        }
     }
 
     @Override
