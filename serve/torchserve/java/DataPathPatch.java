@@ -1,8 +1,6 @@
 package oip;
 
-import java.lang.instrument.ClassFileTransformer;
 import java.lang.instrument.Instrumentation;
-import java.security.ProtectionDomain;
 import jdk.internal.org.objectweb.asm.ClassReader;
 import jdk.internal.org.objectweb.asm.ClassVisitor;
 import jdk.internal.org.objectweb.asm.ClassWriter;
@@ -32,7 +30,7 @@ import jdk.internal.org.objectweb.asm.Opcodes;
  * unchanged and one line on stderr says so. Uses the JDK's ASM that {@link HeldJobsPatch#install} exports to the agent, so it
  * is registered after it.
  */
-final class DataPathPatch implements ClassFileTransformer {
+final class DataPathPatch extends GuardedPatch {
 
     private static final String INITIALIZER = "org/pytorch/serve/ServerInitializer";
     private static final String MODEL = "org/pytorch/serve/wlm/Model";
@@ -49,46 +47,23 @@ final class DataPathPatch implements ClassFileTransformer {
     private static final String POLL_BATCH = "(Ljava/lang/String;JLjava/util/Map;)V";
     private static final String TIMED_POLL = "(JLjava/util/concurrent/TimeUnit;)Ljava/lang/Object;";
 
-    private DataPathPatch() {}
+    private DataPathPatch() {
+        super("data-path");
+    }
 
     static void install(Instrumentation inst) {
-        try {
-            inst.addTransformer(new DataPathPatch());
-        } catch (RuntimeException err) { // never stop the server over it
-            warn("agent", "not installed: " + err);
-        }
+        GuardedPatch.install(inst, new DataPathPatch());
     }
 
     @Override
-    public byte[] transform(
-            ClassLoader loader,
-            String className,
-            Class<?> classBeingRedefined,
-            ProtectionDomain protectionDomain,
-            byte[] classfileBuffer) {
-        if (classBeingRedefined != null || !(INITIALIZER.equals(className) || MODEL.equals(className)
-                || WORKER_INIT.equals(className) || ENCODER.equals(className) || WORKER_THREAD.equals(className))) {
-            return null;
-        }
-        try {
-            String version = HeldJobsPatch.torchServeVersion(protectionDomain);
-            if (!HeldJobsPatch.VERSION.equals(version)) {
-                warn(className, "TorchServe " + version + " is not " + HeldJobsPatch.VERSION + "; left as it is");
-                return null;
-            }
-            byte[] patched = Asm.patch(className, classfileBuffer);
-            if (patched == null) {
-                warn(className, "the method to patch is not as expected; left as it is");
-            }
-            return patched;
-        } catch (RuntimeException | java.io.IOException | LinkageError err) {
-            warn(className, "not applied: " + err);
-            return null;
-        }
+    boolean targets(String className) {
+        return INITIALIZER.equals(className) || MODEL.equals(className) || WORKER_INIT.equals(className)
+                || ENCODER.equals(className) || WORKER_THREAD.equals(className);
     }
 
-    private static void warn(String target, String message) {
-        System.err.println("oip-agent: data-path patch of " + target + ": " + message);
+    @Override
+    byte[] patch(String className, byte[] original) {
+        return Asm.patch(className, original);
     }
 
     /** Everything that names ASM types, in a class of its own (HeldJobsPatch.Asm says why). */

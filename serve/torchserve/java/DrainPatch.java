@@ -1,8 +1,6 @@
 package oip;
 
-import java.lang.instrument.ClassFileTransformer;
 import java.lang.instrument.Instrumentation;
-import java.security.ProtectionDomain;
 import jdk.internal.org.objectweb.asm.ClassReader;
 import jdk.internal.org.objectweb.asm.ClassVisitor;
 import jdk.internal.org.objectweb.asm.ClassWriter;
@@ -25,7 +23,7 @@ import jdk.internal.org.objectweb.asm.Opcodes;
  * method is there as expected; otherwise the class loads unchanged and one line on stderr says so. Uses
  * the JDK's ASM that {@link HeldJobsPatch#install} exports to the agent, so it is registered after it.
  */
-final class DrainPatch implements ClassFileTransformer {
+final class DrainPatch extends GuardedPatch {
 
     private static final String INITIALIZER = "org/pytorch/serve/ServerInitializer";
     private static final String NETTY_UTILS = "org/pytorch/serve/util/NettyUtils";
@@ -33,46 +31,22 @@ final class DrainPatch implements ClassFileTransformer {
     private static final String CHANNEL = "Lio/netty/channel/Channel;";
     private static final String CTX = "Lio/netty/channel/ChannelHandlerContext;";
 
-    private DrainPatch() {}
+    private DrainPatch() {
+        super("drain");
+    }
 
     static void install(Instrumentation inst) {
-        try {
-            inst.addTransformer(new DrainPatch());
-        } catch (RuntimeException err) { // never stop the server over it
-            warn("agent", "not installed: " + err);
-        }
+        GuardedPatch.install(inst, new DrainPatch());
     }
 
     @Override
-    public byte[] transform(
-            ClassLoader loader,
-            String className,
-            Class<?> classBeingRedefined,
-            ProtectionDomain protectionDomain,
-            byte[] classfileBuffer) {
-        if (classBeingRedefined != null
-                || !(INITIALIZER.equals(className) || NETTY_UTILS.equals(className) || MODEL_SERVER.equals(className))) {
-            return null;
-        }
-        try {
-            String version = HeldJobsPatch.torchServeVersion(protectionDomain);
-            if (!HeldJobsPatch.VERSION.equals(version)) {
-                warn(className, "TorchServe " + version + " is not " + HeldJobsPatch.VERSION + "; left as it is");
-                return null;
-            }
-            byte[] patched = Asm.patch(className, classfileBuffer);
-            if (patched == null) {
-                warn(className, "the method to patch is not as expected; left as it is");
-            }
-            return patched;
-        } catch (RuntimeException | java.io.IOException | LinkageError err) {
-            warn(className, "not applied: " + err);
-            return null;
-        }
+    boolean targets(String className) {
+        return INITIALIZER.equals(className) || NETTY_UTILS.equals(className) || MODEL_SERVER.equals(className);
     }
 
-    private static void warn(String target, String message) {
-        System.err.println("oip-agent: drain patch of " + target + ": " + message);
+    @Override
+    byte[] patch(String className, byte[] original) {
+        return Asm.patch(className, original);
     }
 
     /** Everything that names ASM types, in a class of its own (HeldJobsPatch.Asm says why). */
