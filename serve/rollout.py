@@ -32,7 +32,8 @@ import numpy as np
 import psutil
 import requests
 
-from serve.server import Server, ServerError, check_archive, defaults_file, read_defaults, write_defaults
+from serve.server import (Server, ServerError, check_archive, defaults_file, read_defaults, writable_dir,
+                          write_defaults)
 
 if TYPE_CHECKING:
     from models.registry import ModelSpec
@@ -147,16 +148,12 @@ class Rollout:
 
     def _check_record_writable(self) -> None:
         """Refuse before anything is registered when the record cannot be written (a read-only store)."""
-        folder = defaults_file(self.server.model_store).parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise RolloutError(f"the model store's {folder} is not writable ({exc.strerror or exc}): a rollout records "
-                               "the new default there so that a restart serves it; make it writable (in the "
-                               "container: mount a model store the image's user, uid 10001, can write)") from None
+            writable_dir(defaults_file(self.server.model_store).parent, "model store's record folder",
+                         "a rollout records the new default there so that a restart serves it; make it writable (in "
+                         "the container: mount a model store the image's user, uid 10001, can write)")
+        except ServerError as exc:
+            raise RolloutError(str(exc)) from None
 
     # --- steps ---
     def archive_of(self, spec: ModelSpec) -> Path:

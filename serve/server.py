@@ -330,8 +330,8 @@ def default_archive(model_store: Path, name: str) -> str:
     return f"{name}.mar"
 
 
-def _writable_dir(directory: Path, what: str, option: str) -> None:
-    """Create ``directory`` if needed and prove it writable; one-line ``ServerError`` naming the fix if not."""
+def writable_dir(directory: Path, what: str, fix: str) -> None:
+    """Create ``directory`` if needed and prove it writable; one-line ``ServerError`` ending with ``fix`` if not."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-test-{os.getpid()}"
@@ -339,8 +339,7 @@ def _writable_dir(directory: Path, what: str, option: str) -> None:
         probe.unlink()
     except OSError as err:
         raise ServerError(
-            f"the {what} {directory} is not writable ({err.strerror or err}); "
-            f"fix its permissions or pick another one with {option}"
+            f"the {what} {directory} is not writable ({err.strerror or err}); {fix}"
         ) from None
 
 
@@ -634,9 +633,9 @@ class Server:
             check_archive(self.model_store / self.archives[name], name)
 
     def _check_dirs(self) -> None:
-        _writable_dir(self.log_dir, "log folder", "--log-dir")
-        _writable_dir(self.workdir, "working directory", "--workdir")
-        _writable_dir(self.tmpdir, "TMPDIR", "--workdir")
+        writable_dir(self.log_dir, "log folder", "fix its permissions or pick another one with --log-dir")
+        writable_dir(self.workdir, "working directory", "fix its permissions or pick another one with --workdir")
+        writable_dir(self.tmpdir, "TMPDIR", "fix its permissions or pick another one with --workdir")
 
     def start(self, foreground: bool = False) -> None:
         """Launch TorchServe in the background (returns once the frontend process exists).
