@@ -149,9 +149,10 @@ class ServingHandler:
         responses: list[Any] = [None] * len(data)
         pending, explaining = [], []  # (index, protocols.Decoded) of every valid prediction / explanation
         headers = [{} if envelope else protocols.request_headers(context, idx) for idx in range(len(data))]
-        self.request_ids = ids = [tracing.request_id(h, _torchserve_id(context, idx)) for idx, h in enumerate(headers)]
+        frontend_ids = [_torchserve_id(context, idx) for idx in range(len(data))]
+        self.request_ids = ids = [tracing.request_id(h, i) for h, i in zip(headers, frontend_ids)]
         now_us = time.time_ns() // 1000
-        self._timing = [{"queue": tracing.queue_ms(h, now_us)} for h in headers]
+        self._timing = [{"queue": tracing.queue_ms(i, now_us)} for i in frontend_ids]
         self._traces = [tracing.trace_id(h) for h in headers]
         tracing.log_context.begin(ids, self._traces)
         try:

@@ -5,7 +5,7 @@ gave the job; the frontend writes it into the answer's ``X-Request-ID`` header a
 (serve/torchserve/java/Session.java), the handler into error bodies (``request_id``) and log lines.
 A ``traceparent`` header (W3C Trace Context) is read; while a batch runs, the worker's log lines name the
 request IDs and trace IDs of that batch (:class:`LogContext`). ``Server-Timing`` names the stages of a
-request in milliseconds. The formats: docs/protocols.md, "Request IDs and timing".
+request in milliseconds; its queue time comes from the ID the frontend gave the job (:func:`received_us`). The formats: docs/protocols.md, "Request IDs and timing".
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import re
 
 REQUEST_ID = "x-request-id"  # request header names arrive lowercased
 TRACEPARENT = "traceparent"
-RECEIVED = "x-serve-received-us"  # set by the frontend (serve/torchserve/java/Session.java): µs since the epoch
 SERVER_TIMING = "Server-Timing"
 REQUEST_ID_HEADER = "X-Request-ID"  # an answer's; the frontend keeps the one a handler sets
 MAX_ID_LENGTH = 128
@@ -49,12 +48,25 @@ def trace_id(headers: dict[str, str]) -> str | None:
     return match.group(2)
 
 
-def queue_ms(headers: dict[str, str], now_us: int) -> float | None:
-    """Milliseconds from the frontend receiving the request to ``now_us`` (µs since the epoch), or None."""
-    try:
-        return max(0.0, (now_us - int(headers[RECEIVED])) / 1000)
-    except (KeyError, TypeError, ValueError):
+def received_us(frontend_id) -> int | None:
+    """When the frontend received a request, in µs since the epoch, read from the ID it gave the job: a UUID
+    version 7 whose 12 bits after the version hold the sub-millisecond fraction (RFC 9562 method 3; made by
+    serve/torchserve/java/RequestIds.java ``newId``). None for any other ID."""
+    if not isinstance(frontend_id, str) or len(frontend_id) != 36 or frontend_id[14] != "7":
         return None
+    try:
+        millis = int(frontend_id[:8] + frontend_id[9:13], 16)
+        fraction = int(frontend_id[15:18], 16)
+    except ValueError:
+        return None
+    return millis * 1000 + fraction * 1000 // 4096
+
+
+def queue_ms(frontend_id, now_us: int) -> float | None:
+    """Milliseconds from the frontend receiving the request named ``frontend_id`` (:func:`received_us`) to
+    ``now_us`` (µs since the epoch), or None when the ID does not say."""
+    received = received_us(frontend_id)
+    return None if received is None else max(0.0, (now_us - received) / 1000)
 
 
 def server_timing(stages_ms: dict[str, float | None]) -> str:

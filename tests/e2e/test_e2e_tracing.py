@@ -62,8 +62,14 @@ def test_native_and_kserve_v1_answers_carry_the_callers_or_a_generated_id(server
         stages = timing(answer)
         assert list(stages) == ["queue", "decode", "infer", "encode"] and all(v >= 0 for v in stages.values())
         assert sum(stages.values()) <= latency_ms
+        sent_ms = time.time() * 1000
         generated = [post(server, path, json=body).headers["X-Request-ID"] for _ in range(2)]
+        answered_ms = time.time() * 1000
         assert all(generated) and generated[0] != generated[1] and given not in generated
+        # A generated ID is a UUID version 7 (RFC 9562) made when the frontend received the request.
+        for made in map(uuid.UUID, generated):
+            assert made.version == 7 and made.variant == uuid.RFC_4122, made
+            assert sent_ms - 1 <= made.int >> 80 <= answered_ms + 1, (made, sent_ms, answered_ms)
 
 
 def test_errors_name_their_request_id_in_body_and_header(server, auth):

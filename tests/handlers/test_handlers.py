@@ -83,11 +83,13 @@ def serve(name: str, tmp_path: Path, handler_class=None):
     return handler, context, reference.eval()
 
 
-def run_batch(handler, context, requests: list[dict], headers: list[dict] | None = None) -> list:
-    """Call handle() the way ts.service.Service does: request ids and one RequestProcessor per request."""
+def run_batch(handler, context, requests: list[dict], headers: list[dict] | None = None,
+              ids: dict[int, str] | None = None) -> list:
+    """Call handle() the way ts.service.Service does: request ids (``ts-req-<i>`` unless ``ids`` names
+    them) and one RequestProcessor per request."""
     headers = headers or [{} for _ in requests]
     context.request_processor = [RequestProcessor(h) for h in headers]
-    context.request_ids = {i: f"ts-req-{i}" for i in range(len(requests))}
+    context.request_ids = {i: (ids or {}).get(i, f"ts-req-{i}") for i in range(len(requests))}
     return [json.loads(body) for body in handler.handle(requests, context)]
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
+import uuid
 
 import numpy as np
 
@@ -11,6 +13,23 @@ from tests.handlers.test_handlers import digits, keep_torch_threads, run_batch, 
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE}-00f067aa0ba902b7-01"
+
+
+def uuid7_at(micros: int) -> str:
+    """A UUID version 7 made ``micros`` µs after the epoch, its 12 bits after the version the sub-millisecond
+    fraction (RFC 9562, section 6.2, method 3), as the frontend names requests."""
+    millis, rest = divmod(micros, 1000)
+    value = (millis << 80) | (0x7 << 76) | ((rest * 4096 // 1000) << 64) | (0b10 << 62) | random.getrandbits(62)
+    return str(uuid.UUID(int=value))
+
+
+def test_the_receipt_time_is_read_from_a_version_7_id_only():
+    now = time.time_ns() // 1000
+    for micros in (now, now - 5000, 1_700_000_000_123_999):
+        assert abs(tracing.received_us(uuid7_at(micros)) - micros) <= 1  # 1/4096 ms, rounded down
+    assert abs(tracing.queue_ms(uuid7_at(now - 5000), now) - 5.0) <= 0.002
+    for other in (str(uuid.uuid4()), "ts-req-1", None, 42, uuid7_at(now)[:-1], "x" * 14 + "7" + "g" * 21):
+        assert tracing.received_us(other) is None and tracing.queue_ms(other, now) is None
 
 
 def test_traceparent_is_read_only_when_valid():
@@ -34,13 +53,12 @@ def test_a_batch_answers_each_request_with_its_id_timing_and_logged_trace(tmp_pa
     oip = {"id": "oip-id-9", "inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32",
                                          "data": np.ravel(pixels[0]).tolist()}]}
     requests = [{"body": pixels[:2]}, {"body": {"data": [[0.5] * 3]}}, {"body": oip}, {"body": [[0.5] * 3]}]
-    received = time.time_ns() // 1000 - 5000  # the frontend received request 2 five ms ago
-    headers = [{"X-Request-ID": "caller-1"}, {"traceparent": TRACEPARENT}, {"x-serve-received-us": str(received)},
-               {"X-Request-ID": "bad-2"}]
+    received = uuid7_at(time.time_ns() // 1000 - 5000)  # the frontend received request 2 five ms ago
+    headers = [{"X-Request-ID": "caller-1"}, {"traceparent": TRACEPARENT}, {}, {"X-Request-ID": "bad-2"}]
     with caplog.at_level(logging.INFO):
         logging.getLogger().addHandler(caplog.handler)
         try:
-            answers = run_batch(handler, context, requests, headers)
+            answers = run_batch(handler, context, requests, headers, ids={2: received})
         finally:
             logging.getLogger().removeHandler(caplog.handler)
     assert answers[1]["request_id"] == context.get_request_id(1) and answers[3]["request_id"] == "bad-2"
@@ -54,7 +72,7 @@ def test_a_batch_answers_each_request_with_its_id_timing_and_logged_trace(tmp_pa
     assert len(logged) == 2 and all(f"trace_id={TRACE}" in line for line in logged)
     assert "request ts-req-1 answered" in logged[0] and "request bad-2 answered" in logged[1]
     # The OIP body's id names request 2 once it is decoded: in the lines after, and in its answer's header.
-    assert "[request_id=caller-1,ts-req-1,ts-req-2,bad-2" in logged[0]
+    assert f"[request_id=caller-1,ts-req-1,{received},bad-2" in logged[0]
     assert "[request_id=caller-1,ts-req-1,oip-id-9,bad-2" in logged[1]
     assert context.get_response_headers(2)["X-Request-ID"] == "oip-id-9"
     assert "X-Request-ID" not in context.get_response_headers(0)  # the caller's header: the frontend writes it

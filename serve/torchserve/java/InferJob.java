@@ -14,15 +14,12 @@ import io.grpc.stub.StreamObserver;
 import java.nio.ByteBuffer;
 import java.nio.ByteOrder;
 import java.nio.charset.StandardCharsets;
-import java.time.Instant;
-import java.time.temporal.ChronoUnit;
 import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.HashSet;
 import java.util.List;
 import java.util.Map;
 import java.util.Set;
-import java.util.UUID;
 import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.concurrent.atomic.AtomicInteger;
 import org.pytorch.serve.grpc.openinference.OpenInferenceGrpc.InferParameter;
@@ -50,7 +47,8 @@ import org.pytorch.serve.wlm.ModelManager;
  * <p>Request ID: the caller's {@code x-request-id} metadata, else the request's {@code id}, else a fresh
  * UUID; it goes to the handler as {@code X-Request-ID} and comes back as trailing metadata (errors
  * included). The response's {@code id} is the request's, else the caller's {@code x-request-id}, else empty
- * (as Triton: equal requests get equal answers). The job's own ID is a fresh UUID, as REST's.
+ * (as Triton: equal requests get equal answers). The job's own ID is a fresh UUID, as REST's
+ * ({@link RequestIds#newId}: it tells the handler when the call arrived, for its queue time).
  * Counted in TorchServe's request, latency and queue metrics like a REST request (ModelStatistics reads them).
  */
 final class InferJob extends Job {
@@ -131,14 +129,14 @@ final class InferJob extends Job {
         if (id == null) {
             id = OipGrpc.usableId(call.id);
         }
-        state.requestId = id != null ? id : UUID.randomUUID().toString();
+        state.requestId = id != null ? id : RequestIds.newId();
         try {
             if (call.problem != null) {
                 throw call.problem;
             }
             String version = call.modelVersion.isEmpty() ? null : call.modelVersion;
             Model model = OipGrpc.model(call.modelName, call.modelVersion);
-            RequestInput input = new RequestInput(UUID.randomUUID().toString());
+            RequestInput input = new RequestInput(RequestIds.newId()); // tells the handler when (queue time)
             input.updateHeaders("content-type", "application/octet-stream");
             input.updateHeaders(HEADER_LENGTH.toLowerCase(), String.valueOf(call.headerLength));
             input.updateHeaders("explain", "False");
@@ -148,8 +146,6 @@ final class InferJob extends Job {
             if (traceparent != null) {
                 input.updateHeaders("traceparent", traceparent);
             }
-            input.updateHeaders("x-serve-received-us",
-                    String.valueOf(ChronoUnit.MICROS.between(Instant.EPOCH, Instant.now())));
             input.addParameter(new InputParameter("body", call.body, "application/octet-stream"));
             count("ts_inference_requests_total", Arrays.asList(model.getModelName(),
                     version == null ? "default" : version, ConfigManager.getInstance().getHostName()), 1);

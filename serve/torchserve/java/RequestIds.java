@@ -19,7 +19,9 @@ import io.netty.handler.codec.http.HttpResponse;
 import io.netty.handler.codec.http.HttpUtil;
 import io.netty.util.AttributeKey;
 import java.nio.charset.StandardCharsets;
+import java.time.Instant;
 import java.util.UUID;
+import java.util.concurrent.ThreadLocalRandom;
 import org.pytorch.serve.http.Session;
 import org.pytorch.serve.util.ConfigManager;
 import org.slf4j.Logger;
@@ -47,6 +49,21 @@ public final class RequestIds {
     static final String HEADER = "x-request-id";
 
     private RequestIds() {}
+
+    /**
+     * A fresh request ID that also says when it was made: a UUID version 7 (RFC 9562) whose 12 bits after
+     * the version hold the sub-millisecond fraction (its method 3: 1/4096 ms, about 0.25 µs), with 62
+     * random bits. The frontend names each request with one as it receives it, so the worker reads the
+     * request's queue time from its ID (handlers/tracing.py) and no request carries a timestamp header.
+     * Cheaper than {@link UUID#randomUUID} (no SecureRandom); time-ordered, so log lines sort by arrival.
+     */
+    public static String newId() {
+        Instant now = Instant.now(); // microseconds on Linux
+        long fraction = (now.getNano() % 1_000_000) * 4096L / 1_000_000;
+        long high = (now.toEpochMilli() << 16) | 0x7000L | fraction;
+        long low = (ThreadLocalRandom.current().nextLong() >>> 2) | 0x8000000000000000L;
+        return new UUID(high, low).toString();
+    }
 
     /** Called from {@link Drain#accepted}: the {@link Ids} handler joins the pipeline once the codec is in. */
     static void accepted(Channel channel) {
@@ -108,7 +125,7 @@ public final class RequestIds {
             String id = headers.get(HEADER);
             if (id == null) { // not sent by TorchServe's sendHttpResponse (Netty's 413/417): no ID, no log line
                 id = head == null ? null : Session.usableId(head.headers().get(HEADER));
-                id = id != null ? id : UUID.randomUUID().toString();
+                id = id != null ? id : newId();
                 headers.set(HEADER, id);
                 String line = head == null ? "\"- - -\"" : '"' + head.method().name() + ' ' + head.uri() + ' '
                         + head.protocolVersion().text() + '"';

@@ -1,10 +1,8 @@
 package org.pytorch.serve.http;
 
 import io.netty.handler.codec.http.HttpRequest;
-import java.time.Instant;
-import java.time.temporal.ChronoUnit;
-import java.util.UUID;
 import java.util.regex.Pattern;
+import oip.RequestIds;
 
 /**
  * TorchServe's per-request session (access log line, {@code x-request-id} answer header), loaded in place
@@ -12,15 +10,12 @@ import java.util.regex.Pattern;
  * names its request: TorchServe writes {@link #getRequestId()} into every REST answer's
  * {@code x-request-id} header (its own errors included) once the answer's code is set, and this session
  * then names the caller's ID when it sent a usable one (1-128 printable ASCII characters, no spaces).
- * Until then {@link #getRequestId()} is TorchServe's fresh UUID: the key of the job in its batch and the
- * worker's request ID, unique even when callers repeat an ID. The access log line ends with the answer's
- * ID and, when the caller sent a W3C {@code traceparent}, its trace ID. The request gets header
- * {@code x-serve-received-us}: when the frontend received it, from which the handler reports queue time.
+ * Until then {@link #getRequestId()} is a fresh UUID made as the request is received
+ * ({@link RequestIds#newId}: version 7, which tells the handler when, for its queue time): the key of the job
+ * in its batch and the worker's request ID, unique even when callers repeat an ID. The access log line ends
+ * with the answer's ID and, when the caller sent a W3C {@code traceparent}, its trace ID.
  */
 public class Session {
-
-    /** Request header that tells the handler when the frontend received the request (handlers/tracing.py). */
-    static final String RECEIVED_HEADER = "x-serve-received-us";
 
     private static final Pattern USABLE_ID = Pattern.compile("[\\x21-\\x7e]{1,128}");
 
@@ -43,13 +38,11 @@ public class Session {
             protocol = request.protocolVersion().text();
             callerId = usableId(request.headers().get("X-Request-ID"));
             traceId = traceId(request.headers().get("traceparent"));
-            // When the frontend received the request (µs since the epoch), for the handler's queue time.
-            request.headers().set(RECEIVED_HEADER, ChronoUnit.MICROS.between(Instant.EPOCH, Instant.now()));
         } else {
             method = "GET";
             protocol = "HTTP/1.1";
         }
-        requestId = UUID.randomUUID().toString();
+        requestId = RequestIds.newId();
         startTime = System.currentTimeMillis();
     }
 
@@ -58,7 +51,7 @@ public class Session {
         method = "gRPC";
         protocol = "HTTP/2.0";
         uri = gRPCMethod;
-        requestId = UUID.randomUUID().toString();
+        requestId = RequestIds.newId();
         startTime = System.currentTimeMillis();
     }
 
@@ -82,7 +75,7 @@ public class Session {
     }
 
     /**
-     * TorchServe's UUID while the request runs; once answered (code set), the ID the answer names
+     * The fresh UUID while the request runs; once answered (code set), the ID the answer names
      * ({@link #nameAnswer}), else the caller's if it sent one.
      */
     public String getRequestId() {
