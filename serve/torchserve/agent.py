@@ -33,6 +33,11 @@ REPLACED = (
     "org/pytorch/serve/http/Session",
 )
 
+# Classes compiled under a name of their own and stored under TorchServe's (the one constant naming the class
+# rewritten, renamed_class): javac cannot compile a replacement of a nested class under its binary name.
+# WorkerOutputPatch defines it in place of TorchServe's when the version guard allows.
+RENAMED = {"org/pytorch/serve/wlm/WorkerOutput": "org/pytorch/serve/wlm/WorkerLifeCycle$ReaderThread"}
+
 # Plugin-SDK services of classes in the agent's package (stored as plain .class entries with it): the rollout
 # endpoint (RolloutEndpoint.java, docs/security.md "Rolling out a version").
 SERVICES = {"org.pytorch.serve.servingsdk.ModelServerEndpoint": "oip.RolloutEndpoint"}
@@ -95,10 +100,48 @@ def build(out: Path = DEFAULT_JAR, force: bool = False) -> Path:
             for name in REPLACED:
                 # Not stored as .class: the agent jar joins the class path, where model-server.jar comes first.
                 jar.write(classes / f"{name}.class", f"oip-classes/{name}.bin")
+            for name, stored in RENAMED.items():
+                data = renamed_class((classes / f"{name}.class").read_bytes(), name, stored)
+                jar.writestr(f"oip-classes/{stored}.bin", data)
             for service, provider in SERVICES.items():
                 jar.writestr(f"META-INF/services/{service}", provider + "\n")
         os.replace(partial, out)
     return out
+
+
+_CONSTANT_SIZES = {3: 4, 4: 4, 5: 8, 6: 8, 7: 2, 8: 2, 9: 4, 10: 4, 11: 4, 12: 4, 15: 3, 16: 2, 17: 4, 18: 4,
+                   19: 2, 20: 2}  # constant pool tag -> bytes after it (1, Utf8: a u2 length and the bytes)
+
+
+def renamed_class(data: bytes, old: str, new: str) -> bytes:
+    """Class file ``data`` of class ``old`` (internal name) as class ``new``: the constant pool's Utf8 entry
+    ``old`` rewritten (every reference to the class goes through it). Refuses a class whose descriptors name
+    it (``Lold;``), which would need a full remap."""
+    if data[:4] != b"\xca\xfe\xba\xbe":
+        raise AgentBuildError(f"{old}.class is not a class file")
+    count = int.from_bytes(data[8:10], "big")
+    out, pos, index, hits = [data[:10]], 10, 1, 0
+    while index < count:
+        tag = data[pos]
+        if tag == 1:
+            length = int.from_bytes(data[pos + 1:pos + 3], "big")
+            text = data[pos + 3:pos + 3 + length]
+            if f"L{old};".encode() in text:
+                raise AgentBuildError(f"{old} names its own type in a descriptor; renaming it needs a full remap")
+            if text == old.encode():
+                text, hits = new.encode(), hits + 1
+            out.append(bytes([1]) + len(text).to_bytes(2, "big") + text)
+            pos += 3 + length
+        elif tag in _CONSTANT_SIZES:
+            out.append(data[pos:pos + 1 + _CONSTANT_SIZES[tag]])
+            pos += 1 + _CONSTANT_SIZES[tag]
+        else:
+            raise AgentBuildError(f"{old}.class: unknown constant pool tag {tag}")
+        index += 2 if tag in (5, 6) else 1  # a long or double takes two entries
+    if hits != 1:
+        raise AgentBuildError(f"{old}.class names itself {hits} times in its constant pool, expected once")
+    out.append(data[pos:])
+    return b"".join(out)
 
 
 AGENT_ENV = "OIP_AGENT_JAR"  # a prebuilt jar (the image's); set but empty, or "off": no agent

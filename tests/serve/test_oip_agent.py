@@ -124,3 +124,55 @@ def test_agent_data_path_patch_applies_and_the_classes_verify(tmp_path):
     assert "org.pytorch.serve.util.codec.ModelRequestEncoder allocateBuffer protected" in lines
     assert "org.pytorch.serve.wlm.Model pollBatch public" in lines
     assert "data-path patch" not in result.stderr, result.stderr
+
+
+def test_worker_output_reader_replaces_torchserves_and_reads_metrics_as_its_parser_does(tmp_path):
+    """The worker-output reader (serve/torchserve/java/WorkerOutput.java) is defined in place of TorchServe's
+    ReaderThread, passes the verifier, and reads every ``[METRICS]`` text as TorchServe's own ``Metric.parse``
+    does (the reference): the same metric, or none and the line goes to ``Metric.parse`` itself. The lines our
+    workers write must take the fast path. What the reader does in a server: tests/e2e (metrics, worker start)."""
+    import shutil
+    import subprocess
+
+    from serve.server import java_executable
+    from servers import clean_env
+    from wire.metric_lines import metric_line
+
+    jar = oip_agent.build(tmp_path / "oip-agent.jar")
+    ours = [metric_line("model_stage_duration_seconds", "seconds", 0.000905393, [("model_name", "mnistnet"),
+                                                                              ("stage", "decode")], "histogram"),
+            metric_line("model_predicted_class_total", "count", 8, [("model_name", "m"), ("class", "7")], "counter"),
+            metric_line("PredictionTime", "Milliseconds", 2.99, [("ModelName", "mnistnet"), ("Level", "Model")], "gauge",
+                        request_ids="01a2515e-3535-7faa-9eb9-d7789b8f66f9,01a2515e-3536-760d-8510-34850fc6e173"),
+            "[METRICS]HandlerTime.Milliseconds:1.2|#ModelName:m,Level:Model|#hostname:vm,1700000000,req-1"]
+    others = ["[METRICS]x.ms:1|#|#type:GAUGE|#hostname:h,1", "[METRICS]a b.c d:1e-3|#d:v,w:|#hostname:h,1,",
+              "[METRICS] lead.ms:1|#d:v|#hostname:h,1", "[METRICS]x.ms:1|#d:v|#type:A,B|#hostname:h,1",
+              "[METRICS]x.ms:1|#d:v|#type:|#hostname:h,1", "[METRICS]x.ms:1|#d:v|#hostname:,1",
+              "[METRICS]x.ms:1|#d:v|#hostname:h,", "[METRICS]x.ms:1|#d:v|#hostname:h,,1", "[METRICS]x.ms:|#d|#hostname:h,1",
+              "[METRICS]x.ms:1x|#d:v|#hostname:h,1", "[METRICS]x:1|#d:v|#hostname:h,1", "[METRICS]x.ms:1|#d:v|#hostname:h,1,a\u2028b",
+              "[METRICS]x.ms:1|#a:b:c,d:e,f|#type:COUNTER|#hostname:h|x,1,r|s", "[METRICS]x.ms:1|#d:v|#junk|#hostname:h,1"]
+    lines = [line[len("[METRICS]"):] for line in ours + others]
+    (tmp_path / "lines.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    probe = tmp_path / "Probe.java"
+    probe.write_text(
+        "import java.nio.file.*; import org.pytorch.serve.metrics.Metric;\n"
+        "public class Probe { static String show(Metric m) { return m == null ? \"null\" : m + \" type=\" + m.getType()\n"
+        "  + \" dims=\" + m.getDimensionNames() + m.getDimensionValues(); }\n"
+        "public static void main(String[] a) throws Exception {\n"
+        "  var fast = Class.forName(\"org.pytorch.serve.wlm.WorkerLifeCycle$ReaderThread\").getDeclaredMethod(\"parse\", String.class);\n"
+        "  fast.setAccessible(true);\n"
+        "  for (String line : Files.readAllLines(Path.of(a[0]))) {\n"
+        "    Metric ours = (Metric) fast.invoke(null, line);\n"
+        "    System.out.println((ours == null ? \"fallback \" : show(ours).equals(show(Metric.parse(line))) ? \"same \" : \"DIFFERENT \")\n"
+        "      + show(Metric.parse(line)) + \" | ours: \" + show(ours)); } } }\n")
+    frontend = str(oip_agent.torchserve_jar())
+    subprocess.run([shutil.which("javac"), "-cp", frontend, "-d", str(tmp_path), str(probe)], check=True, env=clean_env())
+    result = subprocess.run(
+        [java_executable(), "-Xverify:all", f"-javaagent:{jar}", "-cp", f"{frontend}:{tmp_path}", "Probe",
+         str(tmp_path / "lines.txt")], capture_output=True, text=True, timeout=120, env=clean_env())
+    assert result.returncode == 0 and "worker-output patch" not in result.stderr, result.stderr
+    verdicts = [line for line in result.stdout.splitlines() if line.startswith(("same ", "fallback ", "DIFFERENT "))]
+    assert len(verdicts) == len(lines) and not [v for v in verdicts if v.startswith("DIFFERENT")], result.stdout
+    assert all(v.startswith("same ") and " | ours: null" not in v for v in verdicts[:len(ours)]), result.stdout
+    # The probe's lines exercise both paths, and TorchServe's parser refuses some of them (null both ways).
+    assert any(v.startswith("fallback null") for v in verdicts) and any(v.startswith("same ") for v in verdicts[len(ours):])

@@ -57,6 +57,7 @@ public final class OipAgent implements ClassFileTransformer {
         HeldJobsPatch.install(inst); // requests held for a batch survive a dead worker (HeldJobs)
         DrainPatch.install(inst); // a stop answers requests already sent before it closes connections (Drain)
         DataPathPatch.install(inst); // large reads for large bodies, no batch wait for jobs not queued (DataPath)
+        WorkerOutputPatch.install(inst); // worker output lines read without regular expressions (WorkerOutput)
     }
 
     @Override
