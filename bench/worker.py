@@ -41,12 +41,13 @@ def _item(data: bytes) -> bytes:
 
 def inference_frame(requests: list[tuple[bytes, dict[str, str]]]) -> bytes:
     """An inference message as TorchServe's frontend writes it to a worker: one ``(body, headers)`` per request
-    of the batch (request ids ``00000000-0000-0000-0000-<index>``; the body's content type is the
-    ``Content-Type`` header's, as the frontend sends it)."""
+    of the batch (request ids: version 7 UUIDs of now, ``<time>-7000-8000-<index>``, as the frontend names
+    requests; the body's content type is the ``Content-Type`` header's, as the frontend sends it)."""
     frames = []
+    millis = time.time_ns() // 1_000_000
     for i, (body, headers) in enumerate(requests):
         content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
-        frame = _item(f"00000000-0000-0000-0000-{i:012d}".encode())
+        frame = _item(f"{millis >> 16:08x}-{millis & 0xffff:04x}-7000-8000-{i:012d}".encode())
         frame += b"".join(_item(k.encode()) + _item(v.encode()) for k, v in headers.items()) + _INT.pack(-1)
         frame += _item(b"body") + _item(content_type.encode()) + _item(body) + _INT.pack(-1)
         frames.append(frame)
