@@ -73,7 +73,7 @@ final class InferJob extends Job {
         this.call = call;
         this.observer = (ServerCallStreamObserver<ModelInferResponse>) observer;
         this.state = state;
-        this.callerId = OipGrpc.usableId(state.headers.get(OipGrpc.REQUEST_ID));
+        this.callerId = state.callerId;
         this.labels = Arrays.asList(model.getModelName(), version == null ? "default" : version,
                 ConfigManager.getInstance().getHostName());
     }

@@ -88,10 +88,14 @@ public final class OipGrpc {
     /** The call's metadata and the request ID its answer names (x-request-id trailing metadata). */
     static final class CallState {
         final Metadata headers;
+        /** The caller's usable x-request-id metadata, else null. */
+        final String callerId;
         volatile String requestId;
 
         CallState(Metadata headers) {
             this.headers = headers;
+            this.callerId = usableId(headers.get(REQUEST_ID));
+            this.requestId = callerId;
         }
     }
 
@@ -467,7 +471,6 @@ public final class OipGrpc {
         public <Q, R> ServerCall.Listener<Q> interceptCall(
                 ServerCall<Q, R> call, Metadata headers, ServerCallHandler<Q, R> next) {
             CallState state = new CallState(headers);
-            state.requestId = usableId(headers.get(REQUEST_ID));
             long started = System.currentTimeMillis();
             ServerCall<Q, R> wrapped = new ForwardingServerCall.SimpleForwardingServerCall<Q, R>(call) {
                 @Override
@@ -506,7 +509,16 @@ public final class OipGrpc {
 
     /** A request ID usable in a header: 1-128 printable ASCII characters, no spaces (as Session). */
     static String usableId(String value) {
-        return value != null && value.matches("[\\x21-\\x7e]{1,128}") ? value : null;
+        if (value == null || value.isEmpty() || value.length() > 128) {
+            return null;
+        }
+        for (int i = 0; i < value.length(); i++) { // no regex: String.matches compiles its pattern on every call
+            char c = value.charAt(i);
+            if (c < 0x21 || c > 0x7e) {
+                return null;
+            }
+        }
+        return value;
     }
 
     static byte[] utf8(String text) {
