@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+import uuid
 
 import pytest
 from ts.context import Context, RequestProcessor
@@ -18,11 +20,14 @@ def test_torchserve_reads_the_inference_frame():
                 (b'{"data": [1]}', {"Content-Type": "application/json", "X-Explain-Steps": "8"})]
     front, worker = socket.socketpair()
     with front, worker:
+        before_ms = time.time_ns() // 1_000_000
         front.sendall(inference_frame(requests))
         command, message = retrieve_msg(worker)
     assert command == b"I" and len(message) == 2
     for i, ((body, headers), got) in enumerate(zip(requests, message)):
-        assert got["requestId"] == f"00000000-0000-0000-0000-{i:012d}".encode()
+        made = uuid.UUID(got["requestId"].decode())  # as the frontend names requests: version 7, made now
+        assert made.version == 7 and str(made).endswith(f"-{i:012d}")
+        assert before_ms <= made.int >> 80 <= time.time_ns() // 1_000_000
         assert {h["name"].decode(): h["value"].decode() for h in got["headers"]} == headers
         (parameter,) = got["parameters"]
         assert parameter["name"] == "body" and parameter["contentType"] == headers["Content-Type"]
