@@ -5,7 +5,8 @@ gave the job; the frontend writes it into the answer's ``X-Request-ID`` header a
 (serve/torchserve/java/Session.java), the handler into error bodies (``request_id``) and log lines.
 A ``traceparent`` header (W3C Trace Context) is read; while a batch runs, the worker's log lines name the
 request IDs and trace IDs of that batch (:class:`LogContext`). ``Server-Timing`` names the stages of a
-request in milliseconds; its queue time comes from the ID the frontend gave the job (:func:`received_us`). The formats: docs/protocols.md, "Request IDs and timing".
+request in milliseconds; its queue time comes from the ID the frontend gave the job (:func:`received_us`).
+The formats: docs/protocols.md, "Request IDs and timing".
 """
 from __future__ import annotations
 

@@ -52,6 +52,7 @@ import org.pytorch.serve.grpc.openinference.OpenInferenceGrpc.ServerMetadataResp
 import org.pytorch.serve.grpc.openinference.OpenInferenceGrpc.ServerReadyRequest;
 import org.pytorch.serve.grpc.openinference.OpenInferenceGrpc.ServerReadyResponse;
 import org.pytorch.serve.http.api.rest.OpenInferenceProtocolRequestHandler;
+import org.pytorch.serve.http.Session;
 import org.pytorch.serve.util.ConfigManager;
 import org.pytorch.serve.util.TokenAuthorization;
 import org.pytorch.serve.wlm.Model;
@@ -481,7 +482,7 @@ public final class OipGrpc {
                     }
                     super.close(status, trailers);
                     if (ACCESS_LOG.isInfoEnabled()) {
-                        String trace = org.pytorch.serve.http.Session.traceId(headers.get(TRACEPARENT));
+                        String trace = Session.traceId(headers.get(TRACEPARENT));
                         ACCESS_LOG.info(getAttributes().get(Grpc.TRANSPORT_ATTR_REMOTE_ADDR) + " \"gRPC /"
                                 + getMethodDescriptor().getFullMethodName() + " HTTP/2.0\" " + status.getCode().value()
                                 + ' ' + (System.currentTimeMillis() - started) + " request_id=" + (id == null ? "-" : id)
@@ -509,16 +510,7 @@ public final class OipGrpc {
 
     /** A request ID usable in a header: 1-128 printable ASCII characters, no spaces (as Session). */
     static String usableId(String value) {
-        if (value == null || value.isEmpty() || value.length() > 128) {
-            return null;
-        }
-        for (int i = 0; i < value.length(); i++) { // no regex: String.matches compiles its pattern on every call
-            char c = value.charAt(i);
-            if (c < 0x21 || c > 0x7e) {
-                return null;
-            }
-        }
-        return value;
+        return Session.usableId(value); // the one check, REST's too
     }
 
     static byte[] utf8(String text) {
