@@ -139,6 +139,24 @@ def test_torchserves_own_errors_name_the_request_id_in_body_and_header(server):
     assert (status, body["request_id"], headers["x-request-id"]) == (400, "raw-2", "raw-2")  # no token
 
 
+def test_nettys_own_refusals_of_an_expect_header_name_the_request_id(server):
+    """Netty's aggregator answers ``Expect:`` itself, before TorchServe sees the request: 413 for
+    ``100-continue`` with a body over max_request_size (the client need not send it), 417 for an
+    expectation it does not know. Both get the caller's ID (else a fresh one), a JSON body and the limit."""
+    from serve.server import load_properties
+
+    limit = int(load_properties(server.workdir / "ts-config.properties")["max_request_size"])
+    head = ("POST /predictions/mlp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: {length}\r\nExpect: {expect}\r\n{more}\r\n")
+    status, headers, body = raw_http(server, head.format(length=limit + 1, expect="100-continue",
+                                                         more="X-Request-ID: big-1\r\n").encode())
+    assert (status, body["code"], body["request_id"], headers["x-request-id"]) == (413, 413, "big-1", "big-1")
+    assert f"exceeds max_request_size ({limit} bytes)" in body["message"] == body["error"], body
+    status, headers, body = raw_http(server, head.format(length=2, expect="tea", more="").encode())
+    assert (status, body["code"]) == (417, 417) and body["request_id"] == headers["x-request-id"] != ""
+    assert body["message"] == body["error"] == "Expectation Failed", body
+
+
 def test_oip_rest_id_round_trips_through_the_stock_client_and_the_header(server, http, auth):
     x = np.asarray(rows(3), dtype=np.float32)
     tensor = tritonhttp.InferInput("input", list(x.shape), "FP32")

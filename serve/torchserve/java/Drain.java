@@ -81,11 +81,10 @@ public final class Drain {
     }
 
     /**
-     * Called first in {@code NettyUtils.sendHttpResponse}: the request on this connection is answered;
-     * returns the keep-alive to use (false for full answers once the drain has begun).
+     * Called in {@code NettyUtils.sendHttpResponse}, after {@link RequestIds#answer}: the request on this
+     * connection is answered; returns the keep-alive to use (false for full answers once the drain has begun).
      */
     public static boolean answering(ChannelHandlerContext ctx, Object response, boolean keepAlive) {
-        RequestIds.answering(ctx, response);
         if (!(response instanceof FullHttpResponse)) { // a stream's head: busy until the connection closes
             return keepAlive;
         }

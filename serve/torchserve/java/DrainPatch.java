@@ -8,13 +8,14 @@ import jdk.internal.org.objectweb.asm.MethodVisitor;
 import jdk.internal.org.objectweb.asm.Opcodes;
 
 /**
- * Class-file transform of three TorchServe 0.12.0 classes that wires in {@link Drain} (what it does and
- * why: there): one static call is inserted at the start of each method, the rest stays TorchServe's bytes.
+ * Class-file transform of three TorchServe 0.12.0 classes that wires in {@link Drain} and {@link RequestIds}
+ * (what they do and why: there): static calls are inserted at the start of each method, the rest stays
+ * TorchServe's bytes.
  *
  * <ul>
  *   <li>{@code ServerInitializer.initChannel(Channel)}: {@code Drain.accepted(channel)};
  *   <li>{@code NettyUtils.sendHttpResponse(ctx, response, keepAlive)}:
- *       {@code keepAlive = Drain.answering(ctx, response, keepAlive)};
+ *       {@code response = RequestIds.answer(ctx, response); keepAlive = Drain.answering(ctx, response, keepAlive)};
  *   <li>{@code ModelServer.startGRPCServers()}: {@code OipGrpc.start()} (the OIP gRPC service, {@link OipGrpc});
  *   <li>{@code ModelServer.stop()}: {@code Drain.drain(this.futures)} (the listeners' bind futures).
  * </ul>
@@ -30,6 +31,7 @@ final class DrainPatch extends GuardedPatch {
     private static final String MODEL_SERVER = "org/pytorch/serve/ModelServer";
     private static final String CHANNEL = "Lio/netty/channel/Channel;";
     private static final String CTX = "Lio/netty/channel/ChannelHandlerContext;";
+    private static final String RESPONSE = "Lio/netty/handler/codec/http/HttpResponse;";
 
     private DrainPatch() {
         super("drain");
@@ -75,11 +77,16 @@ final class DrainPatch extends GuardedPatch {
                                 };
                             }
                             if (NETTY_UTILS.equals(className) && isPublic && "sendHttpResponse".equals(name)
-                                    && ("(" + CTX + "Lio/netty/handler/codec/http/HttpResponse;Z)V").equals(descriptor)) {
+                                    && ("(" + CTX + RESPONSE + "Z)V").equals(descriptor)) {
                                 found[0] = true;
                                 return new Prologue(mv) {
                                     @Override
                                     void insert() {
+                                        visitVarInsn(Opcodes.ALOAD, 0);
+                                        visitVarInsn(Opcodes.ALOAD, 1);
+                                        visitMethodInsn(Opcodes.INVOKESTATIC, "oip/RequestIds", "answer",
+                                                "(" + CTX + RESPONSE + ")" + RESPONSE, false);
+                                        visitVarInsn(Opcodes.ASTORE, 1);
                                         visitVarInsn(Opcodes.ALOAD, 0);
                                         visitVarInsn(Opcodes.ALOAD, 1);
                                         visitVarInsn(Opcodes.ILOAD, 2);

@@ -22,8 +22,8 @@ import java.util.Map;
  * </ul>
  *
  * <p>It also patches one method of TorchServe 0.12.0's {@code BatchAggregator} (HeldJobsPatch) and inserts
- * the stop's drain into three of its classes (DrainPatch); the drain's connection hook also puts in the
- * handler that names the request ID in every error answer (RequestIds). DataPathPatch changes how it reads
+ * the stop's drain into three of its classes (DrainPatch); the drain's hooks also name the request ID in
+ * every error answer (RequestIds). DataPathPatch changes how it reads
  * bodies, forms batches and hands them to the workers.
  *
  * Why an agent and not a TorchServe endpoint plugin: a plugin registered for "/v2" would also take

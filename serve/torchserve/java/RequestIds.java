@@ -6,17 +6,22 @@ import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import io.netty.buffer.Unpooled;
 import io.netty.channel.Channel;
-import io.netty.channel.ChannelDuplexHandler;
+import io.netty.channel.ChannelHandler;
 import io.netty.channel.ChannelHandlerContext;
 import io.netty.channel.ChannelInboundHandlerAdapter;
-import io.netty.channel.ChannelPromise;
+import io.netty.channel.ChannelPipeline;
+import io.netty.handler.codec.http.DefaultFullHttpResponse;
+import io.netty.handler.codec.http.FullHttpMessage;
 import io.netty.handler.codec.http.FullHttpResponse;
 import io.netty.handler.codec.http.HttpHeaderNames;
 import io.netty.handler.codec.http.HttpHeaderValues;
-import io.netty.handler.codec.http.HttpHeaders;
+import io.netty.handler.codec.http.HttpMessage;
+import io.netty.handler.codec.http.HttpObjectAggregator;
 import io.netty.handler.codec.http.HttpRequest;
 import io.netty.handler.codec.http.HttpResponse;
+import io.netty.handler.codec.http.HttpResponseStatus;
 import io.netty.handler.codec.http.HttpUtil;
+import io.netty.handler.codec.http.HttpVersion;
 import io.netty.util.AttributeKey;
 import java.nio.charset.StandardCharsets;
 import java.time.Instant;
@@ -33,14 +38,15 @@ import org.slf4j.LoggerFactory;
  * through {@code NettyUtils.sendHttpResponse} ({@link Session} makes that the caller's ID); its JSON error
  * bodies ({@code ErrorResponse}: unknown model, bad token, full queue, dead worker...) lack it, and Netty's
  * own refusals (413 for a body over {@code max_request_size}, 417) have neither an ID nor a body nor an
- * access log line. {@link #accepted} puts an {@link Ids} handler right after each connection's HTTP codec,
- * where every answer passes: an error answer gets header {@code X-Request-ID} when it has none (the
- * caller's usable ID, else a fresh UUID), a JSON object body without {@code request_id} gets it (the
- * header's value), an empty one becomes {@code {"code", "type", "message", "error", "request_id"}}, and an
- * answer that bypassed TorchServe gets its access log line.
+ * access log line.
  *
- * <p>{@link #answering}: an answer whose handler already named its request (header {@code X-Request-ID}:
- * an OIP body's {@code id}, handlers/base.py) keeps that ID in the header and the access log line.
+ * <p>{@link #answer}, called first in {@code sendHttpResponse}: an ID the answer already names (header
+ * {@code X-Request-ID}: an OIP body's {@code id}, handlers/base.py) becomes the session's; a JSON object
+ * error body without {@code request_id} gets the ID the answer's header will carry. {@link #accepted}: each
+ * connection's {@code HttpObjectAggregator} is replaced at its first read by an {@link Aggregator}, which
+ * writes Netty's 413 and 417 itself, with header {@code X-Request-ID} (the caller's usable ID, else a fresh
+ * one), a JSON body {@code {"code", "type", "message", "error", "request_id"}} and an access log line. No
+ * handler of ours sits in the request path: each one there costs every request a hop both ways.
  */
 public final class RequestIds {
 
@@ -65,88 +71,124 @@ public final class RequestIds {
         return new UUID(high, low).toString();
     }
 
-    /** Called from {@link Drain#accepted}: the {@link Ids} handler joins the pipeline once the codec is in. */
+    /** Called from {@link Drain#accepted}: the connection's aggregator becomes an {@link Aggregator}. */
     static void accepted(Channel channel) {
         channel.pipeline().addFirst("oip-ids-install", new Installer());
     }
 
-    /** Called first in {@code NettyUtils.sendHttpResponse}: an ID the answer already names is the session's. */
-    static void answering(ChannelHandlerContext ctx, Object response) {
-        if (!(response instanceof HttpResponse)) {
-            return;
-        }
-        Session session = ctx.channel().attr(SESSION).get();
-        String named = ((HttpResponse) response).headers().get(HEADER);
-        if (session != null && named != null) {
-            session.nameAnswer(named);
+    /**
+     * Called first in {@code NettyUtils.sendHttpResponse}: the answer to send in place of {@code response}
+     * (itself unless it is an error with a JSON body that lacks {@code request_id}).
+     */
+    public static HttpResponse answer(ChannelHandlerContext ctx, HttpResponse response) {
+        try {
+            Session session = ctx.channel().attr(SESSION).get();
+            String named = response.headers().get(HEADER);
+            if (session != null && named != null) {
+                session.nameAnswer(named);
+            }
+            if (response.status().code() < 400 || !(response instanceof FullHttpResponse)) {
+                return response;
+            }
+            String id = session != null ? session.answerId() : named;
+            if (id == null) { // no session: TorchServe writes no header either
+                id = newId();
+                response.headers().set(HEADER, id);
+            }
+            return withId((FullHttpResponse) response, id);
+        } catch (RuntimeException err) { // never lose an answer over its ID
+            System.err.println("oip-agent: request id: " + err);
+            return response;
         }
     }
 
-    /** The first bytes of a connection: put {@link Ids} after TorchServe's codec, then step aside. */
+    /** The first bytes of a connection: put an {@link Aggregator} in the codec's aggregator's place, step aside. */
     static final class Installer extends ChannelInboundHandlerAdapter {
         @Override
         public void channelRead(ChannelHandlerContext ctx, Object msg) {
-            if (ctx.pipeline().get("http") != null && ctx.pipeline().get(Ids.class) == null) {
-                ctx.pipeline().addAfter("http", "oip-ids", new Ids());
+            ChannelHandler aggregator = ctx.pipeline().get("aggregator");
+            if (aggregator != null && aggregator.getClass() == HttpObjectAggregator.class) {
+                int limit = ((HttpObjectAggregator) aggregator).maxContentLength();
+                ctx.pipeline().replace(aggregator, "aggregator", new Aggregator(limit));
             }
             ctx.pipeline().remove(this);
             ctx.fireChannelRead(msg);
         }
     }
 
-    /** Between the HTTP codec and the aggregator: sees each request's head and every answer. */
-    static final class Ids extends ChannelDuplexHandler {
-        private HttpRequest head; // the current request's (no body: nothing to release)
-        private long started;
-
-        @Override
-        public void channelRead(ChannelHandlerContext ctx, Object msg) {
-            if (msg instanceof HttpRequest) { // only noted: read when an answer bypasses TorchServe
-                head = (HttpRequest) msg;
-                started = System.currentTimeMillis();
-            }
-            ctx.fireChannelRead(msg);
+    /** TorchServe's request aggregator, whose refusals (413, 417) name their request. */
+    static final class Aggregator extends HttpObjectAggregator {
+        Aggregator(int maxContentLength) {
+            super(maxContentLength);
         }
 
+        /**
+         * A request whose body outgrows {@code max_request_size}: 413 with its ID. Like Netty, the connection
+         * stays open (the rest of the body is skipped) unless the body is already read or, with neither
+         * keep-alive nor {@code Expect: 100-continue}, nothing more can come on it.
+         */
         @Override
-        public void write(ChannelHandlerContext ctx, Object msg, ChannelPromise promise) {
-            if (msg instanceof FullHttpResponse && ((FullHttpResponse) msg).status().code() >= 400) {
-                try {
-                    msg = named(ctx, (FullHttpResponse) msg);
-                } catch (RuntimeException err) { // never lose an answer over its ID
-                    System.err.println("oip-agent: request id: " + err);
+        protected void handleOversizedMessage(ChannelHandlerContext ctx, HttpMessage oversized) throws Exception {
+            if (!(oversized instanceof HttpRequest)) {
+                super.handleOversizedMessage(ctx, oversized);
+                return;
+            }
+            HttpRequest head = (HttpRequest) oversized;
+            boolean close = head instanceof FullHttpMessage
+                    || !HttpUtil.is100ContinueExpected(head) && !HttpUtil.isKeepAlive(head);
+            FullHttpResponse refusal = refusal(ctx, head, HttpResponseStatus.REQUEST_ENTITY_TOO_LARGE);
+            if (close) {
+                refusal.headers().set(HttpHeaderNames.CONNECTION, HttpHeaderValues.CLOSE);
+            }
+            ctx.writeAndFlush(refusal).addListener(sent -> {
+                if (close || !sent.isSuccess()) {
+                    ctx.close();
                 }
-            }
-            ctx.write(msg, promise);
+            });
         }
 
-        private FullHttpResponse named(ChannelHandlerContext ctx, FullHttpResponse response) {
-            HttpHeaders headers = response.headers();
-            String id = headers.get(HEADER);
-            if (id == null) { // not sent by TorchServe's sendHttpResponse (Netty's 413/417): no ID, no log line
-                id = head == null ? null : Session.usableId(head.headers().get(HEADER));
-                id = id != null ? id : newId();
-                headers.set(HEADER, id);
-                String line = head == null ? "\"- - -\"" : '"' + head.method().name() + ' ' + head.uri() + ' '
-                        + head.protocolVersion().text() + '"';
-                ACCESS_LOG.info("{} {} {} {} request_id={}", ctx.channel().remoteAddress(), line,
-                        response.status().code(), System.currentTimeMillis() - started, id);
-                Drain.answered(ctx.channel());
+        /** Netty's answer to {@code Expect:} (100 Continue, or a 417/413 refusal), a refusal with its ID. */
+        @Override
+        protected Object newContinueResponse(HttpMessage start, int maxContentLength, ChannelPipeline pipeline) {
+            Object answer = super.newContinueResponse(start, maxContentLength, pipeline);
+            if (!(answer instanceof FullHttpResponse) || ((FullHttpResponse) answer).status().code() < 400
+                    || !(start instanceof HttpRequest)) {
+                return answer;
             }
-            String body = withId(response, id);
-            if (body == null) {
-                return response;
-            }
-            FullHttpResponse replaced = response.replace(Unpooled.copiedBuffer(body, StandardCharsets.UTF_8));
-            response.release();
-            replaced.headers().set(HttpHeaderNames.CONTENT_TYPE, HttpHeaderValues.APPLICATION_JSON);
-            HttpUtil.setContentLength(replaced, replaced.content().readableBytes());
-            return replaced;
+            HttpResponseStatus status = ((FullHttpResponse) answer).status();
+            ((FullHttpResponse) answer).release();
+            return refusal(pipeline.context(this), (HttpRequest) start, status);
+        }
+
+        /** Refusal {@code status} of request {@code head}, with ID, JSON body and access log line. */
+        private static FullHttpResponse refusal(ChannelHandlerContext ctx, HttpRequest head, HttpResponseStatus status) {
+            String id = Session.usableId(head.headers().get(HEADER));
+            id = id != null ? id : newId();
+            FullHttpResponse response = new DefaultFullHttpResponse(HttpVersion.HTTP_1_1, status);
+            response.headers().set(HEADER, id);
+            response = withId(response, id);
+            ACCESS_LOG.info("{} \"{} {} {}\" {} 0 request_id={}", ctx.channel().remoteAddress(), head.method().name(),
+                    head.uri(), head.protocolVersion().text(), status.code(), id);
+            Drain.answered(ctx.channel());
+            return response;
         }
     }
 
+    /** Error answer {@code response} with a JSON body naming {@code id}: itself when it needs no change. */
+    static FullHttpResponse withId(FullHttpResponse response, String id) {
+        String body = bodyWithId(response, id);
+        if (body == null) {
+            return response;
+        }
+        FullHttpResponse replaced = response.replace(Unpooled.copiedBuffer(body, StandardCharsets.UTF_8));
+        response.release();
+        replaced.headers().set(HttpHeaderNames.CONTENT_TYPE, HttpHeaderValues.APPLICATION_JSON);
+        HttpUtil.setContentLength(replaced, replaced.content().readableBytes());
+        return replaced;
+    }
+
     /** The body of error answer {@code response} naming {@code id}, or null when it needs no change. */
-    static String withId(FullHttpResponse response, String id) {
+    static String bodyWithId(FullHttpResponse response, String id) {
         JsonObject body;
         if (response.content().readableBytes() == 0) {
             int code = response.status().code();

@@ -103,7 +103,8 @@ public class Session {
         }
     }
 
-    private String answerId() {
+    /** The ID the answer names: {@link #nameAnswer}'s, else the caller's, else the fresh one. */
+    public String answerId() {
         return answerId != null ? answerId : callerId != null ? callerId : requestId;
     }
 
