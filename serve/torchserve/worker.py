@@ -9,7 +9,8 @@ single-image request (measured in bench/README.md). These replace, with the same
   ``TS_DECODE_INPUT_REQUEST`` honoured) and the same per-batch INFO line (tests count batches with it);
 * ``Service.predict``: the same steps and error answers, ``PredictionTime`` as the same ``[METRICS]`` line
   (wire/metric_lines.py), the response frame built in one ``join``, and the batch's
-  ``[METRICS]`` records (the handler's, then PredictionTime) written as ONE record after the batch.
+  ``[METRICS]`` records (the handler's, then PredictionTime) written as ONE record once the answer is
+  sent, together with the next batch's INFO line when that batch arrives within 2 ms.
 
 :func:`install` swaps them in before the worker script runs: serve/torchserve/run_worker.py (a plain
 worker) and the fork server's child (serve/torchserve/forkserver.py) call :func:`run`. Off with
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import socket
 import struct
 import sys
@@ -67,7 +69,7 @@ class _Reader:
     def read(self, n: int) -> bytes:
         data = self.file.read(n)
         if len(data) < n:
-            logging.info("Frontend disconnected.")
+            _batch.write("Frontend disconnected.")
             sys.exit(0)
         return data
 
@@ -85,7 +87,7 @@ class _Reader:
         while got < n:
             k = self.file.readinto(view[got:])
             if not k:
-                logging.info("Frontend disconnected.")
+                _batch.write("Frontend disconnected.")
                 sys.exit(0)
             got += k
         return buf
@@ -94,13 +96,30 @@ class _Reader:
 _reader: _Reader | None = None
 
 
+_NEXT_BATCH_WAIT_S = 0.002  # how long the last batch's metrics wait for the next batch, to leave with it
+
+
+def _next_message_within(conn: socket.socket, seconds: float) -> bool:
+    """True when the frontend's next message begins to arrive within ``seconds``. Only the socket is asked:
+    the frontend sends a worker its next message after reading the answer to the last one, so nothing of it
+    sits in the reader's buffer yet."""
+    try:
+        return bool(select.select([conn], [], [], seconds)[0])
+    except (OSError, ValueError):
+        return False
+
+
 class _BatchRecord(logging.Filter):
     """On the root logger's handlers: while a batch runs, holds back ``[METRICS]`` records (the handler's
-    model metrics, TorchServe's custom metrics) to write them with PredictionTime as one record."""
+    model metrics, TorchServe's custom metrics) to write them with PredictionTime as one record, after the
+    batch's answer is sent: with the next batch's first line when that batch is already waiting, else
+    before the worker waits for the frontend (:func:`retrieve_msg`). One write per batch under load, and
+    none between a batch and its answer."""
 
     def __init__(self):
         super().__init__()
         self.lines: list[str] | None = None  # None: not inside a batch
+        self.held: list[str] = []  # the records of batches already answered, not yet written
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.lines is not None and isinstance(record.msg, str) and record.msg.startswith("[METRICS]"):
@@ -119,6 +138,13 @@ class _BatchRecord(logging.Filter):
         lines, self.lines = self.lines or [], None
         if last is not None:
             lines.append(last)
+        self.held += lines
+
+    def write(self, line: str | None = None) -> None:
+        """The held records, then ``line``, as one record (nothing when there is neither)."""
+        lines, self.held = self.held, []
+        if line is not None:
+            lines.append(line)
         if lines:
             logging.getLogger().info("\n".join(lines))
 
@@ -131,10 +157,13 @@ def retrieve_msg(conn: socket.socket):
     global _reader
     if _reader is None or _reader.conn is not conn:
         _reader = _Reader(conn)
+    if _batch.held and not _next_message_within(conn, _NEXT_BATCH_WAIT_S):
+        _batch.write()  # the last batch's metrics, before this worker waits for the next one
     cmd = _reader.blob(1)
     if cmd == b"I":
         msg = _inference_msg(_reader)
-        logging.info("Backend received inference at: %d", time.time())  # kept: the line marks a batch in model_log
+        # kept: the line marks a batch in model_log (tests count batches with it); held metrics go with it
+        _batch.write("Backend received inference at: %d" % time.time())
         return cmd, msg
     if cmd == b"L":
         return cmd, _load_msg(_reader)

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,67 @@ def test_json_bodies_are_parsed_by_the_loaded_handlers_parser(monkeypatch, tmp_p
     assert type(value_before) is list and type(value_after) is NumberList
     (_, theirs), = _read_all(retrieve_msg, _wire(body), 1)
     assert theirs[0]["parameters"][0]["value"] == value_after
+
+
+class _Writes(logging.Handler):
+    """Each record the root logger writes (one write to the frontend's pipe each), with when it came."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[tuple[float, str]] = []
+
+    def emit(self, record):
+        self.records.append((time.monotonic(), record.getMessage()))
+
+
+def test_a_batchs_metrics_leave_after_its_answer_with_the_next_batchs_line(monkeypatch):
+    """The [METRICS] records of an answered batch are written once, with the next batch's INFO line when that
+    batch is already arriving (one write per batch under load), else on their own before the worker waits;
+    every line TorchServe's worker writes is still written, in order, and the frontend splits them per line."""
+    writes = _Writes()
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [writes])
+    level = root.level
+    root.setLevel(logging.INFO)  # (setLevel also clears the loggers' cached levels)
+    batch = fast_worker._BatchRecord()
+    monkeypatch.setattr(fast_worker, "_batch", batch)
+    monkeypatch.setattr(fast_worker, "_reader", None)
+    sender, receiver = socket.socketpair()
+    try:
+        def answered_batch(n: int) -> None:
+            batch.begin()
+            logging.getLogger("handlers.metrics").info(f"[METRICS]model_stage_seconds.Seconds:0.{n}|#x")
+            logging.getLogger("ts.service").warning("a model log line")  # not held: written at once
+            batch.end(f"[METRICS]PredictionTime.Milliseconds:{n}|#x")
+
+        answered_batch(1)
+        assert [m for _, m in writes.records] == ["a model log line"]  # the metrics wait for the answer
+        sender.sendall(_wire(BATCH[:1]))  # the next batch is already there: one record with its line
+        cmd, _ = fast_worker.retrieve_msg(receiver)
+        assert cmd == b"I" and len(writes.records) == 2, writes.records
+        lines = writes.records[1][1].split("\n")
+        assert lines[:2] == ["[METRICS]model_stage_seconds.Seconds:0.1|#x", "[METRICS]PredictionTime.Milliseconds:1|#x"]
+        assert len(lines) == 3 and lines[2].startswith(support_batch_line())
+
+        answered_batch(2)  # no batch follows: written on their own before the worker waits
+        reader = threading.Thread(target=fast_worker.retrieve_msg, args=(receiver,))
+        reader.start()
+        time.sleep(0.5)
+        assert [m.split("\n") for _, m in writes.records[3:]] == [
+            ["[METRICS]model_stage_seconds.Seconds:0.2|#x", "[METRICS]PredictionTime.Milliseconds:2|#x"]]
+        sender.sendall(_wire(BATCH[:1]))
+        reader.join(10)
+        assert not reader.is_alive() and writes.records[-1][1].startswith(support_batch_line())
+        assert batch.held == []
+    finally:
+        sender.close(), receiver.close()
+        root.setLevel(level)
+
+
+def support_batch_line() -> str:
+    """The per-batch INFO line of TorchServe's worker (ts/protocol/otf_message_handler.py), which the
+    reliability tests count batches by."""
+    import inspect
+
+    source = inspect.getsource(otf_message_handler.retrieve_msg)
+    return re.search(r'"(Backend received inference at:)', source).group(1)
