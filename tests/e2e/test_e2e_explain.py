@@ -231,23 +231,26 @@ def test_model_quality_metrics_in_prometheus(server, mnist_test):
     assert post(server, "/predictions/feedforwardnet", json={"data": (sevens / 255.0).round(6).tolist()}).status_code == 200
     assert post(server, "/predictions/feedforwardnet", data=b"{", headers={"Content-Type": "application/json"}).status_code == 400
     assert post(server, "/predictions/regressionnet", json={"data": [[0.1] * 10]}).status_code == 200
+    wanted = [  # (metric, labels, at least)
+        ("model_predicted_class_total", {"model_name": "feedforwardnet", "class": "7"}, 5),
+        ("model_rejected_inputs_total", {"model_name": "feedforwardnet", "reason": "malformed_json"}, 1),
+        ("model_top_class_uncertainty_count", {"model_name": "feedforwardnet"}, 5),
+        ("model_top_class_uncertainty_bucket", {"model_name": "feedforwardnet", "le": "0.1"}, 4),  # confident sevens
+        ("model_regression_output_count", {"model_name": "regressionnet"}, 1),
+        *[("model_stage_duration_seconds_count", {"model_name": "feedforwardnet", "stage": stage}, 1)
+          for stage in ("decode", "forward", "encode")],
+    ]
     deadline = time.time() + 10
-    while True:  # the frontend reads the workers' metric lines asynchronously
+    while True:  # each worker writes a batch's metric lines after its answer; the frontend reads them asynchronously
         after = scrape(server)
-        delta = metric(after, "model_predicted_class_total", model_name="feedforwardnet", **{"class": "7"}) - metric(
-            before, "model_predicted_class_total", model_name="feedforwardnet", **{"class": "7"})
-        if delta >= 5 or time.time() > deadline:
+        grown = {(name, tuple(labels.items())): metric(after, name, **labels) - metric(before, name, **labels)
+                 for name, labels, _ in wanted}
+        if all(grown[(name, tuple(labels.items()))] >= least for name, labels, least in wanted) \
+                or time.time() > deadline:
             break
         time.sleep(0.2)
-    assert delta >= 5
-    def grew(name, **labels):
-        return metric(after, name, **labels) - metric(before, name, **labels)
-    assert grew("model_rejected_inputs_total", model_name="feedforwardnet", reason="malformed_json") >= 1
-    assert grew("model_top_class_uncertainty_count", model_name="feedforwardnet") >= 5
-    assert grew("model_top_class_uncertainty_bucket", model_name="feedforwardnet", le="0.1") >= 4  # confident sevens
-    assert grew("model_regression_output_count", model_name="regressionnet") >= 1
-    for stage in ("decode", "forward", "encode"):
-        assert grew("model_stage_duration_seconds_count", model_name="feedforwardnet", stage=stage) >= 1
+    for name, labels, least in wanted:
+        assert grown[(name, tuple(labels.items()))] >= least, (name, labels, grown)
     text = requests.get(server.metrics_url, timeout=10).text
     assert "# TYPE model_top_class_uncertainty histogram" in text
     assert "# TYPE model_predicted_class_total counter" in text
