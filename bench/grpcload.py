@@ -198,7 +198,8 @@ def main(argv=None) -> int:
     parser.add_argument("--token", help="inference key for --target (sent as authorization metadata)")
     parser.add_argument("--in-flight", type=int, default=16, help="calls in flight (default 16)")
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per side (default 5)")
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of the same load first (default 5)")
+    parser.add_argument("--warmup", type=float, default=20.0,
+                        help="seconds of the same load first (default 20: the JVM is still compiling before)")
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--null-server", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

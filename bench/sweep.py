@@ -265,8 +265,9 @@ def main(argv=None) -> int:
     parser.add_argument("--forms", default=",".join(FORMS), help=f"of {', '.join(FORMS)} (default all)")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="images per request (default 1,8,64,256,1024)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per point (default 3)")
-    parser.add_argument("--warmup", type=float, default=8.0,
-                        help="seconds of each form's own calls (all its sizes, in turn) before its first point (default 8)")
+    parser.add_argument("--warmup", type=float, default=20.0,
+                        help="seconds of each form's own calls (all its sizes, in turn) before its first point "
+                             "(default 20: the JVM is still compiling before)")
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--out", type=Path, default=BENCH_RESULTS_DIR, help="writes sweep.json and sweep.png here")
     parser.add_argument("--no-save", action="store_true", help="print only")
