@@ -26,6 +26,7 @@ import org.pytorch.serve.grpc.openinference.OpenInferenceGrpc.InferParameter;
 import org.pytorch.serve.grpc.openinference.OpenInferenceGrpc.InferTensorContents;
 import org.pytorch.serve.grpc.openinference.OpenInferenceGrpc.ModelInferRequest;
 import org.pytorch.serve.grpc.openinference.OpenInferenceGrpc.ModelInferResponse;
+import org.pytorch.serve.http.Session;
 import org.pytorch.serve.job.Job;
 import org.pytorch.serve.metrics.IMetric;
 import org.pytorch.serve.metrics.MetricCache;
@@ -127,7 +128,7 @@ final class InferJob extends Job {
         OipGrpc.CallState state = OipGrpc.STATE.get();
         String id = state.requestId;
         if (id == null) {
-            id = OipGrpc.usableId(call.id);
+            id = Session.usableId(call.id);
         }
         state.requestId = id != null ? id : RequestIds.newId();
         try {

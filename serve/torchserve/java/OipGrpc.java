@@ -95,7 +95,7 @@ public final class OipGrpc {
 
         CallState(Metadata headers) {
             this.headers = headers;
-            this.callerId = usableId(headers.get(REQUEST_ID));
+            this.callerId = Session.usableId(headers.get(REQUEST_ID));
             this.requestId = callerId;
         }
     }
@@ -506,11 +506,6 @@ public final class OipGrpc {
             }
             return Contexts.interceptCall(Context.current().withValue(STATE, state), wrapped, headers, next);
         }
-    }
-
-    /** A request ID usable in a header: 1-128 printable ASCII characters, no spaces (as Session). */
-    static String usableId(String value) {
-        return Session.usableId(value); // the one check, REST's too
     }
 
     static byte[] utf8(String text) {
